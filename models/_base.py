@@ -1,0 +1,218 @@
+"""The interface both model families share: argument checks, head, classifier, feature taps."""
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeatureInfo(list):
+    """One dict per feature tap: ``num_chs``, ``reduction`` (stride), ``module``, ``index``.
+
+    The helpers return what a detection neck (e.g. torchvision's FPN) asks for.
+    """
+
+    def channels(self) -> list[int]:
+        return [info["num_chs"] for info in self]
+
+    def reduction(self) -> list[int]:
+        return [info["reduction"] for info in self]
+
+    def module_name(self) -> list[str]:
+        return [info["module"] for info in self]
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    # bool is an int subclass; num_classes=True is a mistake, not 1 class.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def _check_drop_rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"drop_rate must be a number, got {type(value).__name__} {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {value}")
+    return float(value)
+
+
+def reject_unknown_kwargs(builder: str, kwargs: dict, accepted: Iterable[str]) -> None:
+    """Raise a TypeError naming every unknown keyword, with a suggestion for typos.
+
+    The original GhostNet hub entry swallowed ``**kwargs``, so ``num_classes=10`` silently
+    built a 1000-class model; here a misspelt option stops the build.
+    """
+    accepted = sorted(accepted)
+    unknown = [key for key in kwargs if key not in accepted]
+    if not unknown:
+        return
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, accepted, n=1)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(
+        f"{builder}() got unexpected keyword argument(s) {', '.join(parts)}; "
+        f"it accepts: {', '.join(accepted)}"
+    )
+
+
+class ImageClassifier(nn.Module):
+    """Base of GhostNet and TinyNet: stem, ``blocks`` stages, a pooled head, a classifier.
+
+    Subclasses build ``conv_stem``/``bn1``/``act1``, ``blocks`` (an ``nn.Sequential`` of
+    stages), any modules named in ``_TAIL_NAMES`` (the end of ``forward_features``), and
+    ``_pre_logits`` (pooling and head convolution, giving ``head_hidden_size`` values); then
+    they call ``_finish_init``.
+    """
+
+    _STEM_NAMES = ("conv_stem", "bn1", "act1")
+    _TAIL_NAMES: tuple[str, ...] = ()
+    # Modules only the classification head uses, dropped in features_only mode.
+    _HEAD_NAMES: tuple[str, ...] = ()
+    # Arguments every builder accepts besides the architecture's own.
+    COMMON_ARGS = ("num_classes", "in_chans", "drop_rate", "features_only", "out_indices")
+
+    def __init__(self, *, num_classes: int, in_chans: int, drop_rate: float):
+        super().__init__()
+        self.num_classes = check_int("num_classes", num_classes, 0)
+        self.in_chans = check_int("in_chans", in_chans, 1)
+        self.drop_rate = _check_drop_rate(drop_rate)
+        self.features_only = False
+        self.feature_info = FeatureInfo()
+        self.num_features = 0
+        self.head_hidden_size = 0
+
+    def _finish_init(self, features_only: bool, out_indices: Sequence[int]) -> None:
+        if not isinstance(features_only, bool):
+            raise TypeError(f"features_only must be True or False, got {features_only!r}")
+        self.reset_classifier(self.num_classes)
+        if features_only:
+            self._keep_only_features(out_indices)
+        elif tuple(out_indices) != tuple(range(len(self.feature_info))):
+            raise ValueError("out_indices only applies with features_only=True")
+
+    # -- classification ---------------------------------------------------------------
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier by a fresh one for ``num_classes`` (0: no classifier).
+
+        The new layer takes ``head_hidden_size`` inputs (the pooled head width, 1280), on
+        the device and dtype of the model.
+        """
+        if self.features_only:
+            raise RuntimeError("a features_only model has no classifier to reset")
+        num_classes = check_int("num_classes", num_classes, 0)
+        if num_classes == 0:
+            classifier: nn.Module = nn.Identity()
+        else:
+            ref = self.conv_stem.weight
+            classifier = nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype)
+            bound = 1.0 / math.sqrt(num_classes)
+            nn.init.uniform_(classifier.weight, -bound, bound)
+            nn.init.zeros_(classifier.bias)
+        self.classifier = classifier.train(self.training)
+        self.num_classes = num_classes
+
+    # -- forward ----------------------------------------------------------------------
+    def _stages(self) -> list[tuple[str, nn.Module]]:
+        """The modules of ``forward_features`` in order, with their state-dict names."""
+        names = [n for n in self._STEM_NAMES if n in self._modules]
+        stages = [(n, self._modules[n]) for n in names]
+        if "blocks" in self._modules:
+            stages += [(f"blocks.{i}", stage) for i, stage in enumerate(self.blocks)]
+        stages += [(n, self._modules[n]) for n in self._TAIL_NAMES if n in self._modules]
+        return stages
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            hint = f"; build the model with in_chans={x.shape[1]} for such input" if x.dim() == 4 else ""
+            raise ValueError(
+                f"{type(self).__name__} expects a batch of images shaped "
+                f"(N, {self.in_chans}, H, W), got {tuple(x.shape)}{hint}"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batch -> last feature map (N, ``num_features``, H/32, W/32)."""
+        if self.features_only:
+            raise RuntimeError("a features_only model returns its feature maps from model(x)")
+        self._check_input(x)
+        for _, module in self._stages():
+            x = module(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Feature map -> logits, or the pooled (N, ``head_hidden_size``) features."""
+        x = self._pre_logits(x)
+        if pre_logits:
+            return x
+        if self.drop_rate > 0.0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return self.classifier(x)
+
+    def forward(self, x: torch.Tensor):
+        if self.features_only:
+            return self._forward_taps(x)
+        return self.forward_head(self.forward_features(x))
+
+    # -- multi-scale features ---------------------------------------------------------
+    def _keep_only_features(self, out_indices: Sequence[int]) -> None:
+        """Turn the model into a backbone returning the maps at ``out_indices``.
+
+        Modules after the last tap and the head are removed, so the state dict holds only
+        what the features use (a subset of the classifier's keys, same names).
+        """
+        count = len(self.feature_info)
+        if isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Iterable):
+            raise TypeError(f"out_indices must be a sequence of ints, got {out_indices!r}")
+        indices = []
+        for i in out_indices:
+            check_int("each of out_indices", i, -count)
+            if i >= count:
+                raise ValueError(f"out_indices {tuple(out_indices)}: {i} is out of range; taps are 0..{count - 1}")
+            indices.append(i % count)
+        if not indices or any(b <= a for a, b in zip(indices, indices[1:])):
+            raise ValueError(f"out_indices must be non-empty and strictly increasing, got {tuple(out_indices)}")
+
+        selected = FeatureInfo(dict(self.feature_info[i], index=i) for i in indices)
+        names = [name for name, _ in self._stages()]
+        last = names.index(selected[-1]["module"])
+        for name in names[last + 1:] + list(self._HEAD_NAMES) + ["classifier"]:
+            if name.startswith("blocks."):
+                continue
+            delattr(self, name)
+        kept_blocks = [n for n in names[: last + 1] if n.startswith("blocks.")]
+        if kept_blocks:
+            self.blocks = self.blocks[: len(kept_blocks)]
+        else:
+            del self.blocks
+        self.feature_info = selected
+        self._tap_names = frozenset(selected.module_name())
+        self.features_only = True
+        self.num_classes = 0
+
+    def _forward_taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._check_input(x)
+        maps = []
+        for name, module in self._stages():
+            x = module(x)
+            if name in self._tap_names:
+                maps.append(x)
+        return maps

@@ -1,0 +1,196 @@
+"""GhostNet (Han et al., "GhostNet: More Features from Cheap Operations", CVPR 2020).
+
+Module and parameter names follow the authors' released checkpoint, so it loads with
+``strict=True`` and no renaming.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._base import ImageClassifier, FeatureInfo, check_positive_float, reject_unknown_kwargs
+from .layers import SqueezeExcite, init_weights, make_divisible
+
+__all__ = ["GhostNet", "ghostnet_0_5x", "ghostnet_1x", "ghostnet_1_3x"]
+
+# One list per stage of (kernel, expansion channels, out channels, SE ratio, stride),
+# for width 1.0; from the paper's Table 1 as the released code lays it out in stages.
+_STAGES = (
+    ((3, 16, 16, 0.0, 1),),
+    ((3, 48, 24, 0.0, 2),),
+    ((3, 72, 24, 0.0, 1),),
+    ((5, 72, 40, 0.25, 2),),
+    ((5, 120, 40, 0.25, 1),),
+    ((3, 240, 80, 0.0, 2),),
+    ((3, 200, 80, 0.0, 1), (3, 184, 80, 0.0, 1), (3, 184, 80, 0.0, 1), (3, 480, 112, 0.25, 1), (3, 672, 112, 0.25, 1)),
+    ((5, 672, 160, 0.25, 2),),
+    ((5, 960, 160, 0.0, 1), (5, 960, 160, 0.25, 1), (5, 960, 160, 0.0, 1), (5, 960, 160, 0.25, 1)),
+)
+_STEM_CHANNELS = 16
+_LAST_CHANNELS = 960
+_HEAD_CHANNELS = 1280  # not width-scaled
+_DIVISOR = 4
+
+
+def _conv_bn(in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_chs, out_chs, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_chs),
+    ]
+
+
+class GhostModule(nn.Module):
+    """Half the output from a 1x1 conv, the other half from a cheap depthwise 3x3 on it."""
+
+    def __init__(self, in_chs: int, out_chs: int, relu: bool):
+        super().__init__()
+        self.out_chs = out_chs
+        primary_chs = math.ceil(out_chs / 2)
+        act = [nn.ReLU(inplace=True)] if relu else []
+        self.primary_conv = nn.Sequential(*_conv_bn(in_chs, primary_chs, 1), *act)
+        self.cheap_operation = nn.Sequential(*_conv_bn(primary_chs, primary_chs, 3, groups=primary_chs), *act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        primary = self.primary_conv(x)
+        out = torch.cat([primary, self.cheap_operation(primary)], dim=1)
+        # An odd out_chs makes the two halves one channel too many.
+        return out if out.shape[1] == self.out_chs else out[:, : self.out_chs]
+
+
+class GhostBottleneck(nn.Module):
+    """ghost1 (expand) -> [stride-2 depthwise] -> [SE] -> ghost2 (project), plus shortcut."""
+
+    def __init__(self, in_chs: int, mid_chs: int, out_chs: int, kernel: int, stride: int, se_ratio: float):
+        super().__init__()
+        self.ghost1 = GhostModule(in_chs, mid_chs, relu=True)
+        if stride > 1:
+            self.conv_dw = nn.Conv2d(mid_chs, mid_chs, kernel, stride, kernel // 2, groups=mid_chs, bias=False)
+            self.bn_dw = nn.BatchNorm2d(mid_chs)
+        else:
+            self.conv_dw = None
+            self.bn_dw = None
+        if se_ratio > 0:
+            reduced = make_divisible(mid_chs * se_ratio, _DIVISOR)
+            self.se = SqueezeExcite(mid_chs, reduced, lambda: nn.ReLU(inplace=True), nn.Hardsigmoid)
+        else:
+            self.se = None
+        self.ghost2 = GhostModule(mid_chs, out_chs, relu=False)
+        if in_chs == out_chs and stride == 1:
+            self.shortcut = nn.Sequential()
+        else:
+            self.shortcut = nn.Sequential(
+                *_conv_bn(in_chs, in_chs, kernel, stride, groups=in_chs),
+                *_conv_bn(in_chs, out_chs, 1),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.ghost1(x)
+        if self.conv_dw is not None:
+            out = self.bn_dw(self.conv_dw(out))
+        if self.se is not None:
+            out = self.se(out)
+        return self.ghost2(out) + self.shortcut(x)
+
+
+class ConvBnAct(nn.Module):
+    def __init__(self, in_chs: int, out_chs: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_chs)
+        self.act1 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act1(self.bn1(self.conv(x)))
+
+
+class GhostNet(ImageClassifier):
+    """GhostNet v1 at any width multiplier.
+
+    Args:
+        width: channel multiplier (0.5, 1.0 and 1.3 are the published ones); every channel
+            count is ``make_divisible(c * width, 4)``, except the 1280-wide head.
+        num_classes: classifier outputs; 0 removes the classifier and the model returns the
+            pooled 1280-d features.
+        in_chans: input channels (1 for grayscale, 4 for RGBA, ...).
+        drop_rate: dropout before the classifier (0.2 in the paper).
+        features_only: return a list of feature maps (strides 2, 4, 8, 16, 32) instead of
+            logits. The taps are timm's: the stem convolution (before its BN) and the output
+            of each stride-2 stage. ``feature_info`` describes them.
+        out_indices: which of the five taps to return with ``features_only``.
+    """
+
+    _HEAD_NAMES = ("conv_head", "act2")
+
+    def __init__(
+        self,
+        width: float = 1.0,
+        *,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.2,
+        features_only: bool = False,
+        out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+    ):
+        super().__init__(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+        self.width = check_positive_float("width", width)
+        self.default_input_size = (224, 224)
+
+        stem_chs = make_divisible(_STEM_CHANNELS * width, _DIVISOR)
+        self.conv_stem = nn.Conv2d(self.in_chans, stem_chs, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_chs)
+        self.act1 = nn.ReLU(inplace=True)
+        self.feature_info = FeatureInfo([dict(num_chs=stem_chs, reduction=2, module="conv_stem")])
+
+        stages: list[nn.Module] = []
+        in_chs, reduction = stem_chs, 2
+        for stage_index, rows in enumerate(_STAGES):
+            layers = []
+            for kernel, expansion, out, se_ratio, stride in rows:
+                out_chs = make_divisible(out * width, _DIVISOR)
+                mid_chs = make_divisible(expansion * width, _DIVISOR)
+                layers.append(GhostBottleneck(in_chs, mid_chs, out_chs, kernel, stride, se_ratio))
+                in_chs = out_chs
+            stages.append(nn.Sequential(*layers))
+            if rows[0][4] > 1:
+                reduction *= 2
+                self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f"blocks.{stage_index}"))
+        last_chs = make_divisible(_LAST_CHANNELS * width, _DIVISOR)
+        stages.append(nn.Sequential(ConvBnAct(in_chs, last_chs)))
+        self.blocks = nn.Sequential(*stages)
+        self.num_features = last_chs
+
+        # The authors pool before conv_head: the 1280-wide layer runs on a 1x1 map.
+        self.head_hidden_size = _HEAD_CHANNELS
+        self.conv_head = nn.Conv2d(last_chs, _HEAD_CHANNELS, 1, bias=True)
+        self.act2 = nn.ReLU(inplace=True)
+
+        init_weights(self)
+        self._finish_init(features_only, out_indices)
+
+    def _pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1)
+        return self.act2(self.conv_head(x)).flatten(1)
+
+
+def _build(name: str, width: float, kwargs: dict[str, Any]) -> GhostNet:
+    reject_unknown_kwargs(name, kwargs, GhostNet.COMMON_ARGS)
+    return GhostNet(width, **kwargs)
+
+
+def ghostnet_0_5x(**kwargs: Any) -> GhostNet:
+    """GhostNet 0.5x (no released weights). Keyword arguments: those of ``GhostNet`` but width."""
+    return _build("ghostnet_0_5x", 0.5, kwargs)
+
+
+def ghostnet_1x(**kwargs: Any) -> GhostNet:
+    """GhostNet 1.0x, the published ImageNet model. Keyword arguments: those of ``GhostNet`` but width."""
+    return _build("ghostnet_1x", 1.0, kwargs)
+
+
+def ghostnet_1_3x(**kwargs: Any) -> GhostNet:
+    """GhostNet 1.3x (no released weights). Keyword arguments: those of ``GhostNet`` but width."""
+    return _build("ghostnet_1_3x", 1.3, kwargs)

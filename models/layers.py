@@ -1,0 +1,67 @@
+"""Building blocks shared by GhostNet and TinyNet."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor`` (at least ``divisor``).
+
+    If rounding down lost more than 10% of ``value``, one more ``divisor`` is added: this is
+    the rule both papers' reference code uses, and the released checkpoints' channel counts
+    depend on it bit for bit.
+    """
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: a per-channel gate computed from the globally pooled input."""
+
+    def __init__(
+        self,
+        channels: int,
+        reduced_channels: int,
+        act_layer: Callable[[], nn.Module],
+        gate_layer: Callable[[], nn.Module],
+    ):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, reduced_channels, 1, bias=True)
+        self.act1 = act_layer()
+        self.conv_expand = nn.Conv2d(reduced_channels, channels, 1, bias=True)
+        self.gate = gate_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.mean((2, 3), keepdim=True)
+        scale = self.conv_expand(self.act1(self.conv_reduce(scale)))
+        return x * self.gate(scale)
+
+
+def init_weights(model: nn.Module) -> None:
+    """Initialise for training from scratch, as the EfficientNet family is trained.
+
+    Convolutions get He-normal init over their real fan-out (``k*k*out/groups``: a depthwise
+    conv has a fan-out of ``k*k``, not ``k*k*channels``, so plain ``kaiming_normal_`` would
+    start it near zero). BatchNorm starts as identity; linear layers get a small uniform
+    init scaled by their fan-out, biases zero.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            fan_out = kh * kw * module.out_channels // module.groups
+            nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            bound = 1.0 / math.sqrt(module.out_features)
+            nn.init.uniform_(module.weight, -bound, bound)
+            nn.init.zeros_(module.bias)
