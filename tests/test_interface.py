@@ -1,0 +1,317 @@
+"""The model interface a torchvision/timm user expects, on every model, and its errors."""
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from reference import PUBLISHED, build
+
+ALL = list(PUBLISHED)
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _small():
+    """A cheap non-square input."""
+    return torch.randn(2, 3, 96, 112)
+
+
+# -- classifier --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ALL)
+def test_num_classes_zero_returns_pooled_features(name):
+    model = build(name, num_classes=0).eval()
+    assert isinstance(model.classifier, nn.Identity)
+    x = _small()
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, 1280)
+        assert torch.equal(out, model.forward_head(model.forward_features(x), pre_logits=True))
+    assert not any(key.startswith("classifier") for key in model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["ghostnet_0_5x", "ghostnet_1x", "tinynet_e"])
+def test_num_classes_ten(name):
+    model = build(name, num_classes=10).eval()
+    assert model.classifier.in_features == 1280 and model.classifier.out_features == 10
+    with torch.no_grad():
+        assert model(_small()).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reset_classifier_uses_pooled_head_width(name):
+    model = build(name).eval()
+    x = _small()
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+    model.reset_classifier(7)
+    # The head's input is the 1280-d pooled vector, not the last feature map's channels
+    # (960 * width for GhostNet): the bug another library shipped.
+    assert model.classifier.in_features == model.head_hidden_size == 1280
+    assert model.num_classes == 7
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.shape == (2, 7)
+    torch.testing.assert_close(logits, model.classifier(features))
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert torch.equal(model(x), features)
+
+
+def test_reset_classifier_keeps_dtype_and_mode():
+    model = build("tinynet_e").double().train()
+    model.reset_classifier(5)
+    assert model.classifier.weight.dtype == torch.float64
+    assert model.classifier.training
+    model.eval().reset_classifier(3)
+    assert not model.classifier.training
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64, dtype=torch.float64)).shape == (1, 3)
+
+
+# -- input channels and sizes --------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ghostnet_1x", "tinynet_a"])
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_in_chans(name, in_chans):
+    model = build(name, in_chans=in_chans).eval()
+    assert model.conv_stem.weight.shape[1] == in_chans
+    with torch.no_grad():
+        assert model(torch.randn(2, in_chans, 64, 80)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("size", [(32, 32), (33, 47), (224, 96), (97, 161)])
+def test_any_input_size_from_32(name, size):
+    model = build(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["ghostnet_1x", "tinynet_b"])
+def test_no_grad_and_inference_mode_agree_with_autograd(name):
+    model = build(name).eval()
+    x = _small()
+    reference = model(x).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference, rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference, rtol=0, atol=0)
+
+
+# -- training ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ALL)
+def test_train_forward_backward_reaches_every_parameter(name):
+    model = build(name, num_classes=10).train()
+    x = torch.randn(4, 3, 64, 64)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    for key, param in model.named_parameters():
+        assert param.grad is not None, key
+        assert torch.isfinite(param.grad).all(), key
+        assert param.grad.abs().sum() > 0, key
+
+
+@pytest.mark.parametrize("name", ["ghostnet_1x", "tinynet_d"])
+def test_batch_of_one_in_train_mode_is_plain_batchnorm(name):
+    model = build(name).train()
+    x = torch.randn(1, 3, *model.default_input_size)
+    with torch.no_grad():
+        stem = model.conv_stem(x)
+    out = model(x)
+    assert out.shape == (1, 1000)
+    # The stem BN updated its running statistics from this one image, as BN does.
+    torch.testing.assert_close(model.bn1.running_mean, 0.1 * stem.mean((0, 2, 3)))
+    assert model.bn1.num_batches_tracked.item() == 1
+    # At 32x32 the last maps are 1x1: one value per channel, which BN refuses in training.
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel") as ours:
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError) as plain:
+        nn.BatchNorm2d(4).train()(torch.randn(1, 4, 1, 1))
+    assert str(ours.value).split(",")[0] == str(plain.value).split(",")[0]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_drop_rate_applies_to_logits_only_in_training():
+    x = torch.randn(2, 3, 64, 64)
+    model = build("tinynet_e", drop_rate=0.5).train()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+        features = model.forward_features(x)
+        assert torch.equal(model.forward_head(features, pre_logits=True),
+                           model.forward_head(features, pre_logits=True))
+    plain = build("tinynet_e", drop_rate=0.0).train()
+    with torch.no_grad():
+        assert torch.equal(plain(x), plain(x))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["ghostnet_1x", "tinynet_a"])
+def test_initialisation_for_training_from_scratch(name):
+    model = build(name)
+    for key, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.weight.numel() >= 4096:
+            kh, kw = module.kernel_size
+            expected = math.sqrt(2.0 / (kh * kw * module.out_channels // module.groups))
+            assert module.weight.std().item() == pytest.approx(expected, rel=0.1), key
+        if isinstance(module, nn.Conv2d) and module.bias is not None:
+            assert not module.bias.any(), key
+        if isinstance(module, nn.BatchNorm2d):
+            assert (module.weight == 1).all() and not module.bias.any(), key
+    bound = 1 / math.sqrt(model.classifier.out_features)
+    assert model.classifier.weight.abs().max() <= bound and not model.classifier.bias.any()
+    # Signal neither explodes nor vanishes through the stages at init.
+    stds = []
+    handles = [stage.register_forward_hook(lambda m, i, o: stds.append(o.std().item())) for stage in model.blocks]
+    with torch.no_grad():
+        logits = model.train()(torch.randn(4, 3, 128, 128))
+    for h in handles:
+        h.remove()
+    assert all(0.3 < s < 5 for s in stds), stds
+    assert 0.01 < logits.std().item() < 2
+
+
+# -- multi-scale features ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ALL)
+def test_features_only_maps_and_feature_info(name):
+    model = build(name, features_only=True).eval()
+    info = model.feature_info
+    assert info.reduction() == [2, 4, 8, 16, 32]
+    assert [d["index"] for d in info] == [0, 1, 2, 3, 4]
+    height, width = 97, 130
+    with torch.no_grad():
+        maps = model(torch.randn(2, 3, height, width))
+    assert [m.shape[1] for m in maps] == info.channels()
+    for feature, stride in zip(maps, info.reduction()):
+        h, w = height, width
+        for _ in range(int(math.log2(stride))):
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        assert feature.shape[-2:] == (h, w)
+    # A backbone holds only what its taps use: no head, same key names as the classifier.
+    keys = set(model.state_dict())
+    assert keys < set(build(name).state_dict())
+    assert not any(k.startswith(("classifier", "conv_head")) for k in keys)
+
+
+def test_features_only_out_indices_select_and_prune():
+    full = build("ghostnet_1x", features_only=True).eval()
+    part = build("ghostnet_1x", features_only=True, out_indices=(0, -2)).eval()
+    assert [d["index"] for d in part.feature_info] == [0, 3]
+    assert len(part.blocks) == 6  # nothing after blocks.5, the stride-16 tap
+    part.load_state_dict({k: v for k, v in full.state_dict().items() if k in part.state_dict()}, strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        all_maps, some = full(x), part(x)
+    assert torch.equal(some[0], all_maps[0]) and torch.equal(some[1], all_maps[3])
+    stem_only = build("ghostnet_1x", features_only=True, out_indices=[0])
+    assert set(stem_only.state_dict()) == {"conv_stem.weight"}
+
+
+def test_features_only_model_has_no_classifier():
+    model = build("tinynet_e", features_only=True)
+    with pytest.raises(RuntimeError, match="features_only"):
+        model.reset_classifier(10)
+    with pytest.raises(RuntimeError, match="features_only"):
+        model.forward_features(torch.randn(1, 3, 64, 64))
+
+
+# -- errors --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("width", [0, -0.5, float("nan"), float("inf")])
+def test_bad_width(width):
+    with pytest.raises(ValueError, match="width"):
+        models.GhostNet(width=width)
+    with pytest.raises(ValueError, match="width"):
+        models.TinyNet(width=width)
+
+
+@pytest.mark.parametrize("arg", ["resolution", "depth"])
+def test_bad_tinynet_factor(arg):
+    with pytest.raises(ValueError, match=arg):
+        models.TinyNet(**{arg: 0})
+    with pytest.raises(TypeError, match=arg):
+        models.TinyNet(**{arg: "1.0"})
+
+
+@pytest.mark.parametrize("name", ["ghostnet_1x", "tinynet_c"])
+def test_bad_num_classes(name):
+    with pytest.raises(ValueError, match="num_classes must be >= 0, got -1"):
+        build(name, num_classes=-1)
+    with pytest.raises(TypeError, match="num_classes must be an int"):
+        build(name, num_classes=10.0)
+    with pytest.raises(TypeError, match="num_classes must be an int"):
+        build(name, num_classes=True)
+    model = build(name)
+    with pytest.raises(ValueError, match="num_classes"):
+        model.reset_classifier(-3)
+    assert model.num_classes == 1000 and model.classifier.out_features == 1000
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(in_chans=0), "in_chans must be >= 1"),
+    (dict(drop_rate=1.0), r"drop_rate must be in \[0, 1\)"),
+    (dict(drop_rate=-0.1), r"drop_rate must be in \[0, 1\)"),
+    (dict(out_indices=(1, 2)), "only applies with features_only=True"),
+    (dict(features_only=True, out_indices=(0, 5)), "5 is out of range"),
+    (dict(features_only=True, out_indices=(2, 2)), "strictly increasing"),
+    (dict(features_only=True, out_indices=()), "non-empty"),
+])
+def test_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build("tinynet_e", **kwargs)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unknown_builder_kwargs_raise_type_error(name):
+    with pytest.raises(TypeError, match=rf"{name}\(\) got unexpected keyword argument\(s\) 'num_clases' "
+                                        r"\(did you mean 'num_classes'\?\)"):
+        build(name, num_clases=10)
+    with pytest.raises(TypeError, match="'pretrianed'.*'bogus'"):
+        build(name, pretrianed=True, bogus=1)
+
+
+def test_builders_fix_their_architecture():
+    with pytest.raises(TypeError, match="'width'"):
+        models.ghostnet_1x(width=2.0)
+    with pytest.raises(TypeError, match="'depth'"):
+        models.tinynet_a(depth=2.0)
+
+
+@pytest.mark.parametrize("name", ["ghostnet_1x", "tinynet_a"])
+def test_wrong_input_channels(name):
+    model = build(name).eval()
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\), got \(2, 1, 64, 64\); build the model with in_chans=1"):
+        model(torch.randn(2, 1, 64, 64))
+    with pytest.raises(ValueError, match=r"got \(3, 64, 64\)"):
+        model(torch.randn(3, 64, 64))
+    features = build(name, features_only=True)
+    with pytest.raises(ValueError, match="in_chans=4"):
+        features(torch.randn(1, 4, 64, 64))
+
+
+# -- packaging -----------------------------------------------------------------------
+
+def test_importing_models_does_not_import_timm():
+    code = (
+        "import sys, models; models.ghostnet_1x(); models.tinynet_a(features_only=True); "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'timm'); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hub_load_from_local_checkout():
+    model = torch.hub.load(str(ROOT), "tinynet_e", source="local", num_classes=10)
+    assert isinstance(model, models.TinyNet) and model.num_classes == 10
+    with pytest.raises(TypeError, match="num_clases"):
+        torch.hub.load(str(ROOT), "ghostnet_1x", source="local", num_clases=10)

@@ -1,0 +1,44 @@
+"""The README states what the code does: its models table and its Python example."""
+import pathlib
+import re
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from reference import PUBLISHED, build
+
+README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def _table_rows():
+    rows = {}
+    for line in README.splitlines():
+        match = re.match(r"\| `(\w+)` \| (.+) \|$", line)
+        if match:
+            rows[match[1]] = [cell.strip() for cell in match[2].split("|")]
+    return rows
+
+
+def test_table_lists_every_model_once():
+    assert list(_table_rows()) == list(PUBLISHED)
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_table_row_matches_the_code(name):
+    size, params, macs, *_ = _table_rows()[name]
+    model = build(name).eval()
+    assert int(size) == model.default_input_size[0]
+    assert int(params.replace(",", "")) == sum(p.numel() for p in model.parameters())
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, *model.default_input_size))
+    assert macs == f"{counter.get_total_flops() / 2e6:.2f} M"
+
+
+def test_python_example_runs():
+    block = re.search(r"```python\n(import torch\nimport models\n.*?)```", README, re.S)[1]
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["backbone"].feature_info.channels() == [24, 32, 88, 240]
+    assert [m.shape[1] for m in namespace["maps"]] == [24, 32, 88, 240]
+    assert namespace["model"].num_classes == 37
