@@ -1,0 +1,144 @@
+"""Manifest -> verified local file -> state dict, without ever running code from the file."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import pickle
+import struct
+from typing import Any, Mapping
+
+import torch
+
+from . import download
+from .manifest import Manifest, load_manifest
+
+__all__ = [
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "pretrained_state_dict",
+    "read_state_dict",
+    "user_state_dict",
+]
+
+# Keys under which training scripts commonly nest the model's weights.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+class CheckpointError(ValueError):
+    """The file is not a state dict this package can use."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file holds pickled objects beyond tensors and plain containers: refused unread."""
+
+
+def _sniff_format(path: pathlib.Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive, or a legacy pickle
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
+        return "safetensors"  # 8-byte header length, then a JSON header
+    raise CheckpointError(f"{path} is neither a torch checkpoint nor a safetensors file")
+
+
+def read_state_dict(path: str | os.PathLike, *, format: str | None = None,
+                    map_location: torch.device | str = "cpu") -> Any:
+    """Tensors of a checkpoint file, placed on ``map_location`` as they are read.
+
+    Pickle files go through ``torch.load(weights_only=True)``, whose unpickler builds only
+    tensors and plain containers, so a file crafted to run code is refused before any of
+    it runs. safetensors files hold no code at all.
+    """
+    path = pathlib.Path(path)
+    format = format or _sniff_format(path)
+    device = torch.device(map_location)
+    if format == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(device))
+        except SafetensorError as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpointError(
+            f"refused to load {path}: it holds Python objects other than tensors and plain containers, "
+            f"which could run code when unpickled; nothing from it was executed. ({reason})"
+        ) from None
+    except RuntimeError as exc:
+        # A truncated or garbled zip surfaces here; the checksums normally stop it earlier.
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from None
+
+
+def _as_state_dict(obj: Any, path: pathlib.Path) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"{path} is not a plain state dict: {len(bad)} entries are not name -> tensor, e.g. {bad[:3]}"
+        )
+    return dict(obj)
+
+
+def _unwrap(obj: Any) -> Any:
+    """A training checkpoint's model weights: the nested state dict, DDP's ``module.`` gone."""
+    if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if isinstance(obj, Mapping) and obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def pretrained_state_dict(name: str, *, progress: bool = True, map_location: torch.device | str = "cpu",
+                          manifest: Manifest | str | os.PathLike | None = None,
+                          **fetch_options: Any) -> dict[str, torch.Tensor]:
+    """The published weights of model ``name``, verified against the manifest.
+
+    ``fetch_options`` go to ``download.fetch_first`` (cache, offline, mirror, options).
+    """
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest)
+    entry = manifest[name]
+    path, file = download.fetch_first(entry.files, progress=progress, **fetch_options)
+    return _as_state_dict(read_state_dict(path, format=file.format, map_location=map_location), path)
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def user_state_dict(weights: str | os.PathLike, *, sha256: str | None = None, progress: bool = True,
+                    map_location: torch.device | str = "cpu", **fetch_options: Any) -> dict[str, torch.Tensor]:
+    """A user's checkpoint (local path or http(s) URL), e.g. a fine-tuned model.
+
+    With ``sha256`` the file must match it. A training checkpoint is unwrapped: the state
+    dict nested under ``state_dict``/``model_state_dict``/``model``, and DDP's ``module.``
+    prefix removed.
+    """
+    source = os.fspath(weights)
+    if _is_url(source):
+        path = download.fetch_url(source, sha256=sha256, progress=progress, **fetch_options)
+    else:
+        path = pathlib.Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {path} does not exist")
+        if sha256 is not None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != sha256.lower():
+                raise CheckpointError(
+                    f"{path} does not match the expected checksum: sha256 expected {sha256.lower()}, "
+                    f"got {digest.hexdigest()}; it was not loaded"
+                )
+    return _as_state_dict(_unwrap(read_state_dict(path, map_location=map_location)), path)
