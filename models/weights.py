@@ -70,8 +70,8 @@ def read_state_dict(path: str | os.PathLike, *, format: str | None = None,
             f"refused to load {path}: it holds Python objects other than tensors and plain containers, "
             f"which could run code when unpickled; nothing from it was executed. ({reason})"
         ) from None
-    except RuntimeError as exc:
-        # A truncated or garbled zip surfaces here; the checksums normally stop it earlier.
+    except (RuntimeError, OSError, EOFError) as exc:
+        # A truncated or garbled file surfaces here; the checksums normally stop it earlier.
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from None
 
 

@@ -61,3 +61,43 @@ def random_state_dict(model, seed=0):
             fan_in = value[0].numel()
             out[key] = torch.randn(value.shape, generator=g) * (2.0 / fan_in) ** 0.5
     return out
+
+# REFERENCE.md section 4: published top-1 / top-5.
+METRICS = {
+    "ghostnet_1x": (73.98, 91.46),
+    "tinynet_a": (77.7, 93.5),
+    "tinynet_b": (75.0, 92.2),
+    "tinynet_c": (71.2, 89.7),
+    "tinynet_d": (67.0, 87.1),
+    "tinynet_e": (59.9, 81.8),
+}
+
+# REFERENCE.md section 6: every content checksum known for the real files, and nothing else.
+# (model, algorithm, digest, size or None)
+KNOWN_CHECKSUMS = {
+    ("ghostnet_1x", "git_blob_sha1", "26da9f2807cd5ba95c607cec01ceb9700d94e0ae", None),
+    ("ghostnet_1x", "sha256", "8efbcf55d97872c828768b096d4ebebc51f8b7e29623fd3b3933d78cc230e2e2", 20_871_632),
+    ("ghostnet_1x", "sha256", "1dfc1e5e737afceb3bc984112bb8ff3498dd2483df33e8975ad852bca7e1dce3", 20_995_213),
+    ("tinynet_a", "git_blob_sha1", "7edaf2cd767b53050a9a4932c5ed06b003410578", None),
+    ("tinynet_b", "git_blob_sha1", "16c51b73f9d625927ed70a3ca9df213d0c3c80cf", None),
+    ("tinynet_c", "git_blob_sha1", "82455519fb2bb26aa75a72488619e9da6c491804", None),
+    ("tinynet_d", "git_blob_sha1", "96b1dfb0963fa0fcb8dfdc7ea44858bc981e20fd", None),
+    ("tinynet_e", "git_blob_sha1", "70947cdf5ba6b9f1d2aec1a2b2a636d69f3449ba", None),
+    ("tinynet_a", "sha256", "5d9911de836222b28e99095dff561a6600f354c05b61ea179aaa848a830bc3ca", 24_999_246),
+    ("tinynet_b", "sha256", "15bfc4a0a42cb55b5b59070d30fa28f327d4d6af9c2c1167686c70b364e36911", 15_175_153),
+    ("tinynet_d", "sha256", "65e2964364a05ab0a080f769e9f6bb6fca1c36ee73c602548686e07ed35914e5", 9_507_149),
+}
+
+
+def checkpoint_bytes(name, fmt="torch", seed=0):
+    """A file like the released checkpoint of ``name`` (random values), as bytes."""
+    import io
+
+    state = random_state_dict(build(name), seed=seed)
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        return save(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()

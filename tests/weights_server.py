@@ -66,7 +66,7 @@ class WeightsServer:
 
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     # -- set-up -----------------------------------------------------------------------
     def add(self, path: str, data: bytes, *script: tuple) -> str:
@@ -135,8 +135,10 @@ class WeightsServer:
         step = max(1, -(-len(body) // pieces))
         try:
             for i in range(0, len(body), step):
-                handler.wfile.write(body[i:i + step])
+                # Counted before the write: the client may finish reading (and the test
+                # check the log) before this thread runs again.
                 hit.sent += len(body[i:i + step])
+                handler.wfile.write(body[i:i + step])
                 if kind == "slow":
                     handler.wfile.flush()
                     time.sleep(args[0] / pieces)
@@ -155,3 +157,17 @@ class WeightsServer:
             handler.send_header(key, value)
         handler.send_header("Content-Length", "0")
         handler.end_headers()
+
+
+def write_manifest(path, files_by_model: dict) -> str:
+    """A manifest at ``path`` with the real models' metadata and the given file entries
+    ({model: [{"urls": [...], "format": ..., "checksums": {...}, "size": ...}, ...]})."""
+    import json
+    import pathlib
+
+    real = json.loads((pathlib.Path(__file__).resolve().parent.parent / "weights_manifest.json").read_text())
+    models = {}
+    for name, files in files_by_model.items():
+        models[name] = dict(real["models"][name], files=files)
+    pathlib.Path(path).write_text(json.dumps({"schema_version": real["schema_version"], "models": models}))
+    return str(path)

@@ -1,0 +1,205 @@
+"""From manifest to loaded model: verified files only, never code from a file."""
+import io
+import pathlib
+
+import pytest
+import torch
+
+from models import weights
+from models.download import DownloadError, OfflineError
+from models.weights import CheckpointError, UnsafeCheckpointError
+from reference import build, checkpoint_bytes
+from weights_server import WeightsServer, checksums, write_manifest
+
+
+@pytest.fixture
+def server():
+    with WeightsServer() as s:
+        yield s
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.delenv("GHOSTNET_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("GHOSTNET_HUB_MIRROR", raising=False)
+    return tmp_path / "torch-home" / "hub" / "checkpoints"
+
+
+def entry(urls, data, fmt="torch", algos=("sha256",)):
+    sums = checksums(data)
+    return {"urls": urls, "format": fmt, "checksums": {a: sums[a] for a in algos}, "size": len(data)}
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_pretrained_state_dict_loads_strictly(server, cache, tmp_path, fmt):
+    data = checkpoint_bytes("tinynet_e", fmt)
+    manifest = write_manifest(tmp_path / "m.json", {
+        "tinynet_e": [entry([server.add("/e", data)], data, fmt, ("git_blob_sha1", "sha256"))]})
+    state = weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False)
+    model = build("tinynet_e")
+    model.load_state_dict(state, strict=True)
+    expected = torch.load(io.BytesIO(checkpoint_bytes("tinynet_e")), weights_only=True)
+    assert _equal(model.state_dict(), expected)
+    assert all(t.device.type == "cpu" for t in state.values())
+    assert (cache / f"tinynet_e-{checksums(data)['git_blob_sha1'][:16]}.pth"
+            if fmt == "torch" else cache / f"tinynet_e-{checksums(data)['git_blob_sha1'][:16]}.safetensors").exists()
+
+
+def test_next_file_is_used_when_every_url_of_the_first_fails(server, cache, tmp_path):
+    data = checkpoint_bytes("tinynet_e", "safetensors")
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [
+        entry([server.url("/gone1"), server.url("/gone2")], b"whatever"),
+        entry([server.add("/e.safetensors", data)], data, "safetensors"),
+    ]})
+    state = weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False)
+    build("tinynet_e").load_state_dict(state, strict=True)
+    assert [h.path for h in server.hits] == ["/gone1", "/gone2", "/e.safetensors"]
+
+
+def test_every_failure_is_listed_when_no_file_works(server, cache, tmp_path):
+    data = checkpoint_bytes("tinynet_e")
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [
+        entry([server.url("/gone")], data),
+        entry([server.add("/bad", data, ("corrupt",))], data),
+    ]})
+    with pytest.raises(DownloadError) as err:
+        weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False)
+    message = str(err.value)
+    assert "tinynet_e: every source failed" in message
+    assert server.url("/gone") + ": HTTP 404" in message and server.url("/bad") + ": content does not match" in message
+    assert not list(cache.glob("tinynet_e-*.pth"))
+
+
+def test_cached_later_file_is_used_before_downloading_an_earlier_one(server, cache, tmp_path):
+    data = checkpoint_bytes("tinynet_e")
+    second = entry([server.add("/second", data)], data)
+    first_only = write_manifest(tmp_path / "a.json", {"tinynet_e": [second]})
+    weights.pretrained_state_dict("tinynet_e", manifest=first_only, progress=False)
+    both = write_manifest(tmp_path / "b.json", {"tinynet_e": [entry([server.url("/first")], b"other bytes"), second]})
+    weights.pretrained_state_dict("tinynet_e", manifest=both, progress=False)
+    assert [h.path for h in server.hits] == ["/second"]
+
+
+def test_offline_model_error_names_the_prefetch_command(server, cache, tmp_path, monkeypatch):
+    data = checkpoint_bytes("tinynet_e")
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [entry([server.add("/e", data)], data)]})
+    monkeypatch.setenv("GHOSTNET_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError) as err:
+        weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False)
+    assert "python -m models prefetch tinynet_e" in str(err.value) and server.url("/e") in str(err.value)
+    assert server.hits == []
+    monkeypatch.delenv("GHOSTNET_HUB_OFFLINE")
+    weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False)
+    monkeypatch.setenv("GHOSTNET_HUB_OFFLINE", "1")
+    build("tinynet_e").load_state_dict(weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False))
+    assert len(server.hits) == 1
+
+
+def test_manifest_from_environment(server, cache, tmp_path, monkeypatch):
+    data = checkpoint_bytes("tinynet_e")
+    monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", write_manifest(tmp_path / "m.json", {
+        "tinynet_e": [entry([server.add("/e", data)], data)]}))
+    weights.pretrained_state_dict("tinynet_e", progress=False)
+    assert [h.path for h in server.hits] == ["/e"]
+
+
+# 10: a file that would run code --------------------------------------------------------------
+class _Payload:
+    """Unpickling this calls Path.touch(marker): the stand-in for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def _malicious_checkpoint(marker) -> bytes:
+    state = {k: v for k, v in build("tinynet_e").state_dict().items()}
+    state["bn1.weight"] = _Payload(marker)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def test_malicious_pickle_is_refused_and_never_runs(server, cache, tmp_path):
+    marker = tmp_path / "code-ran"
+    data = _malicious_checkpoint(marker)
+    # The manifest vouches for these exact bytes: checksums alone would let them through.
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [entry([server.add("/evil", data)], data)]})
+    with pytest.raises(UnsafeCheckpointError, match="refused to load .*nothing from it was executed"):
+        weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False)
+    assert not marker.exists()
+    local = tmp_path / "evil.pth"
+    local.write_bytes(data)
+    with pytest.raises(UnsafeCheckpointError):
+        weights.user_state_dict(local)
+    assert not marker.exists()
+    # The file really is an exploit: a plain unpickling runs it.
+    torch.load(local, weights_only=False)
+    assert marker.exists()
+
+
+# weights=: a user's own checkpoint -------------------------------------------------------------
+def _training_checkpoint(tmp_path, name="ckpt.pth"):
+    state = build("tinynet_e", num_classes=10).state_dict()
+    path = tmp_path / name
+    torch.save({"epoch": 7, "state_dict": {f"module.{k}": v for k, v in state.items()}, "best_acc1": 0.5}, path)
+    return path, state
+
+
+def test_user_checkpoint_is_unwrapped(tmp_path):
+    path, state = _training_checkpoint(tmp_path)
+    loaded = weights.user_state_dict(path)
+    assert _equal(loaded, state)
+    build("tinynet_e", num_classes=10).load_state_dict(loaded, strict=True)
+
+
+def test_user_checkpoint_with_wrong_sha256_is_not_loaded(tmp_path):
+    path, _ = _training_checkpoint(tmp_path)
+    actual = checksums(path.read_bytes())["sha256"]
+    with pytest.raises(CheckpointError, match=f"sha256 expected {'a' * 64}, got {actual}; it was not loaded"):
+        weights.user_state_dict(path, sha256="a" * 64)
+    assert weights.user_state_dict(path, sha256=actual)
+
+
+def test_user_url_checkpoint(server, cache, tmp_path):
+    path, state = _training_checkpoint(tmp_path)
+    data = path.read_bytes()
+    url = server.add("/ft.pth", data)
+    assert _equal(weights.user_state_dict(url, sha256=checksums(data)["sha256"], progress=False), state)
+    with pytest.raises(DownloadError, match="sha256: expected"):
+        weights.user_state_dict(url, sha256="b" * 64, progress=False)
+
+
+def test_user_file_that_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(CheckpointError, match="holds a list, not a state dict"):
+        weights.user_state_dict(path)
+    path.write_bytes(b"hello, not a checkpoint")
+    with pytest.raises(CheckpointError, match="neither a torch checkpoint nor a safetensors file"):
+        weights.user_state_dict(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        weights.user_state_dict(tmp_path / "nope.pth")
+
+
+def test_truncated_torch_file_is_a_clear_error(tmp_path):
+    path, _ = _training_checkpoint(tmp_path)
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        weights.user_state_dict(path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_tensors_are_placed_on_the_requested_gpu(tmp_path, fmt):
+    path = tmp_path / f"w.{fmt}"
+    path.write_bytes(checkpoint_bytes("tinynet_e", fmt))
+    state = weights.user_state_dict(path, map_location="cuda:0")
+    assert all(t.device == torch.device("cuda:0") for t in state.values())

@@ -1,0 +1,137 @@
+"""weights_manifest.json holds the published facts and nothing invented; broken manifests
+are refused with every problem named by its JSON path."""
+import copy
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.manifest import DEFAULT_MANIFEST, ManifestError, load_manifest, validate_manifest
+from reference import KNOWN_CHECKSUMS, METRICS, PRETRAINED, build
+
+RAW = json.loads(DEFAULT_MANIFEST.read_text())
+
+
+def test_manifest_is_valid_and_lists_the_six_models():
+    manifest = load_manifest()
+    assert list(manifest.models) == list(PRETRAINED)
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_metadata_agrees_with_the_code_and_the_papers(name):
+    entry = load_manifest()[name]
+    model = build(name).eval()
+    assert entry.num_params == sum(p.numel() for p in model.parameters())
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, *model.default_input_size))
+    assert entry.macs == counter.get_total_flops() // 2
+    assert (entry.input_size, entry.input_size) == model.default_input_size
+    assert entry.resize_size == int(entry.input_size / entry.crop_ratio)
+    assert (entry.top1, entry.top5) == METRICS[name]
+    assert entry.interpolation == ("bilinear" if name.startswith("ghostnet") else "bicubic")
+    assert entry.mean == (0.485, 0.456, 0.406) and entry.std == (0.229, 0.224, 0.225)
+
+
+def test_checksums_are_exactly_the_published_ones():
+    recorded = {
+        (name, algo, digest, f.size)
+        for name, entry in load_manifest().models.items()
+        for f in entry.files
+        for algo, digest in f.checksums.items()
+    }
+    assert recorded == KNOWN_CHECKSUMS
+
+
+def test_every_url_is_https_and_every_file_has_a_checksum():
+    for entry in load_manifest().models.values():
+        for f in entry.files:
+            assert f.checksums
+            assert all(url.startswith("https://") for url in f.urls)
+
+
+def test_cache_names_are_unique():
+    names = [f.cache_name for e in load_manifest().models.values() for f in e.files]
+    assert len(names) == len(set(names))
+
+
+def _broken(edit):
+    data = copy.deepcopy(RAW)
+    edit(data)
+    return validate_manifest(data)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: d.update(schema_version=2), "$.schema_version: this code reads version 1, got 2"),
+    (lambda d: d.pop("models"), "$.models: missing"),
+    (lambda d: d.update(extra=1), "$.extra: unknown field"),
+    (lambda d: d["models"]["tinynet_a"].pop("macs"), "$.models.tinynet_a.macs: missing"),
+    (lambda d: d["models"]["tinynet_a"].update(num_params=-5), "$.models.tinynet_a.num_params: expected a positive integer"),
+    (lambda d: d["models"]["tinynet_a"].update(interpolation="lanczos"), "$.models.tinynet_a.interpolation: expected one of"),
+    (lambda d: d["models"]["tinynet_a"]["metrics"].update(top1=177.7), "$.models.tinynet_a.metrics.top1: expected a percentage"),
+    (lambda d: d["models"]["tinynet_a"].update(files=[]), "$.models.tinynet_a.files: expected a non-empty list"),
+    (lambda d: d["models"]["tinynet_b"]["files"][0].update(checksums={}),
+     "$.models.tinynet_b.files[0].checksums: at least one of sha256, git_blob_sha1, md5 is required"),
+    (lambda d: d["models"]["tinynet_b"]["files"][0].pop("checksums"), "$.models.tinynet_b.files[0].checksums: missing"),
+    (lambda d: d["models"]["tinynet_b"]["files"][0]["checksums"].update(git_blob_sha1="16c51b73"),
+     "$.models.tinynet_b.files[0].checksums.git_blob_sha1: expected 40 lowercase hex digits, got '16c51b73'"),
+    (lambda d: d["models"]["tinynet_b"]["files"][1]["checksums"].update(sha256="F" * 64),
+     "$.models.tinynet_b.files[1].checksums.sha256: expected 64 lowercase hex digits"),
+    (lambda d: d["models"]["tinynet_b"]["files"][0]["checksums"].update(crc32="0" * 8),
+     "$.models.tinynet_b.files[0].checksums.crc32: unknown digest"),
+    (lambda d: d["models"]["tinynet_c"]["files"][0]["urls"].__setitem__(1, "http://github.com/x.pth"),
+     "$.models.tinynet_c.files[0].urls[1]: must be an https URL, got 'http://github.com/x.pth'"),
+    (lambda d: d["models"]["tinynet_c"]["files"][0].update(urls=[]), "$.models.tinynet_c.files[0].urls: expected a non-empty list"),
+    (lambda d: d["models"]["tinynet_c"]["files"][0].update(format="pickle"), "$.models.tinynet_c.files[0].format: expected one of torch, safetensors"),
+    (lambda d: d["models"]["tinynet_c"]["files"][0].update(size=0), "$.models.tinynet_c.files[0].size: expected a positive integer or null"),
+    (lambda d: d["models"]["tinynet_c"]["files"][0].update(sha256="x"), "$.models.tinynet_c.files[0].sha256: unknown field"),
+])
+def test_broken_manifest_problem_is_named_by_json_path(edit, expected):
+    problems = _broken(edit)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    data = copy.deepcopy(RAW)
+    data["schema_version"] = 0
+    data["models"]["ghostnet_1x"]["files"][0]["checksums"] = {}
+    data["models"]["tinynet_e"]["paper"] = "ftp://example.org/paper"
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert len(err.value.problems) == 3
+    message = str(err.value)
+    for fragment in ("$.schema_version", "$.models.ghostnet_1x.files[0].checksums", "$.models.tinynet_e.paper"):
+        assert fragment in message
+    assert str(path) in message
+
+
+def test_unreadable_or_non_json_manifest(tmp_path):
+    with pytest.raises(ManifestError, match="cannot read the file"):
+        load_manifest(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        load_manifest(bad)
+    bad.write_text("[]")
+    with pytest.raises(ManifestError, match=r"\$: expected an object"):
+        load_manifest(bad)
+
+
+def test_manifest_override_by_environment(tmp_path, monkeypatch):
+    data = copy.deepcopy(RAW)
+    data["models"] = {"tinynet_e": data["models"]["tinynet_e"]}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", str(path))
+    manifest = load_manifest()
+    assert manifest.source == str(path) and list(manifest.models) == ["tinynet_e"]
+    with pytest.raises(KeyError, match="no weights for 'tinynet_a'.*models with weights: tinynet_e"):
+        manifest["tinynet_a"]
+
+
+def test_loopback_http_is_accepted_for_local_servers():
+    data = copy.deepcopy(RAW)
+    data["models"]["tinynet_e"]["files"][0]["urls"] = ["http://127.0.0.1:8000/e.pth", "http://localhost/e.pth"]
+    assert validate_manifest(data) == []
