@@ -12,8 +12,10 @@ import hashlib
 import logging
 import os
 import pathlib
+import queue
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -133,32 +135,64 @@ def cache_dir(path: str | os.PathLike | None = None) -> pathlib.Path:
 
 # -- hashing ------------------------------------------------------------------------------
 
+class _HashThread:
+    """One digest fed from a bounded queue on its own thread. hashlib releases the GIL on
+    large buffers, so hashing overlaps the caller's reads and writes instead of adding to
+    them (on a fast link, hashing is most of the cost of a verified download)."""
+
+    def __init__(self, digest: "hashlib._Hash"):
+        self.digest = digest
+        self._queue: queue.Queue = queue.Queue(maxsize=16)
+        self._thread = threading.Thread(target=self._run, name="weights-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self.digest.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
 class _Digests:
-    """Every requested digest (and SHA-256 always) over one pass of the bytes."""
+    """Every requested digest over one pass of the bytes."""
 
     def __init__(self, algos: Iterable[str], total: int | None):
-        self._hashes: dict[str, "hashlib._Hash"] = {"sha256": hashlib.sha256()}
+        hashes: dict[str, "hashlib._Hash"] = {}
         self.deferred: set[str] = set()
         self.total = total
         self.count = 0
         for algo in algos:
-            if algo == "md5":
-                self._hashes["md5"] = hashlib.md5(usedforsecurity=False)
+            if algo == "sha256":
+                hashes["sha256"] = hashlib.sha256()
+            elif algo == "md5":
+                hashes["md5"] = hashlib.md5(usedforsecurity=False)
             elif algo == "git_blob_sha1":
                 # git hashes a header holding the length first: without it known up front,
                 # this digest needs a second pass over the finished file.
                 if total is None:
                     self.deferred.add(algo)
                 else:
-                    self._hashes[algo] = hashlib.sha1(b"blob %d\0" % total, usedforsecurity=False)
+                    hashes[algo] = hashlib.sha1(b"blob %d\0" % total, usedforsecurity=False)
+        self._threads = {algo: _HashThread(h) for algo, h in hashes.items()}
 
     def update(self, chunk: bytes) -> None:
         self.count += len(chunk)
-        for h in self._hashes.values():
-            h.update(chunk)
+        for thread in self._threads.values():
+            thread.update(chunk)
+
+    def close(self) -> None:
+        for thread in self._threads.values():
+            thread.close()
 
     def hexdigests(self) -> dict[str, str]:
-        out = {algo: h.hexdigest() for algo, h in self._hashes.items()}
+        self.close()
+        out = {algo: t.digest.hexdigest() for algo, t in self._threads.items()}
         if "git_blob_sha1" in out and self.count != self.total:
             out["git_blob_sha1"] = "(not computed: the length announced up front was wrong)"
         return out
@@ -193,9 +227,13 @@ def _problems(target: _Target, digests: dict[str, str], size: int, expected_sha2
     return problems
 
 
+def _algos(target: _Target) -> set[str]:
+    return set(target.checksums) | ({"sha256"} if target.sidecar else set())
+
+
 def _verify(path: pathlib.Path, target: _Target) -> list[str]:
     """Problems with a finished file: [] when every recorded check passes."""
-    digests = _hash_file(path, target.checksums).hexdigests()
+    digests = _hash_file(path, _algos(target)).hexdigests()
     recorded = None
     if target.sidecar:
         sidecar = path.with_name(path.name + ".sha256")
@@ -240,66 +278,80 @@ def _download(session: requests.Session, url: str, partial: pathlib.Path, target
               options: DownloadOptions, progress: bool) -> None:
     """Bring ``partial`` to the complete, verified content of ``target`` from ``url``."""
     digests: _Digests | None = None
-    attempt = 0
-    while True:
-        offset = partial.stat().st_size if partial.exists() else 0
-        if target.size is not None and offset > target.size:
-            partial.unlink()
-            offset = 0
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        wait: float | None = None
-        try:
-            with session.get(url, headers=headers, stream=True, timeout=options.timeout) as response:
-                status = response.status_code
-                if status == 416 and offset:
-                    # Our partial file is not a prefix the server recognises: start over.
-                    partial.unlink()
-                    error = "HTTP 416 for the resumed range; restarting from byte 0"
-                elif status == 429 or status >= 500:
-                    wait = _retry_after(response)
-                    error = f"HTTP {status} {response.reason}"
-                elif status not in (200, 206):
-                    raise _SourceFailed(f"HTTP {status} {response.reason}")
-                else:
-                    total, start = _content_total(response, offset)
-                    if total is not None and target.size is not None and total != target.size:
-                        raise _SourceFailed(f"the server announces {total} bytes, the manifest records {target.size}")
-                    if status == 200 and offset:
-                        _log.info("%s ignored the Range request; downloading %s from the start", url, target.label)
-                        offset = 0
-                        digests = None
-                    if status == 206 and start != offset:
-                        partial.unlink(missing_ok=True)
-                        error = f"asked to resume at byte {offset}, the server sent from byte {start}; restarting"
-                    else:
-                        if digests is None or digests.count != offset:
-                            digests = _Digests(target.checksums, total if total is not None else target.size)
-                            if offset:
-                                _hash_file(partial, (), start=digests, upto=offset)
-                        error = _stream(response, partial, offset, total, digests, target, options, progress)
-                        if error is None:
-                            break
-        except _SourceFailed:
-            raise
-        except requests.RequestException as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        attempt += 1
-        if attempt > options.retries:
-            raise _SourceFailed(f"gave up after {attempt} attempts; last: {error}")
-        delay = min(options.max_wait, wait if wait is not None else options.backoff * 2 ** (attempt - 1))
-        _log.info("%s: %s; retry %d/%d in %.1f s", url, error, attempt, options.retries, delay)
-        time.sleep(delay)
-
-    size = partial.stat().st_size
-    found = digests.hexdigests()
+    try:
+        digests = _transfer(session, url, partial, target, options, progress)
+        found = digests.hexdigests()
+    finally:
+        if digests is not None:
+            digests.close()
     if digests.deferred:
         found.update(_hash_file(partial, digests.deferred).hexdigests())
-    problems = _problems(target, found, size)
+    problems = _problems(target, found, partial.stat().st_size)
     if problems:
         partial.unlink()
         raise _SourceFailed("content does not match the manifest: " + "; ".join(problems))
     if target.sidecar:
         (partial.parent / (target.cache_name + ".sha256")).write_text(found["sha256"] + "\n")
+
+
+def _transfer(session: requests.Session, url: str, partial: pathlib.Path, target: _Target,
+              options: DownloadOptions, progress: bool) -> _Digests:
+    """Download into ``partial``, retrying and resuming; the digests of all its bytes."""
+    digests: _Digests | None = None
+    attempt = 0
+    try:
+        while True:
+            offset = partial.stat().st_size if partial.exists() else 0
+            if target.size is not None and offset > target.size:
+                partial.unlink()
+                offset = 0
+            headers = {"Range": f"bytes={offset}-"} if offset else {}
+            wait: float | None = None
+            try:
+                with session.get(url, headers=headers, stream=True, timeout=options.timeout) as response:
+                    status = response.status_code
+                    if status == 416 and offset:
+                        # Our partial file is not a prefix the server recognises: start over.
+                        partial.unlink()
+                        error = "HTTP 416 for the resumed range; restarting from byte 0"
+                    elif status == 429 or status >= 500:
+                        wait = _retry_after(response)
+                        error = f"HTTP {status} {response.reason}"
+                    elif status not in (200, 206):
+                        raise _SourceFailed(f"HTTP {status} {response.reason}")
+                    else:
+                        total, start = _content_total(response, offset)
+                        if total is not None and target.size is not None and total != target.size:
+                            raise _SourceFailed(
+                                f"the server announces {total} bytes, the manifest records {target.size}")
+                        if status == 200 and offset:
+                            _log.info("%s ignored the Range request; downloading %s from the start", url, target.label)
+                            offset = 0
+                        if status == 206 and start != offset:
+                            partial.unlink(missing_ok=True)
+                            error = f"asked to resume at byte {offset}, the server sent from byte {start}; restarting"
+                        else:
+                            if digests is None or digests.count != offset:
+                                if digests is not None:
+                                    digests.close()
+                                digests = _Digests(_algos(target), total if total is not None else target.size)
+                                if offset:
+                                    _hash_file(partial, (), start=digests, upto=offset)
+                            error = _stream(response, partial, offset, total, digests, target, options, progress)
+                            if error is None:
+                                return digests
+            except requests.RequestException as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            attempt += 1
+            if attempt > options.retries:
+                raise _SourceFailed(f"gave up after {attempt} attempts; last: {error}")
+            delay = min(options.max_wait, wait if wait is not None else options.backoff * 2 ** (attempt - 1))
+            _log.info("%s: %s; retry %d/%d in %.1f s", url, error, attempt, options.retries, delay)
+            time.sleep(delay)
+    except BaseException:
+        if digests is not None:
+            digests.close()
+        raise
 
 
 def _stream(response, partial, offset, total, digests, target, options, progress) -> str | None:
