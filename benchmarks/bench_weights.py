@@ -88,18 +88,31 @@ def bench_cache_hit(data: bytes, repeats: int, tmp: pathlib.Path) -> None:
             "verify + load (models.download + weights)", "torch.load(weights_only=True), no check")
 
 
-def bench_download(data: bytes, repeats: int, tmp: pathlib.Path) -> None:
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    rate: float | None = None  # bytes per second; None: as fast as loopback goes
+
+    def log_message(self, *args):
+        pass
+
+    def copyfile(self, source, outputfile):
+        if self.rate is None:
+            return super().copyfile(source, outputfile)
+        while chunk := source.read(1 << 20):
+            outputfile.write(chunk)
+            time.sleep(len(chunk) / self.rate)
+
+
+def bench_download(data: bytes, repeats: int, tmp: pathlib.Path, rate: float | None) -> None:
     served = tmp / "served"
-    served.mkdir()
+    served.mkdir(exist_ok=True)
     (served / "w.pth").write_bytes(data)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+    handler = functools.partial(type("H", (_Handler,), {"rate": rate}), directory=str(served))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/w.pth"
     sums = _sums(data)
     out = tmp / "out"
-    out.mkdir()
+    out.mkdir(exist_ok=True)
 
     def bare():
         with requests.get(url, stream=True, timeout=30) as r, open(out / "bare.pth", "wb") as f:
@@ -121,7 +134,8 @@ def bench_download(data: bytes, repeats: int, tmp: pathlib.Path) -> None:
         for _ in range(repeats):
             a.append(_timed(ours))
             b.append(_timed(bare))
-        _report(f"download from loopback, {len(data) / 1e6:.1f} MB, size + {' + '.join(algos)} checked", a, b,
+        link = "loopback at full speed" if rate is None else f"a {rate / 1e6:.0f} MB/s link"
+        _report(f"download over {link}, {len(data) / 1e6:.1f} MB, size + {' + '.join(algos)} checked", a, b,
                 "download.fetch (verify, lock, atomic rename)", "bare requests loop to disk", higher_is_better=True)
     httpd.shutdown()
 
@@ -134,7 +148,8 @@ def main() -> None:
     data = _checkpoint()
     with tempfile.TemporaryDirectory() as tmp:
         bench_cache_hit(data, args.repeats, pathlib.Path(tmp))
-        bench_download(data, args.repeats, pathlib.Path(tmp))
+        bench_download(data, args.repeats, pathlib.Path(tmp), rate=None)
+        bench_download(data, max(3, args.repeats // 3), pathlib.Path(tmp), rate=100e6)
 
 
 if __name__ == "__main__":

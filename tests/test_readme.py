@@ -1,4 +1,5 @@
-"""The README states what the code does: its models table and its Python example."""
+"""The README states what the code does: its models table and its Python examples."""
+import io
 import pathlib
 import re
 
@@ -14,7 +15,7 @@ README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_tex
 def _table_rows():
     rows = {}
     for line in README.splitlines():
-        match = re.match(r"\| `(\w+)` \| (.+) \|$", line)
+        match = re.match(r"\| `((?:ghostnet|tinynet)_\w+)` \| (.+) \|$", line)
         if match:
             rows[match[1]] = [cell.strip() for cell in match[2].split("|")]
     return rows
@@ -42,3 +43,22 @@ def test_python_example_runs():
     assert namespace["backbone"].feature_info.channels() == [24, 32, 88, 240]
     assert [m.shape[1] for m in namespace["maps"]] == [24, 32, 88, 240]
     assert namespace["model"].num_classes == 37
+
+
+def test_pretrained_weights_example_runs(tmp_path, monkeypatch):
+    from reference import checkpoint_bytes
+    from weights_server import WeightsServer, checksums, write_manifest
+
+    block = re.search(r"```python\n(from models import tinynet_a\n.*?)```", README, re.S)[1]
+    data = checkpoint_bytes("tinynet_a")
+    with WeightsServer() as server:
+        manifest = write_manifest(tmp_path / "m.json", {"tinynet_a": [{
+            "urls": [server.add("/a.pth", data)], "format": "torch",
+            "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]})
+        monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", manifest)
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+        namespace = {}
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert len(server.hits) == 1
+    assert torch.equal(namespace["model"].conv_stem.weight,
+                       torch.load(io.BytesIO(data), weights_only=True)["conv_stem.weight"])
