@@ -1,13 +1,43 @@
-"""PyTorch Hub entry points for GhostNet and TinyNet A-E."""
-dependencies = ["torch"]
+"""PyTorch Hub entry points: GhostNet 1.0x and TinyNet A-E with verified ImageNet weights,
+and GhostNet 0.5x / 1.3x without. ``torch.hub.help(repo, name)`` documents each."""
+import hashlib as _hashlib
+import importlib.util as _importlib_util
+import pathlib as _pathlib
+import sys as _sys
 
-from models import (  # noqa: E402,F401
-    ghostnet_0_5x,
-    ghostnet_1_3x,
-    ghostnet_1x,
-    tinynet_a,
-    tinynet_b,
-    tinynet_c,
-    tinynet_d,
-    tinynet_e,
-)
+# Third-party packages imported when this file is imported (by the package it loads).
+dependencies = ["torch", "requests", "filelock", "tqdm"]
+
+
+def _load_package():
+    """Import ./models under a private name, never as the bare ``models``.
+
+    Another hub repository (or the user's project) may own ``sys.modules["models"]``; torch.hub
+    documents that clash as a limitation. A name derived from this checkout's path keeps two
+    checkouts apart too. The package's own imports are relative, so it works under any name.
+    """
+    root = _pathlib.Path(__file__).resolve().parent / "models"
+    name = "_ghostnet_hub_" + _hashlib.sha1(str(root).encode()).hexdigest()[:12]
+    if name in _sys.modules:
+        return _sys.modules[name]
+    spec = _importlib_util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del _sys.modules[name]
+        raise
+    return module
+
+
+_models = _load_package()
+
+ghostnet_0_5x = _models.ghostnet_0_5x
+ghostnet_1x = _models.ghostnet_1x
+ghostnet_1_3x = _models.ghostnet_1_3x
+tinynet_a = _models.tinynet_a
+tinynet_b = _models.tinynet_b
+tinynet_c = _models.tinynet_c
+tinynet_d = _models.tinynet_d
+tinynet_e = _models.tinynet_e

@@ -309,9 +309,3 @@ def test_importing_models_does_not_import_timm():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
-
-def test_hub_load_from_local_checkout():
-    model = torch.hub.load(str(ROOT), "tinynet_e", source="local", num_classes=10)
-    assert isinstance(model, models.TinyNet) and model.num_classes == 10
-    with pytest.raises(TypeError, match="num_clases"):
-        torch.hub.load(str(ROOT), "ghostnet_1x", source="local", num_clases=10)

@@ -1,0 +1,193 @@
+"""torch.hub as a user drives it: local checkouts, a GitHub repo served from the hub cache,
+help and list, and another hub repository that also ships a top-level ``models`` package."""
+import ast
+import builtins
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+import urllib.error
+
+import pytest
+import torch
+
+import models
+from reference import PRETRAINED, PUBLISHED
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+REPO = str(ROOT)
+
+
+@pytest.fixture
+def no_prompt(monkeypatch):
+    def refuse(*args):
+        raise AssertionError(f"torch.hub asked interactively: {args}")
+    monkeypatch.setattr(builtins, "input", refuse)
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_hub_local_pretrained_matches_package_api(published, no_prompt, name):
+    hub_model = torch.hub.load(REPO, name, source="local", pretrained=True, progress=False, trust_repo=False)
+    package_model = models.get_model(name, pretrained=True, progress=False)
+    size = PUBLISHED[name][2]
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(hub_model(x), package_model(x), rtol=0, atol=0)
+    assert not hub_model.training
+    assert "models" not in type(hub_model).__module__.split(".")[0]  # loaded under the private name
+
+
+def test_hub_entry_passes_model_options_and_rejects_unknown_ones(no_prompt):
+    model = torch.hub.load(REPO, "ghostnet_0_5x", source="local", num_classes=10, in_chans=1)
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 64, 64)).shape == (1, 10)
+    with pytest.raises(TypeError, match=r"ghostnet_1x\(\) got unexpected keyword argument\(s\) 'num_clases'"):
+        torch.hub.load(REPO, "ghostnet_1x", source="local", num_clases=10)
+    with pytest.raises(RuntimeError, match="Cannot find callable"):
+        torch.hub.load(REPO, "tinynet_f", source="local")
+
+
+def test_hub_user_gets_preprocessing_and_categories(published):
+    model = torch.hub.load(REPO, "tinynet_d", source="local", pretrained=True, progress=False)
+    preprocess = model.pretrained_weights.transforms()
+    assert preprocess(torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8)).shape == (3, 152, 152)
+    categories = model.pretrained_weights.meta["categories"]
+    assert len(categories) == 1000 and categories[0] == "tench"
+
+
+# -- hubconf itself ----------------------------------------------------------------------------
+
+def _module_level_imports(path):
+    """Top-level names imported at module level (not inside functions) by a file."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_dependencies_are_exactly_the_third_party_imports():
+    namespace = {}
+    exec(compile("\n".join(l for l in (ROOT / "hubconf.py").read_text().splitlines()
+                           if l.startswith("dependencies")), "hubconf", "exec"), namespace)
+    files = [ROOT / "hubconf.py", *sorted((ROOT / "models").glob("*.py"))]
+    imported = set().union(*map(_module_level_imports, files)) - set(sys.stdlib_module_names)
+    assert set(namespace["dependencies"]) == imported
+    assert _module_level_imports(ROOT / "hubconf.py") <= set(sys.stdlib_module_names)
+
+
+def test_hub_list_shows_only_the_models(tmp_path, monkeypatch):
+    hub = _cached_github_checkout(tmp_path, monkeypatch)
+    assert torch.hub.list(hub, trust_repo=True) == sorted(PUBLISHED)
+
+
+def test_hub_help_documents_each_entry(tmp_path, monkeypatch):
+    hub = _cached_github_checkout(tmp_path, monkeypatch)
+    text = torch.hub.help(hub, "tinynet_a", trust_repo=True)
+    for fragment in ("TinyNet-A", "top-1 77.7 %, top-5 93.5 %", "6,187,972 parameters", "336.87 M MACs",
+                     "resize the shorter side to 219 (bicubic), center-crop 192", "pretrained_weights.transforms()",
+                     "meta['categories']", "Args:", "device:", "num_classes (int)", "weights (str | path)",
+                     "Example:", "torch.hub.load("):
+        assert fragment in text, fragment
+    for name in PUBLISHED:
+        doc = torch.hub.help(hub, name, trust_repo=True)
+        assert "Args:" in doc and "Example:" in doc and "MACs" in doc
+    assert "No released weights" in torch.hub.help(hub, "ghostnet_1_3x", trust_repo=True)
+
+
+def _cached_github_checkout(tmp_path, monkeypatch, owner="someone", repo="ghostnet-hub"):
+    """The repository as torch.hub leaves it in its cache after a download from GitHub, and
+    GitHub unreachable (as here, and on an air-gapped cluster)."""
+    hub_dir = tmp_path / "hub"
+    checkout = hub_dir / f"{owner}_{repo}_main"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in tracked + ["hubconf.py", "weights_manifest.json"] + [
+            str(p.relative_to(ROOT)) for p in (ROOT / "models").glob("*.py")]:
+        if (ROOT / rel).is_file():
+            (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, checkout / rel)
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("GitHub cannot be reached from this test")
+
+    monkeypatch.setattr(torch.hub, "urlopen", unreachable)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub_dir))
+    return f"{owner}/{repo}"
+
+
+def test_hub_load_github_repo_from_the_hub_cache(tmp_path, monkeypatch, published):
+    hub = _cached_github_checkout(tmp_path, monkeypatch)
+    model = torch.hub.load(hub, "tinynet_e", pretrained=True, progress=False, trust_repo=True)
+    reference = models.tinynet_e(pretrained=True, progress=False)
+    x = torch.randn(1, 3, 106, 106)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+# -- the clash with another repository's top-level "models" ------------------------------------
+
+OTHER_HUBCONF = """
+dependencies = ["torch"]
+from models.net import tiny_linear  # a bare, top-level "models" package, as many repos ship
+"""
+OTHER_NET = """
+import torch
+def tiny_linear():
+    return torch.nn.Linear(2, 3)
+"""
+CLASH = """
+import sys, torch
+ours, other, order = sys.argv[1], sys.argv[2], sys.argv[3]
+def load_ours():
+    m = torch.hub.load(ours, "tinynet_e", source="local", num_classes=4)
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+def load_other():
+    m = torch.hub.load(other, "tiny_linear", source="local")
+    assert isinstance(m, torch.nn.Linear)
+    assert sys.modules["models"].__file__.startswith(other)
+steps = [load_ours, load_other] if order == "ours-first" else [load_other, load_ours]
+for step in steps + steps:  # and each again after the other
+    step()
+assert "models" not in sys.modules or sys.modules["models"].__file__.startswith(other), sys.modules.get("models")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("order", ["ours-first", "other-first"])
+def test_other_hub_repo_with_a_models_package_in_the_same_process(tmp_path, order):
+    other = tmp_path / "other_repo"
+    (other / "models").mkdir(parents=True)
+    (other / "hubconf.py").write_text(OTHER_HUBCONF)
+    (other / "models" / "__init__.py").write_text("")
+    (other / "models" / "net.py").write_text(OTHER_NET)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", CLASH, REPO, str(other), order], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_loading_ours_never_registers_a_bare_models_module(tmp_path):
+    code = textwrap.dedent("""
+        import sys, torch
+        torch.hub.load(sys.argv[1], "ghostnet_1x", source="local")
+        torch.hub.load(sys.argv[1], "tinynet_a", source="local", features_only=True)
+        print(sorted(m for m in sys.modules if m == "models" or m.startswith("models.")))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code, REPO], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_local_source_never_prompts_for_trust(tmp_path):
+    # trust_repo=False makes torch.hub ask on stdin for GitHub repos; a local checkout is
+    # yours, and must load with no question even when stdin is closed.
+    code = "import sys, torch; torch.hub.load(sys.argv[1], 'tinynet_e', source='local', trust_repo=False); print('ok')"
+    result = subprocess.run([sys.executable, "-c", code, REPO], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
