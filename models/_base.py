@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import init_weights
+
 
 class FeatureInfo(list):
     """One dict per feature tap: ``num_chs``, ``reduction`` (stride), ``module``, ``index``.
@@ -125,9 +127,7 @@ class ImageClassifier(nn.Module):
         else:
             ref = self.conv_stem.weight
             classifier = nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype)
-            bound = 1.0 / math.sqrt(num_classes)
-            nn.init.uniform_(classifier.weight, -bound, bound)
-            nn.init.zeros_(classifier.bias)
+            init_weights(classifier)
         self.classifier = classifier.train(self.training)
         self.num_classes = num_classes
 

@@ -50,7 +50,12 @@ def init_weights(model: nn.Module) -> None:
     conv has a fan-out of ``k*k``, not ``k*k*channels``, so plain ``kaiming_normal_`` would
     start it near zero). BatchNorm starts as identity; linear layers get a small uniform
     init scaled by their fan-out, biases zero.
+
+    A model on the meta device (built to receive pretrained weights) is left alone: its
+    tensors hold no values, and init there is slow Python decompositions for nothing.
     """
+    if any(p.is_meta for p in model.parameters()):
+        return
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
