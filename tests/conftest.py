@@ -15,6 +15,15 @@ def _isolated_environment(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
 
 
+@pytest.fixture
+def server():
+    """A fresh loopback weights server (tests/weights_server.py) for one test."""
+    from weights_server import WeightsServer
+
+    with WeightsServer() as s:
+        yield s
+
+
 @pytest.fixture(scope="session")
 def _weights_server(tmp_path_factory):
     """One loopback server for the session, serving a checkpoint-shaped file (random values)

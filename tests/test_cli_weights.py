@@ -8,22 +8,14 @@ import sys
 import pytest
 
 from reference import checkpoint_bytes
-from weights_server import WeightsServer, checksums, write_manifest
+from weights_server import checksums, write_manifest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def server():
-    with WeightsServer() as s:
-        yield s
-
-
-@pytest.fixture
 def run(tmp_path):
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch")}
-    for name in ("GHOSTNET_HUB_OFFLINE", "GHOSTNET_HUB_MIRROR", "GHOSTNET_HUB_MANIFEST"):
-        env.pop(name, None)
 
     def run(*args):
         return subprocess.run([sys.executable, "-m", "models", *args], cwd=ROOT, env=env,

@@ -6,7 +6,7 @@ import sys
 import time
 
 from reference import checkpoint_bytes
-from weights_server import WeightsServer, checksums, write_manifest
+from weights_server import checksums, write_manifest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROCESSES = 8
@@ -32,30 +32,27 @@ print(digest.hexdigest())
 """
 
 
-def test_processes_share_one_verified_download(tmp_path):
+def test_processes_share_one_verified_download(server, tmp_path):
     data = checkpoint_bytes("tinynet_e")
     sync = tmp_path / "sync"
     sync.mkdir()
-    with WeightsServer() as server:
-        # The one download is slow, so every other process arrives while it is running.
-        url = server.add("/tinynet_e.pth", data, ("slow", 2.0))
-        manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [{
-            "urls": [url], "format": "torch", "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]})
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_HOME": str(tmp_path / "torch"),
-               "GHOSTNET_HUB_MANIFEST": manifest, "OMP_NUM_THREADS": "1"}
-        env.pop("GHOSTNET_HUB_OFFLINE", None)
-        env.pop("GHOSTNET_HUB_MIRROR", None)
-        procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(rank), str(sync)], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for rank in range(PROCESSES)]
-        deadline = time.monotonic() + 120
-        while len(list(sync.glob("ready-*"))) < PROCESSES and time.monotonic() < deadline:
-            if any(p.poll() is not None for p in procs):
-                break
-            time.sleep(0.05)
-        (sync / "go").touch()
-        results = [p.communicate(timeout=120) for p in procs]
-        hits = server.hits_for("/tinynet_e.pth")
+    # The one download is slow, so every other process arrives while it is running.
+    url = server.add("/tinynet_e.pth", data, ("slow", 2.0))
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [{
+        "urls": [url], "format": "torch", "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_HOME": str(tmp_path / "torch"),
+           "GHOSTNET_HUB_MANIFEST": manifest, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(rank), str(sync)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(PROCESSES)]
+    deadline = time.monotonic() + 120
+    while len(list(sync.glob("ready-*"))) < PROCESSES and time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.05)
+    (sync / "go").touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    hits = server.hits_for("/tinynet_e.pth")
     for proc, (out, err) in zip(procs, results):
         assert proc.returncode == 0, err
     digests = {out.strip() for out, _ in results}

@@ -9,17 +9,11 @@ import pytest
 from models import download
 from models.download import CacheDirError, DownloadError, DownloadOptions, OfflineError
 from models.manifest import WeightFile
-from weights_server import WeightsServer, checksums
+from weights_server import checksums
 
 # Short timeouts and waits so that every fault resolves in well under a second.
 FAST = DownloadOptions(timeout=(2.0, 0.5), retries=3, backoff=0.01, max_wait=0.2, chunk_size=32 * 1024)
 DATA = random.Random(0).randbytes(300_000)
-
-
-@pytest.fixture
-def server():
-    with WeightsServer() as s:
-        yield s
 
 
 @pytest.fixture

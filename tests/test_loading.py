@@ -9,13 +9,7 @@ from models import weights
 from models.download import DownloadError, OfflineError
 from models.weights import CheckpointError, UnsafeCheckpointError
 from reference import build, checkpoint_bytes
-from weights_server import WeightsServer, checksums, write_manifest
-
-
-@pytest.fixture
-def server():
-    with WeightsServer() as s:
-        yield s
+from weights_server import checksums, write_manifest
 
 
 @pytest.fixture

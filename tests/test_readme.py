@@ -45,20 +45,18 @@ def test_python_example_runs():
     assert namespace["model"].num_classes == 37
 
 
-def test_pretrained_weights_example_runs(tmp_path, monkeypatch):
+def test_pretrained_weights_example_runs(server, tmp_path, monkeypatch):
     from reference import checkpoint_bytes
-    from weights_server import WeightsServer, checksums, write_manifest
+    from weights_server import checksums, write_manifest
 
     block = re.search(r"```python\n(from models import tinynet_a\n.*?)```", README, re.S)[1]
     data = checkpoint_bytes("tinynet_a")
-    with WeightsServer() as server:
-        manifest = write_manifest(tmp_path / "m.json", {"tinynet_a": [{
-            "urls": [server.add("/a.pth", data)], "format": "torch",
-            "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]})
-        monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", manifest)
-        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-        namespace = {}
-        exec(compile(block, "README.md", "exec"), namespace)
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_a": [{
+        "urls": [server.add("/a.pth", data)], "format": "torch",
+        "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]})
+    monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", manifest)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
     assert len(server.hits) == 1
     expected = torch.load(io.BytesIO(data), weights_only=True)
     assert torch.equal(namespace["model"].conv_stem.weight, expected["conv_stem.weight"])
