@@ -437,6 +437,8 @@ def _fetch(target: _Target, *, progress: bool, options: DownloadOptions | None, 
                     _log.warning("%s: could not use %s: %s", target.label, url, exc)
                     continue
                 os.replace(partial, final)
+                for leftover in cache.glob(f"{final.name}.*.partial"):  # from sources that failed
+                    leftover.unlink(missing_ok=True)
                 return final
         raise DownloadError(f"{target.label}: no source gave verified bytes for {final.name}", failures)
 

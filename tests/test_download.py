@@ -172,6 +172,14 @@ def test_stalled_server_times_out_and_next_source_is_used(server, cache):
     assert [h.path for h in server.hits] == ["/slow.pth", "/slow.pth", "/w.pth"]
 
 
+def test_partial_download_of_a_failed_source_is_removed_after_success(server, cache):
+    file = weight_file([server.add("/a.pth", DATA, ("drop", 100_000), ("status", 404)), server.add("/b.pth", DATA)])
+    assert fetch(file, cache, options=DownloadOptions(retries=0, chunk_size=FAST.chunk_size)).read_bytes() == DATA
+    assert [h.path for h in server.hits] == ["/a.pth", "/b.pth"]
+    assert not list(cache.glob("*.partial"))
+    assert_cache_holds_only_verified(cache, file)
+
+
 # 8 ----------------------------------------------------------------------------------------
 def test_redirect_chain_is_followed(server, cache):
     server.add("/final.pth", DATA)
