@@ -18,11 +18,12 @@ from torch import nn
 from . import ghostnet, tinynet
 from ._base import ImageClassifier, reject_unknown_kwargs
 from .manifest import DEFAULT_MANIFEST, ModelEntry, load_manifest
+from .weights import pretrained_state_dict, user_state_dict
 
 __all__ = ["GITHUB_REPO", "Weights", "get_model", "get_weights", "list_models"]
 
 # Where this repository lives on GitHub, for examples in the help text.
-GITHUB_REPO = "<owner>/<repo>"
+GITHUB_REPO = "OWNER/REPO"
 
 _ARCHITECTURES: dict[str, Callable[..., ImageClassifier]] = {
     "ghostnet_0_5x": ghostnet.ghostnet_0_5x,
@@ -108,8 +109,6 @@ class Weights:
         }
 
     def get_state_dict(self, progress: bool = True, map_location: torch.device | str = "cpu") -> dict:
-        from .weights import pretrained_state_dict
-
         return pretrained_state_dict(self.name, progress=progress, map_location=map_location)
 
 
@@ -239,8 +238,6 @@ def get_model(
             model = build(num_classes=num_classes, **options)
         model.pretrained_weights = None
         return model
-
-    from .weights import pretrained_state_dict, user_state_dict
 
     # Built on the meta device: no memory, no random init to be overwritten.
     load_classes = 1000 if pretrained else num_classes

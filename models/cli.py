@@ -11,7 +11,9 @@ import sys
 import tempfile
 from typing import Sequence
 
-from . import download
+import torch
+
+from . import api, download
 from .manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
 
 
@@ -25,6 +27,105 @@ def _selected(manifest, names: Sequence[str], all_models: bool) -> list[str]:
             f"models with weights: {', '.join(manifest.models)}"
         )
     return list(names)
+
+
+def _cached_state(entry) -> str:
+    """"yes" if a file of the model is in the cache (not re-verified here: see verify)."""
+    cache = pathlib.Path(torch.hub.get_dir()) / "checkpoints"
+    return "yes" if any((cache / f.cache_name).exists() for f in entry.files) else "no"
+
+
+def _list(args) -> int:
+    manifest = load_manifest(args.manifest)
+    rows = [("model", "weights", "top-1", "top-5", "params", "MACs", "input", "file size", "cached")]
+    for name in api.list_models():
+        if name in manifest.models:
+            e = manifest[name]
+            size = e.files[0].size
+            rows.append((name, "yes", f"{e.top1:.2f}", f"{e.top5:.2f}", f"{e.num_params / 1e6:.2f} M",
+                         f"{e.macs / 1e6:.1f} M", str(e.input_size), f"{size / 1e6:.1f} MB" if size else "?",
+                         _cached_state(e)))
+        else:
+            model = api.get_model(name)
+            params = sum(p.numel() for p in model.parameters())
+            macs = api._UNRELEASED[name][1] if name in api._UNRELEASED else api._default_manifest()[name].macs
+            rows.append((name, "no", "-", "-", f"{params / 1e6:.2f} M", f"{macs / 1e6:.1f} M",
+                         str(model.default_input_size[0]), "-", "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _info(args) -> int:
+    if args.model not in api.list_models():
+        raise SystemExit(f"error: unknown model {args.model!r}; models: {', '.join(api.list_models())}")
+    model = api.get_model(args.model)
+    lines = [f"{args.model}: {type(model).__name__}", api._help_text(args.model).splitlines()[0], ""]
+    lines += [
+        f"architecture: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"default input {model.default_input_size[0]}x{model.default_input_size[1]}, "
+        f"{model.num_features}-channel last feature map, {model.head_hidden_size}-d pooled features",
+        "feature taps (features_only=True): " + ", ".join(
+            f"{d['module']} (stride {d['reduction']}, {d['num_chs']} ch)" for d in model.feature_info),
+    ]
+    manifest = load_manifest(args.manifest)
+    if args.model in manifest.models:
+        weights = api.Weights(args.model, manifest[args.model])
+        meta = {k: v for k, v in weights.meta.items() if k != "categories"}
+        lines += ["", "published weights:"] + [f"  {k}: {v}" for k, v in meta.items()]
+        lines += ["  categories: 1000 ImageNet-1k classes (" + ", ".join(weights.meta["categories"][:3]) + ", ...)"]
+        lines += ["", "preprocessing (model.pretrained_weights.transforms()):", "  " + repr(weights.transforms())]
+        lines += ["", "files, tried in this order:"]
+        cache = pathlib.Path(torch.hub.get_dir()) / "checkpoints"
+        for f in manifest[args.model].files:
+            state = "in cache" if (cache / f.cache_name).exists() else "not in cache"
+            lines.append(f"  [{f.index}] {f.format}, {f.size or 'unknown'} bytes, {state} ({cache / f.cache_name})")
+            lines += [f"      {algo}: {digest}" for algo, digest in f.checksums.items()]
+            lines += [f"      {url}" for url in f.urls]
+    else:
+        lines += ["", "no released weights"]
+    print("\n".join(lines))
+    return 0
+
+
+def _predict(args) -> int:
+    from .predict import SAMPLE_IMAGE, expand_sources, predict
+
+    sources = expand_sources(args.images or [str(SAMPLE_IMAGE)])
+    if not sources:
+        raise SystemExit("error: no images found in " + ", ".join(args.images))
+    model = api.get_model(args.model, pretrained=True, device=args.device, progress=not args.quiet)
+    failed = 0
+    for result in predict(model, sources, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
+                          progress=not args.quiet and not args.json):
+        failed += bool(result.error)
+        if result.error:
+            print(f"{result.source}: skipped, {result.error}", file=sys.stderr)
+        if args.json:
+            record = {"image": result.source, "model": args.model}
+            if result.error:
+                record["error"] = result.error
+            else:
+                record["top"] = [{"label": label, "index": index, "probability": round(p, 6)}
+                                 for label, index, p in result.top]
+            print(json.dumps(record), flush=True)
+        elif not result.error:
+            print(result.source)
+            for rank, (label, _, p) in enumerate(result.top, 1):
+                print(f"  {rank}. {label:<32} {p * 100:6.2f}%")
+    if failed:
+        print(f"{failed} of {len(sources)} image(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
 
 
 def _prefetch(args) -> int:
@@ -129,6 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--manifest", help="manifest file (default: $GHOSTNET_HUB_MANIFEST or weights_manifest.json)")
         return sub
 
+    add(commands, "list", _list, "the models, their published accuracy and cost, and whether their weights are cached")
+
+    sub = add(commands, "info", _info, "everything known about one model: architecture, weights, preprocessing, files")
+    sub.add_argument("model", metavar="MODEL")
+
+    sub = add(commands, "predict", _predict, "classify images with a pretrained model (default: the bundled sample)")
+    sub.add_argument("images", nargs="*", metavar="IMAGE|DIR|URL",
+                     help="image files, directories (searched recursively) or http(s) URLs")
+    sub.add_argument("--model", default="ghostnet_1x", choices=api.list_models(pretrained_only=False),
+                     help="model with published weights (default: ghostnet_1x)")
+    sub.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
+    sub.add_argument("--topk", type=_int_at_least(1), default=5, help="classes to show per image (default: 5)")
+    sub.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per forward pass (default: 32)")
+    sub.add_argument("--workers", type=_int_at_least(0), default=None,
+                     help="DataLoader worker processes (default: 0 for a few images, up to 4 for many)")
+    sub.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    sub.add_argument("--quiet", action="store_true", help="no progress bars")
+
     sub = add(commands, "prefetch", _prefetch, "download and verify weights into the cache (for Docker images and clusters)")
     sub.add_argument("models", nargs="*", metavar="MODEL", help="models to fetch (default: all)")
     sub.add_argument("--all", action="store_true", help="every model with weights")
@@ -148,8 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.manifest:
+        # Every part of the command (building models too) reads the manifest from here.
+        os.environ[MANIFEST_ENV] = args.manifest
     try:
         return args.func(args)
-    except (ManifestError, download.CacheDirError, ValueError) as exc:
+    except (ManifestError, download.CacheDirError, download.DownloadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

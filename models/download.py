@@ -37,6 +37,7 @@ __all__ = [
     "OfflineError",
     "cache_dir",
     "fetch",
+    "fetch_bytes",
     "fetch_first",
     "fetch_url",
     "verify_cached",
@@ -498,6 +499,33 @@ def fetch_first(files: Sequence[WeightFile], *, progress: bool = True, options: 
     else:
         message = f"{model}: every source failed:"
     raise kind(message, failures)
+
+
+def fetch_bytes(url: str, *, options: DownloadOptions | None = None, max_bytes: int = 64 << 20) -> bytes:
+    """A small file (an image to classify) into memory, with the same timeouts and retries
+    as weight downloads; nothing is cached or verified, so never use it for weights."""
+    options = options or DownloadOptions()
+    if offline_requested():
+        raise OfflineError(f"offline mode ({OFFLINE_ENV}) is on; not fetching {url}")
+    for attempt in range(options.retries + 1):
+        wait = None
+        try:
+            with requests.get(url, stream=True, timeout=options.timeout) as response:
+                if response.status_code == 429 or response.status_code >= 500:
+                    wait, error = _retry_after(response), f"HTTP {response.status_code}"
+                else:
+                    response.raise_for_status()
+                    body = bytearray()
+                    for chunk in response.iter_content(options.chunk_size):
+                        body += chunk
+                        if len(body) > max_bytes:
+                            raise ValueError(f"{url} is larger than {max_bytes} bytes")
+                    return bytes(body)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        if attempt < options.retries:
+            time.sleep(min(options.max_wait, wait if wait is not None else options.backoff * 2 ** attempt))
+    raise DownloadError(f"could not fetch {url} after {options.retries + 1} attempts; last: {error}")
 
 
 def fetch_url(url: str, *, sha256: str | None = None, progress: bool = True,

@@ -49,3 +49,35 @@ def published(_weights_server, monkeypatch):
     server, manifest, files = _weights_server
     monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", manifest)
     return server, files
+
+
+@pytest.fixture
+def github_checkout(tmp_path, monkeypatch):
+    """This repository as torch.hub leaves it in its cache after downloading it from GitHub
+    (``<hub_dir>/<owner>_<repo>_main``), with GitHub unreachable, as here and on an air-gapped
+    cluster. Returns the ``owner/repo`` to pass to torch.hub."""
+    import pathlib
+    import shutil
+    import subprocess
+    import urllib.error
+
+    from models.api import GITHUB_REPO
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    hub_dir = tmp_path / "hub"
+    checkout = hub_dir / (GITHUB_REPO.replace("/", "_") + "_main")
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    # Files not committed yet count too, so the test sees the working tree.
+    untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.split()
+    for rel in tracked + untracked:
+        if (root / rel).is_file():
+            (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, checkout / rel)
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("GitHub cannot be reached from this test")
+
+    monkeypatch.setattr(torch.hub, "urlopen", unreachable)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub_dir))
+    return GITHUB_REPO

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from models.manifest import load_manifest
 from reference import PUBLISHED, build
 
 README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -26,8 +27,13 @@ def test_table_lists_every_model_once():
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
-def test_table_row_matches_the_code(name):
-    size, params, macs, *_ = _table_rows()[name]
+def test_table_row_matches_the_code_and_the_manifest(name):
+    size, params, macs, top1, top5, released = _table_rows()[name]
+    manifest = load_manifest()
+    if name in manifest.models:
+        assert (float(top1), float(top5), released) == (manifest[name].top1, manifest[name].top5, "yes")
+    else:
+        assert (top1, top5, released) == ("–", "–", "no")
     model = build(name).eval()
     assert int(size) == model.default_input_size[0]
     assert int(params.replace(",", "")) == sum(p.numel() for p in model.parameters())
@@ -61,3 +67,25 @@ def test_pretrained_weights_example_runs(server, tmp_path, monkeypatch):
     expected = torch.load(io.BytesIO(data), weights_only=True)
     assert torch.equal(namespace["model"].conv_stem.weight, expected["conv_stem.weight"])
     assert torch.equal(namespace["state"]["bn2.running_var"], expected["bn2.running_var"])
+
+
+def test_hub_examples_run(github_checkout, published, recwarn):
+    """Every python block that uses torch.hub, in order, against this checkout in the hub
+    cache and the loopback weights server."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "OWNER/REPO" in b]
+    assert len(blocks) == 4
+    headline, *blocks = blocks
+    assert 'device="cuda"' in headline
+    if torch.cuda.is_available():
+        exec(compile(headline, "README.md", "exec"), {})
+    else:  # the one-liner asks for a GPU: without one, the error says so
+        with pytest.raises(ValueError, match="'cuda' cannot be used: CUDA is not available"):
+            exec(compile(headline, "README.md", "exec"), {})
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert len(namespace["categories"]) == 1000
+    assert namespace["preprocess"](torch.zeros(3, 300, 300, dtype=torch.uint8)).shape == (3, 192, 192)
+    assert namespace["model"].classifier.out_features == 10 and namespace["model"].training
+    assert [m.shape[1] for m in namespace["maps"]] == [24, 40, 80, 160]
+    assert len(namespace["fpn"](dict(enumerate(namespace["maps"])))) == 4
