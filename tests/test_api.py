@@ -56,13 +56,13 @@ def test_pretrained_build_does_no_random_init_and_no_copy(published, monkeypatch
 
     monkeypatch.setattr(torch.nn.init, "normal_", spy)
     loaded = {}
-    real_load = weights_module.pretrained_state_dict
+    real_load = api.pretrained_state_dict
 
     def keep(*args, **kwargs):
         loaded.update(real_load(*args, **kwargs))
         return loaded
 
-    monkeypatch.setattr(weights_module, "pretrained_state_dict", keep)
+    monkeypatch.setattr(api, "pretrained_state_dict", keep)
     model = models.ghostnet_1x(pretrained=True, progress=False)
     assert set(init_devices) <= {"meta"}  # no random values drawn into real memory
     models.ghostnet_1x()
