@@ -96,6 +96,8 @@ class ImageClassifier(nn.Module):
         self.in_chans = check_int("in_chans", in_chans, 1)
         self.drop_rate = _check_drop_rate(drop_rate)
         self.features_only = False
+        self.fused = False  # set by fuse(): BatchNorm folded, eval-only
+        self.channels_last = False
         self.feature_info = FeatureInfo()
         self.num_features = 0
         self.head_hidden_size = 0
@@ -131,6 +133,22 @@ class ImageClassifier(nn.Module):
         self.classifier = classifier.train(self.training)
         self.num_classes = num_classes
 
+    # -- inference form ---------------------------------------------------------------
+    def fuse(self, channels_last: bool = False) -> "ImageClassifier":
+        """Fold BatchNorm into the convolutions and use cheaper exact ops (see fuse.py), in
+        place; optionally channels_last. The model is eval-only afterwards."""
+        from .fuse import optimize_for_inference
+
+        return optimize_for_inference(self, channels_last=channels_last)
+
+    def train(self, mode: bool = True) -> "ImageClassifier":
+        if mode and self.fused:
+            raise RuntimeError(
+                f"this {type(self).__name__} is fused for inference (BatchNorm folded into the "
+                "convolutions) and cannot be trained; build it again without fuse to train"
+            )
+        return super().train(mode)
+
     # -- forward ----------------------------------------------------------------------
     def _stages(self) -> list[tuple[str, nn.Module]]:
         """The modules of ``forward_features`` in order, with their state-dict names."""
@@ -141,19 +159,21 @@ class ImageClassifier(nn.Module):
         stages += [(n, self._modules[n]) for n in self._TAIL_NAMES if n in self._modules]
         return stages
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             hint = f"; build the model with in_chans={x.shape[1]} for such input" if x.dim() == 4 else ""
             raise ValueError(
                 f"{type(self).__name__} expects a batch of images shaped "
                 f"(N, {self.in_chans}, H, W), got {tuple(x.shape)}{hint}"
             )
+        # Weights in channels_last want their input in that layout too.
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch -> last feature map (N, ``num_features``, H/32, W/32)."""
         if self.features_only:
             raise RuntimeError("a features_only model returns its feature maps from model(x)")
-        self._check_input(x)
+        x = self._check_input(x)
         for _, module in self._stages():
             x = module(x)
         return x
@@ -209,7 +229,7 @@ class ImageClassifier(nn.Module):
         self.num_classes = 0
 
     def _forward_taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self._check_input(x)
+        x = self._check_input(x)
         maps = []
         for name, module in self._stages():
             x = module(x)

@@ -52,7 +52,9 @@ _TITLES = {
     },
 }
 _MODEL_OPTIONS = ("in_chans", "drop_rate", "features_only", "out_indices")
-_ARGUMENTS = ("pretrained", "progress", "device", "num_classes", "weights", "weights_sha256") + _MODEL_OPTIONS
+_INFERENCE_OPTIONS = ("fuse", "channels_last")
+_ARGUMENTS = ("pretrained", "progress", "device", "num_classes", "weights", "weights_sha256") + _MODEL_OPTIONS \
+    + _INFERENCE_OPTIONS
 
 
 # -- weights objects ----------------------------------------------------------------------
@@ -216,15 +218,28 @@ def get_model(
     num_classes: int = 1000,
     weights: str | os.PathLike | None = None,
     weights_sha256: str | None = None,
+    fuse: bool = False,
+    channels_last: bool = False,
     **options: Any,
 ) -> ImageClassifier:
     """Build model ``name``; see ``help(models.tinynet_a)`` for the arguments."""
     if name not in _ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; models: {', '.join(_ARCHITECTURES)}")
     reject_unknown_kwargs(name, options, _ARGUMENTS)
-    _check_flag("pretrained", pretrained)
-    _check_flag("progress", progress)
-    target = _resolve_device(device)
+    for flag, value in (("pretrained", pretrained), ("progress", progress), ("fuse", fuse),
+                        ("channels_last", channels_last)):
+        _check_flag(flag, value)
+    model = _build(name, pretrained, progress, _resolve_device(device), num_classes, weights, weights_sha256, options)
+    if fuse:
+        model.fuse(channels_last=channels_last)
+    elif channels_last:
+        model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    return model
+
+
+def _build(name: str, pretrained: bool, progress: bool, target: torch.device, num_classes: int,
+           weights: str | os.PathLike | None, weights_sha256: str | None, options: dict) -> ImageClassifier:
     if pretrained and weights is not None:
         raise ValueError("pass pretrained=True (the published weights) or weights=<your checkpoint>, not both")
     if weights_sha256 is not None and weights is None:
@@ -313,6 +328,8 @@ def _help_text(name: str) -> str:
         "    in_chans (int): input channels, default 3; pretrained stem filters are adapted.",
         "    drop_rate (float): dropout before the classifier during training.",
         "    features_only (bool), out_indices (tuple): return feature maps at strides 2..32 instead.",
+        "    fuse (bool): fold BatchNorm into the convolutions for faster inference (eval-only model).",
+        "    channels_last (bool): keep weights and inputs in channels_last memory layout.",
         "",
         "Example:",
     ]

@@ -46,6 +46,8 @@ def _conv_bn(in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: in
 class GhostModule(nn.Module):
     """Half the output from a 1x1 conv, the other half from a cheap depthwise 3x3 on it."""
 
+    _FUSE = (("primary_conv.0", "primary_conv.1"), ("cheap_operation.0", "cheap_operation.1"))  # see fuse.py
+
     def __init__(self, in_chs: int, out_chs: int, relu: bool):
         super().__init__()
         self.out_chs = out_chs
@@ -63,6 +65,8 @@ class GhostModule(nn.Module):
 
 class GhostBottleneck(nn.Module):
     """ghost1 (expand) -> [stride-2 depthwise] -> [SE] -> ghost2 (project), plus shortcut."""
+
+    _FUSE = (("conv_dw", "bn_dw"), ("shortcut.0", "shortcut.1"), ("shortcut.2", "shortcut.3"))
 
     def __init__(self, in_chs: int, mid_chs: int, out_chs: int, kernel: int, stride: int, se_ratio: float):
         super().__init__()
@@ -97,6 +101,8 @@ class GhostBottleneck(nn.Module):
 
 
 class ConvBnAct(nn.Module):
+    _FUSE = (("conv", "bn1"),)
+
     def __init__(self, in_chs: int, out_chs: int):
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, 1, bias=False)
@@ -124,6 +130,8 @@ class GhostNet(ImageClassifier):
     """
 
     _HEAD_NAMES = ("conv_head", "act2")
+    _FUSE = (("conv_stem", "bn1"),)
+    _POOLED_1X1 = ("conv_head",)
 
     def __init__(
         self,

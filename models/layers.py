@@ -24,6 +24,8 @@ def make_divisible(value: float, divisor: int) -> int:
 class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation: a per-channel gate computed from the globally pooled input."""
 
+    _POOLED_1X1 = ("conv_reduce", "conv_expand")  # see fuse.py
+
     def __init__(
         self,
         channels: int,

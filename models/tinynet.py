@@ -49,6 +49,8 @@ def _act() -> nn.Module:
 class DepthwiseSeparable(nn.Module):
     """Depthwise conv -> BN -> SiLU -> SE -> pointwise conv -> BN (+ identity)."""
 
+    _FUSE = (("conv_dw", "bn1"), ("conv_pw", "bn2"))  # see fuse.py
+
     def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int):
         super().__init__()
         self.has_skip = stride == 1 and in_chs == out_chs
@@ -67,6 +69,8 @@ class DepthwiseSeparable(nn.Module):
 
 class InvertedResidual(nn.Module):
     """1x1 expand -> BN -> SiLU -> depthwise -> BN -> SiLU -> SE -> 1x1 project -> BN (+ identity)."""
+
+    _FUSE = (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))
 
     def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, expansion: int):
         super().__init__()
@@ -110,6 +114,7 @@ class TinyNet(ImageClassifier):
     """
 
     _TAIL_NAMES = ("conv_head", "bn2", "act2")
+    _FUSE = (("conv_stem", "bn1"), ("conv_head", "bn2"))
 
     def __init__(
         self,
