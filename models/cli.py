@@ -128,6 +128,12 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _benchmark(args) -> int:
+    from .benchmark import main as benchmark
+
+    return benchmark(args)
+
+
 def _prefetch(args) -> int:
     manifest = load_manifest(args.manifest)
     failed = 0
@@ -247,6 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="DataLoader worker processes (default: 0 for a few images, up to 4 for many)")
     sub.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     sub.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sub = add(commands, "benchmark", _benchmark,
+              "latency and throughput per model and mode, against timm and torchvision, and the accuracy-latency figure")
+    sub.add_argument("--models", nargs="+", choices=api.list_models(), metavar="MODEL",
+                     help="models to measure (default: the six with weights)")
+    sub.add_argument("--modes", nargs="+", choices=("eager", "fused", "fused_cl"), default=["eager", "fused", "fused_cl"],
+                     help="eager, fused (BatchNorm folded), fused_cl (fused + channels_last)")
+    sub.add_argument("--compile", action="store_true", help="also torch.compile the fused channels_last model (slow to start)")
+    sub.add_argument("--batch-sizes", nargs="+", type=_int_at_least(1), default=[1, 32], metavar="N",
+                     help="batch 1 gives latency, larger batches throughput (default: 1 32)")
+    sub.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
+    sub.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
+    sub.add_argument("--amp", choices=("bfloat16", "float16"), default=None, help="autocast dtype (mainly for GPUs)")
+    sub.add_argument("--warmup", type=_int_at_least(0), default=5, help="untimed calls per candidate (default: 5)")
+    sub.add_argument("--repeats", type=_int_at_least(1), default=20, help="timed rounds (default: 20)")
+    sub.add_argument("--references", nargs="*", choices=("timm", "torchvision"), default=["timm", "torchvision"],
+                     help="reference implementations to measure alongside (default: both)")
+    sub.add_argument("--csv", help="write the results as CSV")
+    sub.add_argument("--json", help="write the results and the machine description as JSON")
+    sub.add_argument("--plot", help="draw published top-1 against latency to this PNG (needs matplotlib)")
+    sub.add_argument("--quiet", action="store_true", help="no progress messages")
 
     sub = add(commands, "prefetch", _prefetch, "download and verify weights into the cache (for Docker images and clusters)")
     sub.add_argument("models", nargs="*", metavar="MODEL", help="models to fetch (default: all)")

@@ -69,11 +69,12 @@ def test_pretrained_weights_example_runs(server, tmp_path, monkeypatch):
     assert torch.equal(namespace["state"]["bn2.running_var"], expected["bn2.running_var"])
 
 
-def test_hub_examples_run(github_checkout, published, recwarn):
+def test_hub_examples_run(github_checkout, published, recwarn, tmp_path, monkeypatch):
     """Every python block that uses torch.hub, in order, against this checkout in the hub
     cache and the loopback weights server."""
+    monkeypatch.chdir(tmp_path)  # the examples write files (an ONNX export)
     blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "OWNER/REPO" in b]
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     headline, *blocks = blocks
     assert 'device="cuda"' in headline
     if torch.cuda.is_available():
@@ -89,3 +90,6 @@ def test_hub_examples_run(github_checkout, published, recwarn):
     assert namespace["model"].classifier.out_features == 10 and namespace["model"].training
     assert [m.shape[1] for m in namespace["maps"]] == [24, 40, 80, 160]
     assert len(namespace["fpn"](dict(enumerate(namespace["maps"])))) == 4
+    assert namespace["fast"].fused and (tmp_path / "ghostnet.onnx").stat().st_size > 1_000_000
+    x = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(namespace["program"].module()(x), namespace["fast"](x))

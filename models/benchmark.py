@@ -1,0 +1,226 @@
+"""``python -m models benchmark``: latency and throughput of each model in each inference
+mode, against timm's implementation of the same model and torchvision's mobile networks,
+measured in the same run and interleaved, and the published-top-1-vs-latency figure."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import api
+
+MODES = ("eager", "fused", "fused_cl", "compiled")
+TIMM_NAMES = {"ghostnet_0_5x": "ghostnet_050", "ghostnet_1x": "ghostnet_100", "ghostnet_1_3x": "ghostnet_130"}
+# torchvision references: builder name -> (weights enum, input size)
+TORCHVISION = {
+    "mobilenet_v3_large": ("MobileNet_V3_Large_Weights", 224),
+    "mobilenet_v3_small": ("MobileNet_V3_Small_Weights", 224),
+    "efficientnet_b0": ("EfficientNet_B0_Weights", 224),
+}
+
+
+@dataclass
+class Result:
+    model: str
+    implementation: str  # ours | timm | torchvision
+    mode: str
+    batch: int
+    input_size: int
+    median_ms: float
+    spread_pct: float  # (p90 - p10) / median
+    images_per_s: float
+    top1: float | None
+    vs_timm: float | None = None  # ours/timm: latency ratio at batch 1, throughput ratio otherwise
+
+
+@dataclass
+class _Candidate:
+    model: str
+    implementation: str
+    mode: str
+    input_size: int
+    top1: float | None
+    module: nn.Module
+    times: dict
+
+
+def _ours(name: str, mode: str, device: torch.device) -> nn.Module:
+    model = api.get_model(name, device=device).eval()
+    if mode == "eager":
+        return model
+    model.fuse(channels_last=mode in ("fused_cl", "compiled"))
+    return torch.compile(model) if mode == "compiled" else model
+
+
+def _candidates(names, modes, device, references) -> list[_Candidate]:
+    manifest = api._default_manifest()
+    out = []
+    for name in names:
+        size = api.get_model(name).default_input_size[0]
+        top1 = manifest[name].top1 if name in manifest.models else None
+        for mode in modes:
+            out.append(_Candidate(name, "ours", mode, size, top1, _ours(name, mode, device), {}))
+        if "timm" in references:
+            with contextlib.suppress(ImportError):
+                import timm
+
+                ref = timm.create_model(TIMM_NAMES.get(name, name), pretrained=False).to(device).eval()
+                out.append(_Candidate(name, "timm", "eager", size, top1, ref, {}))
+    if "torchvision" in references:
+        import torchvision
+
+        for name, (weights_name, size) in TORCHVISION.items():
+            weights = getattr(torchvision.models, weights_name).IMAGENET1K_V1
+            module = getattr(torchvision.models, name)(weights=None).to(device).eval()
+            out.append(_Candidate(name, "torchvision", "eager", size, weights.meta["_metrics"]["ImageNet-1K"]["acc@1"],
+                                  module, {}))
+    return out
+
+
+def _timer(device: torch.device) -> Callable[[], float]:
+    if device.type == "cuda":
+        def now() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return now
+    return time.perf_counter
+
+
+def run(names, modes, batches, device, warmup: int, repeats: int, references, amp: str | None,
+        progress: Callable[[str], None] = lambda s: None) -> list[Result]:
+    candidates = _candidates(names, modes, device, references)
+    now = _timer(device)
+    autocast = (torch.autocast(device.type, dtype=getattr(torch, amp)) if amp else contextlib.nullcontext())
+    results = []
+    for batch in batches:
+        inputs = {c.input_size: torch.randn(batch, 3, c.input_size, c.input_size, device=device) for c in candidates}
+        with torch.inference_mode(), autocast:
+            for c in candidates:
+                progress(f"warm-up {c.implementation} {c.model} {c.mode} batch {batch}")
+                for _ in range(warmup):
+                    c.module(inputs[c.input_size])
+            # Round-robin: every candidate runs once per round, so drifts in machine load
+            # (other processes, CPU clocks) hit all of them alike.
+            for r in range(repeats):
+                progress(f"round {r + 1}/{repeats}, batch {batch}")
+                for c in candidates:
+                    x = inputs[c.input_size]
+                    start = now()
+                    c.module(x)
+                    c.times.setdefault(batch, []).append(now() - start)
+        for c in candidates:
+            times = sorted(c.times[batch])
+            median = statistics.median(times)
+            p10, p90 = times[int(0.1 * (len(times) - 1))], times[int(round(0.9 * (len(times) - 1)))]
+            results.append(Result(c.model, c.implementation, c.mode, batch, c.input_size, median * 1e3,
+                                  (p90 - p10) / median * 100, batch / median, c.top1))
+    _ratios(results)
+    return results
+
+
+def _ratios(results: list[Result]) -> None:
+    timm = {(r.model, r.batch): r for r in results if r.implementation == "timm"}
+    for r in results:
+        ref = timm.get((r.model, r.batch))
+        if r.implementation == "ours" and ref is not None:
+            r.vs_timm = r.median_ms / ref.median_ms if r.batch == 1 else r.images_per_s / ref.images_per_s
+
+
+def table(results: list[Result]) -> str:
+    header = ("model", "impl", "mode", "batch", "input", "median ms", "spread", "img/s", "vs timm")
+    rows = [header] + [(
+        r.model, r.implementation, r.mode, str(r.batch), str(r.input_size), f"{r.median_ms:.2f}",
+        f"{r.spread_pct:.0f}%", f"{r.images_per_s:.1f}",
+        "" if r.vs_timm is None else (f"{r.vs_timm:.2f}x time" if r.batch == 1 else f"{r.vs_timm:.2f}x img/s"),
+    ) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def environment(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "device": str(device), "date": time.strftime("%Y-%m-%d")}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write(results: list[Result], env: dict, csv_path=None, json_path=None) -> None:
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in results)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"environment": env, "results": [asdict(r) for r in results]}, f, indent=2)
+
+
+def plot(results: list[Result], env: dict, path) -> None:
+    """Published top-1 against measured latency at the smallest batch: the authors' figure,
+    redrawn on this machine."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib (pip install matplotlib)") from None
+    batch = min(r.batch for r in results)
+    points = [r for r in results if r.batch == batch and r.top1 is not None]
+    styles = {("ours", "eager"): ("o", "#ee4c2c"), ("ours", "fused"): ("s", "#c0392b"),
+              ("ours", "fused_cl"): ("D", "#7b241c"), ("ours", "compiled"): ("*", "#4a235a"),
+              ("timm", "eager"): ("^", "#1f4e79"), ("torchvision", "eager"): ("v", "#2e8b57")}
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for (impl, mode), (marker, color) in styles.items():
+        group = [r for r in points if (r.implementation, r.mode) == (impl, mode)]
+        if group:
+            ax.scatter([r.median_ms for r in group], [r.top1 for r in group], marker=marker, color=color,
+                       label=f"{impl} {mode}", s=40)
+            for r in group:
+                if impl != "ours" or mode == "fused_cl":
+                    ax.annotate(r.model, (r.median_ms, r.top1), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel(f"latency at batch {batch} (ms, median), {env['device']}, {env['threads']} threads")
+    ax.set_ylabel("published ImageNet top-1 (%)")
+    ax.set_title(f"accuracy vs latency, torch {env['torch']}, {env['date']}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(args) -> int:
+    device = api._resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = [m for m in args.modes if m != "compiled" or args.compile]
+    if args.compile and "compiled" not in modes:
+        modes.append("compiled")
+    references = set(args.references)
+    if "timm" in references:
+        try:
+            import timm  # noqa: F401
+        except ImportError:
+            print("timm is not installed: no timm reference (pip install timm)", file=sys.stderr)
+            references.discard("timm")
+    env = environment(device)
+    say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else (lambda s: None)
+    results = run(args.models or api.list_models(pretrained_only=True), modes, args.batch_sizes, device,
+                  args.warmup, args.repeats, references, args.amp, progress=say)
+    print(" ".join(f"{k}={v}" for k, v in env.items()))
+    print(table(results))
+    write(results, env, args.csv, args.json)
+    if args.plot:
+        plot(results, env, args.plot)
+        print(f"figure: {args.plot}")
+    return 0

@@ -1,0 +1,41 @@
+"""``python -m models benchmark``: runs, measures what it says, writes its table, files and figure.
+(Speed targets are reported by the command, never asserted here: machines are noisy.)"""
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_command_writes_table_csv_json_and_figure(tmp_path):
+    out = {ext: tmp_path / f"bench.{ext}" for ext in ("csv", "json", "png")}
+    result = subprocess.run(
+        [sys.executable, "-m", "models", "benchmark", "--models", "tinynet_e", "ghostnet_0_5x",
+         "--batch-sizes", "1", "3", "--repeats", "2", "--warmup", "1", "--threads", "1", "--quiet",
+         "--references", "timm", "--csv", str(out["csv"]), "--json", str(out["json"]), "--plot", str(out["png"])],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    assert "threads=1" in result.stdout and "device=cpu" in result.stdout
+    rows = list(csv.DictReader(out["csv"].open()))
+    # 2 models x (3 of our modes + timm) x 2 batch sizes
+    assert len(rows) == 16
+    assert {(r["implementation"], r["mode"]) for r in rows} == {
+        ("ours", "eager"), ("ours", "fused"), ("ours", "fused_cl"), ("timm", "eager")}
+    for r in rows:
+        assert float(r["median_ms"]) > 0
+        assert abs(float(r["images_per_s"]) - int(r["batch"]) / float(r["median_ms"]) * 1000) < 1e-6 * float(r["images_per_s"]) + 1e-9
+        if r["implementation"] == "ours":
+            timm_row = next(t for t in rows if t["implementation"] == "timm" and t["model"] == r["model"]
+                            and t["batch"] == r["batch"])
+            expected = (float(r["median_ms"]) / float(timm_row["median_ms"]) if r["batch"] == "1"
+                        else float(r["images_per_s"]) / float(timm_row["images_per_s"]))
+            assert abs(float(r["vs_timm"]) - expected) < 1e-9
+    report = json.loads(out["json"].read_text())
+    assert report["environment"]["threads"] == 1 and len(report["results"]) == 16
+    assert [r["top1"] for r in report["results"] if r["model"] == "tinynet_e"][0] == 59.9
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = result.stdout.splitlines()
+    assert any("tinynet_e" in line and "fused_cl" in line and "x time" in line for line in table)
