@@ -90,6 +90,12 @@ def test_hub_examples_run(github_checkout, published, recwarn, tmp_path, monkeyp
     assert namespace["model"].classifier.out_features == 10 and namespace["model"].training
     assert [m.shape[1] for m in namespace["maps"]] == [24, 40, 80, 160]
     assert len(namespace["fpn"](dict(enumerate(namespace["maps"])))) == 4
-    assert namespace["fast"].fused and (tmp_path / "ghostnet.onnx").stat().st_size > 1_000_000
+    assert namespace["fast"].fused
     x = torch.randn(1, 3, 224, 224)
     torch.testing.assert_close(namespace["program"].module()(x), namespace["fast"](x))
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "ghostnet.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    # (the served test weights are random and give logits ~1e5: compare relatively)
+    torch.testing.assert_close(torch.from_numpy(onnx_out), namespace["fast"](x), rtol=1e-5, atol=1e-4)
