@@ -97,5 +97,6 @@ def test_hub_examples_run(github_checkout, published, recwarn, tmp_path, monkeyp
 
     session = onnxruntime.InferenceSession(str(tmp_path / "ghostnet.onnx"), providers=["CPUExecutionProvider"])
     (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    # (the served test weights are random and give logits ~1e5: compare relatively)
-    torch.testing.assert_close(torch.from_numpy(onnx_out), namespace["fast"](x), rtol=1e-5, atol=1e-4)
+    # (the served test weights are random and give logits ~1e5: compare to that scale)
+    expected = namespace["fast"](x)
+    assert (torch.from_numpy(onnx_out) - expected).abs().max() <= 1e-5 * expected.abs().max()
