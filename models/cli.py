@@ -128,6 +128,12 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _evaluate(args) -> int:
+    from .evaluate import main as evaluate
+
+    return evaluate(args)
+
+
 def _benchmark(args) -> int:
     from .benchmark import main as benchmark
 
@@ -253,6 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="DataLoader worker processes (default: 0 for a few images, up to 4 for many)")
     sub.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     sub.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sub = add(commands, "evaluate", _evaluate,
+              "top-1/top-5 on an ImageFolder tree (one folder per class); under torchrun, spread over processes")
+    sub.add_argument("--model", required=True, choices=api.list_models(), metavar="MODEL")
+    sub.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root: class folders of images")
+    sub.add_argument("--weights", help="your checkpoint (path or URL) instead of the published weights")
+    sub.add_argument("--num-classes", type=_int_at_least(1), default=1000, help="classes of --weights (default: 1000)")
+    sub.add_argument("--class-map", metavar="FILE", help="JSON object: class folder name -> class index")
+    sub.add_argument("--batch-size", type=_int_at_least(1), default=64, help="default: 64")
+    sub.add_argument("--workers", type=_int_at_least(0), default=min(4, os.cpu_count() or 1),
+                     help="DataLoader worker processes per rank (default: up to 4)")
+    sub.add_argument("--device", default=None, help="cpu (default), cuda (under torchrun: one GPU per rank), mps")
+    sub.add_argument("--limit", type=_int_at_least(1), default=None, help="only the first N images (sorted)")
+    sub.add_argument("--fused", action="store_true", help="fold BatchNorm first (same accuracy, faster)")
+    sub.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
+    sub.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    sub.add_argument("--json", metavar="OUT", help="write the report as JSON (rank 0)")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sub = add(commands, "benchmark", _benchmark,
               "latency and throughput per model and mode, against timm and torchvision, and the accuracy-latency figure")

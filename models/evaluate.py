@@ -1,0 +1,155 @@
+"""``python -m models evaluate``: top-1/top-5 on an ImageFolder tree, on one process or many.
+
+Under ``torchrun`` each rank takes every WORLD_SIZE-th image (so each is evaluated exactly
+once: no padding duplicates, unlike DistributedSampler), the counts are summed with
+``all_reduce``, and only rank 0 prints and writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import api
+from .predict import IMAGE_SUFFIXES, _Images, _collate
+
+_SYNSETS = pathlib.Path(__file__).resolve().parent / "data" / "imagenet_synsets.txt"
+_WNID = re.compile(r"n\d{8}")
+
+
+class EvaluationError(ValueError):
+    """The data or the options cannot give a meaningful evaluation."""
+
+
+@dataclass
+class Report:
+    model: str
+    images: int
+    skipped: int
+    top1: float
+    top5: float
+    correct1: int
+    correct5: int
+    images_per_s: float
+    seconds: float
+    world_size: int
+    published_top1: float | None
+    published_top5: float | None
+
+
+def class_indices(data: pathlib.Path, num_classes: int, class_map: str | None) -> dict[str, int]:
+    """Class folder name -> model output index."""
+    if not data.is_dir():
+        raise EvaluationError(f"data directory {data} does not exist")
+    folders = sorted(p.name for p in data.iterdir() if p.is_dir())
+    if not folders:
+        raise EvaluationError(f"{data} has no class folders (expected the ImageFolder layout: one folder per class)")
+    if class_map:
+        mapping = json.loads(pathlib.Path(class_map).read_text())
+        if not isinstance(mapping, dict) or not all(isinstance(v, int) and 0 <= v < num_classes for v in mapping.values()):
+            raise EvaluationError(f"--class-map {class_map} must be a JSON object of folder name -> index in [0, {num_classes})")
+    elif all(_WNID.fullmatch(f) for f in folders) and num_classes == 1000:
+        synsets = _SYNSETS.read_text().split()
+        mapping = {wnid: i for i, wnid in enumerate(synsets)}
+    elif len(folders) == num_classes:
+        mapping = {f: i for i, f in enumerate(folders)}  # ImageFolder's convention: sorted names
+    else:
+        raise EvaluationError(
+            f"the class folders of {data} ({len(folders)}: {', '.join(folders[:5])}{', ...' if len(folders) > 5 else ''}) "
+            f"do not match the model's {num_classes} classes: name them by ImageNet WordNet id (n01440764, ...), "
+            "or give one folder per class, or pass --class-map FILE (JSON: folder name -> class index)"
+        )
+    unknown = [f for f in folders if f not in mapping]
+    if unknown:
+        raise EvaluationError(f"class folder(s) unknown to the model: {', '.join(unknown[:10])}; "
+                              "fix the folder names or map them with --class-map")
+    return {f: mapping[f] for f in folders}
+
+
+def samples(data: pathlib.Path, classes: dict[str, int], limit: int | None) -> list[tuple[str, int]]:
+    items = [(str(p), index) for folder, index in classes.items()
+             for p in sorted((data / folder).rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise EvaluationError(f"no image files under {data}")
+    return items[:limit] if limit else items
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() and os.environ.get("LOCAL_RANK") else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def evaluate(args) -> Report:
+    rank, world = _distributed()
+    device = args.device
+    if world > 1 and device in (None, "cuda") and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    weights = {"weights": args.weights} if args.weights else {"pretrained": True}
+    # Every rank asks; the cache lock makes one download that all of them then verify and share.
+    model = api.get_model(args.model, device=device, progress=rank == 0, fuse=args.fused,
+                          channels_last=args.channels_last, **({"num_classes": args.num_classes} if args.weights else {}),
+                          **weights).eval()
+    published = api.get_weights(args.model)
+    data = pathlib.Path(args.data)
+    items = samples(data, class_indices(data, model.num_classes, args.class_map), args.limit)
+    shard = items[rank::world]  # disjoint, covering: each image exactly once
+    targets = torch.tensor([t for _, t in shard])
+    loader = DataLoader(_Images([p for p, _ in shard], published.transforms()), batch_size=args.batch_size,
+                        num_workers=args.workers, collate_fn=_collate)
+    dev = next(model.parameters()).device
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp)
+    counts = torch.zeros(4, dtype=torch.float64)  # images, top-1 correct, top-5 correct, skipped
+    bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=rank != 0 or args.quiet)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast:
+        for indices, batch, errors in loader:
+            for i, error in errors:
+                print(f"rank {rank}: skipped {shard[i][0]}: {error}", file=sys.stderr)
+            counts[3] += len(errors)
+            if batch is not None:
+                logits = model(batch.to(dev, non_blocking=True)).float()
+                top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+                truth = targets[indices].unsqueeze(1)
+                counts[0] += len(indices)
+                counts[1] += (top5[:, :1] == truth).sum()
+                counts[2] += (top5 == truth).any(dim=1).sum()
+            bar.update((len(indices) + len(errors)) * world)
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    bar.close()
+    if world > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    images, correct1, correct5, skipped = (int(c) for c in counts.tolist())
+    seconds = float(elapsed)
+    return Report(args.model, images, skipped, 100.0 * correct1 / max(images, 1), 100.0 * correct5 / max(images, 1),
+                  correct1, correct5, images / seconds if seconds else 0.0, seconds, world,
+                  published.entry.top1 if not args.weights else None, published.entry.top5 if not args.weights else None)
+
+
+def main(args) -> int:
+    report = evaluate(args)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        published = lambda value: f"   published {value}" if value is not None else ""  # noqa: E731
+        print(f"{report.model}: {report.images} images ({report.skipped} skipped) on {report.world_size} process(es), "
+              f"{report.images_per_s:.1f} images/s")
+        print(f"  top-1 {report.top1:.3f} %  ({report.correct1}){published(report.published_top1)}")
+        print(f"  top-5 {report.top5:.3f} %  ({report.correct5}){published(report.published_top5)}")
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if report.skipped:
+        print(f"{report.skipped} unreadable image(s) were skipped", file=sys.stderr)
+    return 1 if report.skipped else 0

@@ -1,0 +1,128 @@
+"""``python -m models evaluate``: exact counts on a synthetic ImageFolder, one process and
+``torchrun --nproc_per_node 2`` (gloo), and clear errors on bad data."""
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from reference import build
+from weights_server import checksums, write_manifest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The first three ImageNet classes, by WordNet id: indices 0, 1, 2.
+CLASSES = {"n01440764": 0, "n01443537": 1, "n01484850": 2}
+PER_CLASS = {"n01440764": 3, "n01443537": 2, "n01484850": 2}  # 7 readable images: an odd number
+
+
+@pytest.fixture
+def imagefolder(tmp_path):
+    root = tmp_path / "val"
+    for wnid, count in PER_CLASS.items():
+        (root / wnid).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (80 + 9 * i, 64), (40 * i, 90, 200)).save(root / wnid / f"img_{i}.JPEG")
+    (root / "n01443537" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    return root
+
+
+@pytest.fixture
+def class_one_always_wins(server, tmp_path, monkeypatch):
+    """tinynet_e weights whose logits are the classifier bias: class 1, then 0, then 2."""
+    state = build("tinynet_e").state_dict()
+    state["classifier.weight"] = torch.zeros_like(state["classifier.weight"])
+    bias = torch.full((1000,), -10.0)
+    bias[1], bias[0], bias[2] = 10.0, 5.0, 4.0
+    state["classifier.bias"] = bias
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [{
+        "urls": [server.add("/e.pth", data)], "format": "torch",
+        "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]})
+    monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", manifest)
+    return server
+
+
+def _evaluate(*args, torchrun=0, **kwargs):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+                "-m", "models"] if torchrun else [sys.executable, "-m", "models"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*launcher, "evaluate", "--model", "tinynet_e", "--quiet", "--workers", "1", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_one_process_and_torchrun_agree_exactly(imagefolder, class_one_always_wins, tmp_path):
+    reports = {}
+    for procs in (2, 0):  # torchrun first, on an empty cache: its two ranks share one download
+        out = tmp_path / f"report-{procs}.json"
+        result = _evaluate("--data", str(imagefolder), "--batch-size", "2", "--json", str(out), torchrun=procs)
+        assert result.returncode == 1, result.stderr  # one unreadable image: reported, counted, exit 1
+        assert result.stderr.count("skipped") >= 1 and "corrupt.jpg" in result.stderr
+        assert result.stdout.count("top-1") == 1  # only rank 0 reports
+        reports[procs] = json.loads(out.read_text())
+    assert [(h.status, h.sent > 0) for h in class_one_always_wins.hits] == [(200, True)]
+    single, double = reports[0], reports[2]
+    assert single["world_size"] == 1 and double["world_size"] == 2
+    for report in (single, double):
+        assert report["images"] == 7 and report["skipped"] == 1
+        assert report["correct1"] == PER_CLASS["n01443537"]  # class 1 always wins
+        assert report["correct5"] == 7  # classes 0, 1, 2 are always in the top 5
+        assert report["top1"] == pytest.approx(100 * 2 / 7)
+        assert report["images_per_s"] > 0
+        assert (report["published_top1"], report["published_top5"]) == (59.9, 81.8)
+    assert {k: single[k] for k in ("images", "skipped", "correct1", "correct5")} == \
+        {k: double[k] for k in ("images", "skipped", "correct1", "correct5")}
+
+
+def test_limit_and_printed_report(imagefolder, class_one_always_wins):
+    result = _evaluate("--data", str(imagefolder), "--limit", "3")
+    assert result.returncode == 0, result.stderr
+    assert "tinynet_e: 3 images (0 skipped) on 1 process(es)" in result.stdout
+    assert "top-1 0.000 %  (0)   published 59.9" in result.stdout  # the first 3 are class 0
+
+
+def test_fine_tuned_weights_with_sorted_folder_classes(tmp_path, class_one_always_wins):
+    model = build("tinynet_e", num_classes=2)
+    state = model.state_dict()
+    state["classifier.weight"] = torch.zeros_like(state["classifier.weight"])
+    state["classifier.bias"] = torch.tensor([0.0, 3.0])
+    path = tmp_path / "ft.pth"
+    torch.save({"state_dict": state}, path)
+    root = tmp_path / "data"
+    for name, count in (("cats", 2), ("dogs", 3)):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (50, 50)).save(root / name / f"{i}.png")
+    out = tmp_path / "r.json"
+    result = _evaluate("--data", str(root), "--weights", str(path), "--num-classes", "2", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert (report["images"], report["correct1"], report["published_top1"]) == (5, 3, None)
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "does not exist"),
+    ("empty", "has no class folders"),
+    ("unknown", "do not match the model's 1000 classes"),
+    ("mixed", "class folder(s) unknown to the model: not_a_wnid"),
+])
+def test_bad_data_is_a_clear_error(tmp_path, class_one_always_wins, layout, message):
+    root = tmp_path / "data"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "unknown":
+        for name in ("cats", "dogs"):
+            (root / name).mkdir()
+    if layout == "mixed":
+        (root / "n01440764").mkdir()
+        (root / "not_a_wnid").mkdir()
+        (tmp_path / "map.json").write_text(json.dumps({"n01440764": 0}))
+    extra = ["--class-map", str(tmp_path / "map.json")] if layout == "mixed" else []
+    result = _evaluate("--data", str(root), *extra)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
