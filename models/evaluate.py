@@ -95,11 +95,10 @@ def evaluate(args) -> Report:
     device = args.device
     if world > 1 and device in (None, "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    weights = {"weights": args.weights} if args.weights else {"pretrained": True}
+    source = {"weights": args.weights, "num_classes": args.num_classes} if args.weights else {"pretrained": True}
     # Every rank asks; the cache lock makes one download that all of them then verify and share.
     model = api.get_model(args.model, device=device, progress=rank == 0, fuse=args.fused,
-                          channels_last=args.channels_last, **({"num_classes": args.num_classes} if args.weights else {}),
-                          **weights).eval()
+                          channels_last=args.channels_last, **source).eval()
     published = api.get_weights(args.model)
     data = pathlib.Path(args.data)
     items = samples(data, class_indices(data, model.num_classes, args.class_map), args.limit)
@@ -132,9 +131,10 @@ def evaluate(args) -> Report:
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     images, correct1, correct5, skipped = (int(c) for c in counts.tolist())
     seconds = float(elapsed)
+    # Published numbers are for the published weights only.
+    top1, top5 = (None, None) if args.weights else (published.entry.top1, published.entry.top5)
     return Report(args.model, images, skipped, 100.0 * correct1 / max(images, 1), 100.0 * correct5 / max(images, 1),
-                  correct1, correct5, images / seconds if seconds else 0.0, seconds, world,
-                  published.entry.top1 if not args.weights else None, published.entry.top5 if not args.weights else None)
+                  correct1, correct5, images / seconds if seconds else 0.0, seconds, world, top1, top5)
 
 
 def main(args) -> int:

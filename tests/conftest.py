@@ -81,3 +81,30 @@ def github_checkout(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "urlopen", unreachable)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub_dir))
     return GITHUB_REPO
+
+
+@pytest.fixture
+def serve_fixed_logits(server, tmp_path, monkeypatch):
+    """serve_fixed_logits(name, {class: logit}) -> server: weights for ``name`` whose logits
+    are always those (every other class -10), served on loopback and in the manifest in use."""
+    import io
+
+    from reference import build
+    from weights_server import checksums, write_manifest
+
+    def serve(name, logits):
+        state = build(name).state_dict()
+        state["classifier.weight"] = torch.zeros_like(state["classifier.weight"])
+        state["classifier.bias"] = torch.full((1000,), -10.0)
+        for index, value in logits.items():
+            state["classifier.bias"][index] = value
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+        manifest = write_manifest(tmp_path / f"{name}-manifest.json", {name: [{
+            "urls": [server.add(f"/{name}.pth", data)], "format": "torch",
+            "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]})
+        monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", manifest)
+        return server
+
+    return serve

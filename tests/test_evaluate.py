@@ -1,6 +1,5 @@
 """``python -m models evaluate``: exact counts on a synthetic ImageFolder, one process and
 ``torchrun --nproc_per_node 2`` (gloo), and clear errors on bad data."""
-import io
 import json
 import os
 import pathlib
@@ -12,7 +11,6 @@ import torch
 from PIL import Image
 
 from reference import build
-from weights_server import checksums, write_manifest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The first three ImageNet classes, by WordNet id: indices 0, 1, 2.
@@ -32,21 +30,9 @@ def imagefolder(tmp_path):
 
 
 @pytest.fixture
-def class_one_always_wins(server, tmp_path, monkeypatch):
+def class_one_always_wins(serve_fixed_logits):
     """tinynet_e weights whose logits are the classifier bias: class 1, then 0, then 2."""
-    state = build("tinynet_e").state_dict()
-    state["classifier.weight"] = torch.zeros_like(state["classifier.weight"])
-    bias = torch.full((1000,), -10.0)
-    bias[1], bias[0], bias[2] = 10.0, 5.0, 4.0
-    state["classifier.bias"] = bias
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getvalue()
-    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [{
-        "urls": [server.add("/e.pth", data)], "format": "torch",
-        "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]})
-    monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", manifest)
-    return server
+    return serve_fixed_logits("tinynet_e", {1: 10.0, 0: 5.0, 2: 4.0})
 
 
 def _evaluate(*args, torchrun=0, **kwargs):

@@ -8,12 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from models.predict import SAMPLE_IMAGE, to_rgb
-from reference import build
-from weights_server import checksums, write_manifest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TABBY = 281  # "tabby" in ImageNet-1k
@@ -66,20 +63,9 @@ def test_exif_orientation_is_applied(tmp_path):
 # -- the command ---------------------------------------------------------------------------------
 
 @pytest.fixture
-def tabby_weights(server, tmp_path, monkeypatch):
+def tabby_weights(serve_fixed_logits):
     """ghostnet_1x weights whose classifier always says "tabby", served on loopback."""
-    state = build("ghostnet_1x").state_dict()
-    state["classifier.weight"] = torch.zeros_like(state["classifier.weight"])
-    state["classifier.bias"] = torch.full((1000,), -10.0)
-    state["classifier.bias"][TABBY] = 10.0
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getvalue()
-    manifest = write_manifest(tmp_path / "m.json", {"ghostnet_1x": [{
-        "urls": [server.add("/g.pth", data)], "format": "torch",
-        "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]})
-    monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", manifest)
-    return server
+    return serve_fixed_logits("ghostnet_1x", {TABBY: 10.0})
 
 
 def run(*args, **kwargs):
