@@ -11,7 +11,6 @@ import sys
 import tempfile
 from typing import Sequence
 
-import torch
 
 from . import api, download
 from .manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
@@ -31,7 +30,7 @@ def _selected(manifest, names: Sequence[str], all_models: bool) -> list[str]:
 
 def _cached_state(entry) -> str:
     """"yes" if a file of the model is in the cache (not re-verified here: see verify)."""
-    cache = pathlib.Path(torch.hub.get_dir()) / "checkpoints"
+    cache = download.default_cache_dir()
     return "yes" if any((cache / f.cache_name).exists() for f in entry.files) else "no"
 
 
@@ -77,7 +76,7 @@ def _info(args) -> int:
         lines += ["  categories: 1000 ImageNet-1k classes (" + ", ".join(weights.meta["categories"][:3]) + ", ...)"]
         lines += ["", "preprocessing (model.pretrained_weights.transforms()):", "  " + repr(weights.transforms())]
         lines += ["", "files, tried in this order:"]
-        cache = pathlib.Path(torch.hub.get_dir()) / "checkpoints"
+        cache = download.default_cache_dir()
         for f in manifest[args.model].files:
             state = "in cache" if (cache / f.cache_name).exists() else "not in cache"
             lines.append(f"  [{f.index}] {f.format}, {f.size or 'unknown'} bytes, {state} ({cache / f.cache_name})")

@@ -36,10 +36,12 @@ __all__ = [
     "DownloadOptions",
     "OfflineError",
     "cache_dir",
+    "default_cache_dir",
     "fetch",
     "fetch_bytes",
     "fetch_first",
     "fetch_url",
+    "is_url",
     "verify_cached",
 ]
 
@@ -116,10 +118,19 @@ def _mirror_base(mirror: str | None) -> str | None:
     return base.rstrip("/")
 
 
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def default_cache_dir() -> pathlib.Path:
+    """``torch.hub.get_dir()/checkpoints`` (so ``TORCH_HOME`` moves it), without creating it."""
+    return pathlib.Path(torch.hub.get_dir()) / "checkpoints"
+
+
 def cache_dir(path: str | os.PathLike | None = None) -> pathlib.Path:
-    """The weights cache, ``torch.hub.get_dir()/checkpoints`` unless ``path`` is given,
-    created if needed and checked to be writable."""
-    directory = pathlib.Path(path) if path is not None else pathlib.Path(torch.hub.get_dir()) / "checkpoints"
+    """The weights cache, ``default_cache_dir()`` unless ``path`` is given, created if needed
+    and checked to be writable."""
+    directory = pathlib.Path(path) if path is not None else default_cache_dir()
     hint = (
         "set TORCH_HOME to a writable directory (the cache is $TORCH_HOME/hub/checkpoints)"
         if path is None else "pass a writable cache directory"

@@ -13,6 +13,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .download import fetch_bytes, is_url
+
 SAMPLE_IMAGE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "chelsea.jpg"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 
@@ -40,14 +42,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
 def open_image(source: str) -> Image.Image:
-    if _is_url(source):
-        from .download import fetch_bytes
-
+    if is_url(source):
         image = Image.open(io.BytesIO(fetch_bytes(source)))
     else:
         image = Image.open(source)
@@ -60,7 +56,7 @@ def expand_sources(sources: Sequence[str]) -> list[str]:
     expanded = []
     for source in sources:
         path = pathlib.Path(source)
-        if not _is_url(source) and path.is_dir():
+        if not is_url(source) and path.is_dir():
             expanded += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         else:
             expanded.append(source)

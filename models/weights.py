@@ -112,10 +112,6 @@ def pretrained_state_dict(name: str, *, progress: bool = True, map_location: tor
     return _as_state_dict(read_state_dict(path, format=file.format, map_location=map_location), path)
 
 
-def _is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
 def user_state_dict(weights: str | os.PathLike, *, sha256: str | None = None, progress: bool = True,
                     map_location: torch.device | str = "cpu", **fetch_options: Any) -> dict[str, torch.Tensor]:
     """A user's checkpoint (local path or http(s) URL), e.g. a fine-tuned model.
@@ -125,7 +121,7 @@ def user_state_dict(weights: str | os.PathLike, *, sha256: str | None = None, pr
     prefix removed.
     """
     source = os.fspath(weights)
-    if _is_url(source):
+    if download.is_url(source):
         path = download.fetch_url(source, sha256=sha256, progress=progress, **fetch_options)
     else:
         path = pathlib.Path(source).expanduser()
