@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -166,14 +165,6 @@ def _verify(args) -> int:
     return 1 if corrupt else 0
 
 
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _pin(args) -> int:
     """Download every URL of every file, check it against what is recorded, and record the
     SHA-256 and size of the verified bytes where they are missing."""
@@ -195,7 +186,7 @@ def _pin(args) -> int:
                         problems += 1
                         print(f"REFUSED {name} file {file.index} {url}:\n{exc}", file=sys.stderr)
                         continue
-                    measured[url] = (_sha256(got), got.stat().st_size)
+                    measured[url] = (download.sha256_file(got), got.stat().st_size)
                 if len(set(measured.values())) > 1:
                     problems += 1
                     print(f"REFUSED {name} file {file.index}: its URLs serve different bytes: {measured}", file=sys.stderr)

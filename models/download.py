@@ -42,6 +42,7 @@ __all__ = [
     "fetch_first",
     "fetch_url",
     "is_url",
+    "sha256_file",
     "verify_cached",
 ]
 
@@ -223,6 +224,11 @@ def _hash_file(path: pathlib.Path, algos: Iterable[str], start: _Digests | None 
             digests.update(chunk)
             remaining -= len(chunk)
     return digests
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
+    return _hash_file(pathlib.Path(path), ("sha256",)).hexdigests()["sha256"]
 
 
 def _problems(target: _Target, digests: dict[str, str], size: int, expected_sha256: str | None = None) -> list[str]:

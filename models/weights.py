@@ -1,7 +1,6 @@
 """Manifest -> verified local file -> state dict, without ever running code from the file."""
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 import pickle
@@ -128,13 +127,10 @@ def user_state_dict(weights: str | os.PathLike, *, sha256: str | None = None, pr
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} does not exist")
         if sha256 is not None:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-            if digest.hexdigest() != sha256.lower():
+            actual = download.sha256_file(path)
+            if actual != sha256.lower():
                 raise CheckpointError(
                     f"{path} does not match the expected checksum: sha256 expected {sha256.lower()}, "
-                    f"got {digest.hexdigest()}; it was not loaded"
+                    f"got {actual}; it was not loaded"
                 )
     return _as_state_dict(_unwrap(read_state_dict(path, map_location=map_location)), path)
