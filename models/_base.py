@@ -159,7 +159,7 @@ class ImageClassifier(nn.Module):
         stages += [(n, self._modules[n]) for n in self._TAIL_NAMES if n in self._modules]
         return stages
 
-    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             hint = f"; build the model with in_chans={x.shape[1]} for such input" if x.dim() == 4 else ""
             raise ValueError(
@@ -173,7 +173,7 @@ class ImageClassifier(nn.Module):
         """Image batch -> last feature map (N, ``num_features``, H/32, W/32)."""
         if self.features_only:
             raise RuntimeError("a features_only model returns its feature maps from model(x)")
-        x = self._check_input(x)
+        x = self._prepare_input(x)
         for _, module in self._stages():
             x = module(x)
         return x
@@ -229,7 +229,7 @@ class ImageClassifier(nn.Module):
         self.num_classes = 0
 
     def _forward_taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self._check_input(x)
+        x = self._prepare_input(x)
         maps = []
         for name, module in self._stages():
             x = module(x)
