@@ -2,37 +2,12 @@
 
 Builders take ``pretrained``, ``progress``, ``device``, ``num_classes``, ``weights`` and the
 model options; ``list_models``, ``get_model`` and ``get_weights`` work as in torchvision.
+The applications (``python -m models ...``) live in ``models.tools``, which this package
+never imports.
 """
-from .api import (
-    Weights,
-    get_model,
-    get_weights,
-    ghostnet_0_5x,
-    ghostnet_1_3x,
-    ghostnet_1x,
-    list_models,
-    tinynet_a,
-    tinynet_b,
-    tinynet_c,
-    tinynet_d,
-    tinynet_e,
-)
+from . import api
+from .api import *  # noqa: F403 - the builders, one per VARIANTS row, and the registry functions
 from .ghostnet import GhostNet
 from .tinynet import TinyNet
 
-__all__ = [
-    "GhostNet",
-    "TinyNet",
-    "Weights",
-    "get_model",
-    "get_weights",
-    "list_models",
-    "ghostnet_0_5x",
-    "ghostnet_1x",
-    "ghostnet_1_3x",
-    "tinynet_a",
-    "tinynet_b",
-    "tinynet_c",
-    "tinynet_d",
-    "tinynet_e",
-]
+__all__ = ["GhostNet", "TinyNet", *api.__all__]

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 import numbers
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +90,6 @@ class ImageClassifier(nn.Module):
     _TAIL_NAMES: tuple[str, ...] = ()
     # Modules only the classification head uses, dropped in features_only mode.
     _HEAD_NAMES: tuple[str, ...] = ()
-    # Arguments every builder accepts besides the architecture's own.
-    COMMON_ARGS = ("num_classes", "in_chans", "drop_rate", "features_only", "out_indices")
 
     def __init__(self, *, num_classes: int, in_chans: int, drop_rate: float):
         super().__init__()
@@ -134,14 +135,14 @@ class ImageClassifier(nn.Module):
         self.num_classes = num_classes
 
     # -- inference form ---------------------------------------------------------------
-    def fuse(self, channels_last: bool = False) -> "ImageClassifier":
+    def fuse(self, channels_last: bool = False) -> ImageClassifier:
         """Fold BatchNorm into the convolutions and use cheaper exact ops (see fuse.py), in
         place; optionally channels_last. The model is eval-only afterwards."""
         from .fuse import optimize_for_inference
 
         return optimize_for_inference(self, channels_last=channels_last)
 
-    def train(self, mode: bool = True) -> "ImageClassifier":
+    def train(self, mode: bool = True) -> ImageClassifier:
         if mode and self.fused:
             raise RuntimeError(
                 f"this {type(self).__name__} is fused for inference (BatchNorm folded into the "
@@ -208,7 +209,7 @@ class ImageClassifier(nn.Module):
             if i >= count:
                 raise ValueError(f"out_indices {tuple(out_indices)}: {i} is out of range; taps are 0..{count - 1}")
             indices.append(i % count)
-        if not indices or any(b <= a for a, b in zip(indices, indices[1:])):
+        if not indices or any(b <= a for a, b in zip(indices, indices[1:], strict=False)):
             raise ValueError(f"out_indices must be non-empty and strictly increasing, got {tuple(out_indices)}")
 
         selected = FeatureInfo(dict(self.feature_info[i], index=i) for i in indices)
@@ -236,3 +237,31 @@ class ImageClassifier(nn.Module):
             if name in self._tap_names:
                 maps.append(x)
         return maps
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One named model of a family: its class and architecture arguments, and what the
+    registry, the help text, the benchmark and the README say about it. Each family module
+    keeps one ``VARIANTS`` table of these; everything else derives from it.
+
+    ``num_params`` and ``macs`` are recorded for variants without released weights only
+    (the weights manifest holds them for the others); tests check them against the code.
+    """
+
+    cls: type[ImageClassifier]
+    args: Mapping[str, float]
+    title: str
+    timm_name: str
+    num_params: int | None = None
+    macs: int | None = None
+    options: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self):
+        # The options a user may pass are the class's keyword-only parameters: one list,
+        # read from the signature, so a new option cannot be forgotten in a second place.
+        params = inspect.signature(self.cls).parameters.values()
+        object.__setattr__(self, "options", tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY))
+
+    def build(self, **options: Any) -> ImageClassifier:
+        return self.cls(**self.args, **options)

@@ -2,147 +2,95 @@
 
 ``tinynet_a(pretrained=True, device="cuda")`` builds the module with no random init (on the
 meta device), fetches the verified weights straight onto ``device``, and loads them strictly.
-The same builders are the torch.hub entry points (see ``hubconf.py``).
+The same builders are the torch.hub entry points (see ``hubconf.py``). The registry is the
+family modules' ``VARIANTS`` tables; nothing here is written per model but the entry points.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 
 from . import ghostnet, tinynet
-from ._base import ImageClassifier, reject_unknown_kwargs
-from .manifest import DEFAULT_MANIFEST, ModelEntry, load_manifest
-from .weights import pretrained_state_dict, user_state_dict
+from ._base import ImageClassifier, Variant
+from .manifest import DEFAULT_MANIFEST, Manifest, load_manifest
+from .weights import Weights, get_weights, user_state_dict
 
-__all__ = ["GITHUB_REPO", "Weights", "get_model", "get_weights", "list_models"]
-
-# Where this repository lives on GitHub, for examples in the help text.
+# Where this repository lives on GitHub, for the examples in the help text.
 GITHUB_REPO = "OWNER/REPO"
 
-_ARCHITECTURES: dict[str, Callable[..., ImageClassifier]] = {
-    "ghostnet_0_5x": ghostnet.ghostnet_0_5x,
-    "ghostnet_1x": ghostnet.ghostnet_1x,
-    "ghostnet_1_3x": ghostnet.ghostnet_1_3x,
-    "tinynet_a": tinynet.tinynet_a,
-    "tinynet_b": tinynet.tinynet_b,
-    "tinynet_c": tinynet.tinynet_c,
-    "tinynet_d": tinynet.tinynet_d,
-    "tinynet_e": tinynet.tinynet_e,
+_VARIANTS: dict[str, Variant] = {**ghostnet.VARIANTS, **tinynet.VARIANTS}
+
+# The arguments every builder takes (the build arguments, then its class's own options,
+# ``Variant.options``): type, default, what it does. The one source of the help text; the
+# README's argument table is tested against it.
+_ARGUMENT_DOCS = {
+    "pretrained": ("bool", "False", "load the published ImageNet weights, verified against "
+                   "weights_manifest.json (downloaded once, then read from the cache); the model comes back "
+                   "in eval mode."),
+    "progress": ("bool", "True", "show the download progress bar on stderr."),
+    "device": ("", "None", "'cpu' (default), 'cuda', 'cuda:1', 'mps' or a torch.device; weights load "
+               "straight onto it."),
+    "num_classes": ("int", "1000", "classifier outputs. With pretrained=True and a value other than 1000 the "
+                    "backbone is pretrained and the head is new (a warning says so); 0 returns the pooled "
+                    "1280-d features."),
+    "weights": ("str | path", "None", "a local path or http(s) URL of your own checkpoint (e.g. fine-tuned), "
+                "loaded strictly; training checkpoints ({'state_dict': ...}, DDP 'module.') are unwrapped."),
+    "weights_sha256": ("str", "None", "the SHA-256 that the weights= file must have."),
+    "in_chans": ("int", "3", "input channels; pretrained stem filters are adapted."),
+    "drop_rate": ("float", "0.2", "dropout before the classifier during training."),
+    "features_only": ("bool", "False", "return feature maps at strides 2..32 instead of logits."),
+    "out_indices": ("tuple", "(0, 1, 2, 3, 4)", "which feature maps features_only returns."),
+    "fuse": ("bool", "False", "fold BatchNorm into the convolutions for faster inference (eval-only model)."),
+    "channels_last": ("bool", "False", "keep weights and inputs in channels_last memory layout."),
 }
-# Size and cost of the variants the manifest does not describe (no released weights);
-# tests check them against the code.
-_UNRELEASED = {
-    "ghostnet_0_5x": (2_587_292, 42_328_152),
-    "ghostnet_1_3x": (7_358_820, 227_003_256),
-}
-_TITLES = {
-    "ghostnet_0_5x": "GhostNet 0.5x (Han et al., CVPR 2020)",
-    "ghostnet_1x": "GhostNet 1.0x (Han et al., CVPR 2020)",
-    "ghostnet_1_3x": "GhostNet 1.3x (Han et al., CVPR 2020)",
-    **{
-        name: f"TinyNet-{name[-1].upper()} (Han et al., NeurIPS 2020): EfficientNet-B0 scaled by "
-              f"r={r}, w={w}, d={d}"
-        for name, (r, w, d) in tinynet._TINYNETS.items()
-    },
-}
-_MODEL_OPTIONS = ("in_chans", "drop_rate", "features_only", "out_indices")
-_INFERENCE_OPTIONS = ("fuse", "channels_last")
-_ARGUMENTS = ("pretrained", "progress", "device", "num_classes", "weights", "weights_sha256") + _MODEL_OPTIONS \
-    + _INFERENCE_OPTIONS
-
-
-# -- weights objects ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Weights:
-    """The published ImageNet weights of one model: where they are, how to feed the model,
-    what it outputs. Shaped like torchvision's weights enums (``url``, ``transforms()``,
-    ``meta``)."""
-
-    name: str
-    entry: ModelEntry
-
-    @property
-    def urls(self) -> list[str]:
-        """Every URL of every file, in the order they are tried."""
-        return [url for f in self.entry.files for url in f.urls]
-
-    @property
-    def url(self) -> str:
-        return self.entry.files[0].urls[0]
-
-    def transforms(self) -> nn.Module:
-        """torchvision's ``ImageClassification`` preset with this model's resize, crop,
-        interpolation and normalisation (PIL image or uint8/float tensor in, batch-ready
-        float tensor out)."""
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms._presets import ImageClassification
-
-        return ImageClassification(
-            crop_size=self.entry.input_size,
-            resize_size=self.entry.resize_size,
-            mean=self.entry.mean,
-            std=self.entry.std,
-            interpolation=InterpolationMode(self.entry.interpolation),
-        )
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        e = self.entry
-        return {
-            "categories": _imagenet_categories(),
-            "metrics": {"ImageNet-1K": {"acc@1": e.top1, "acc@5": e.top5}},
-            "metrics_source": e.metrics_source,
-            "num_params": e.num_params,
-            "macs": e.macs,
-            "input_size": (e.input_size, e.input_size),
-            "min_size": (32, 32),
-            "file_size": e.files[0].size,
-            "license": e.license,
-            "license_source": e.license_source,
-            "paper": e.paper,
-            "docs": e.upstream,
-        }
-
-    def get_state_dict(self, progress: bool = True, map_location: torch.device | str = "cpu") -> dict:
-        return pretrained_state_dict(self.name, progress=progress, map_location=map_location)
+_BUILD_ARGUMENTS = ("pretrained", "progress", "device", "num_classes", "weights", "weights_sha256", "fuse",
+                    "channels_last")
 
 
 @lru_cache(maxsize=1)
-def _default_manifest():
+def _default_manifest() -> Manifest:
+    # The repository's own manifest: a broken $GHOSTNET_HUB_MANIFEST must not break import.
     return load_manifest(DEFAULT_MANIFEST)
-
-
-@lru_cache(maxsize=1)
-def _imagenet_categories() -> list[str]:
-    # torchvision's public list of the 1000 ImageNet-1k class names, index-aligned with
-    # the classifier; reading it from a weights enum downloads nothing.
-    from torchvision.models import ResNet18_Weights
-
-    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 def list_models(pretrained_only: bool = False) -> list[str]:
     """Names of the models; with ``pretrained_only`` those with released weights."""
     if pretrained_only:
-        return [name for name in _ARCHITECTURES if name in load_manifest().models]
-    return list(_ARCHITECTURES)
+        return [name for name in _VARIANTS if name in load_manifest().models]
+    return list(_VARIANTS)
 
 
-def get_weights(name: str) -> Weights:
-    """The ``Weights`` of model ``name`` (from the manifest in use)."""
-    manifest = load_manifest()
-    if name not in manifest.models:
-        raise ValueError(
-            f"{name!r} has no released weights; models with weights: {', '.join(manifest.models)}"
-        )
-    return Weights(name, manifest[name])
+def get_variant(name: str) -> Variant:
+    """The ``Variant`` behind model ``name``: class, architecture arguments, title, timm's name."""
+    if name not in _VARIANTS:
+        raise ValueError(f"unknown model {name!r}; models: {', '.join(_VARIANTS)}")
+    return _VARIANTS[name]
+
+
+def _reject_unknown_kwargs(builder: str, kwargs: dict, accepted: Iterable[str]) -> None:
+    """Raise a TypeError naming every unknown keyword, with a suggestion for typos.
+
+    The original GhostNet hub entry swallowed ``**kwargs``, so ``num_classes=10`` silently
+    built a 1000-class model; here a misspelt option stops the build.
+    """
+    accepted = sorted(accepted)
+    unknown = [key for key in kwargs if key not in accepted]
+    if not unknown:
+        return
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, accepted, n=1)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(
+        f"{builder}() got unexpected keyword argument(s) {', '.join(parts)}; "
+        f"it accepts: {', '.join(accepted)}"
+    )
 
 
 # -- devices ------------------------------------------------------------------------------
@@ -154,7 +102,7 @@ def _available_devices() -> list[str]:
     return devices
 
 
-def _resolve_device(device: Any) -> torch.device:
+def resolve_device(device: Any) -> torch.device:
     """A usable torch.device, or a ValueError that names it and what this machine has."""
     if device is None:
         return torch.device("cpu")
@@ -216,20 +164,34 @@ def get_model(
     progress: bool = True,
     device: str | torch.device | None = None,
     num_classes: int = 1000,
-    weights: str | os.PathLike | None = None,
+    weights: Weights | str | os.PathLike | None = None,
     weights_sha256: str | None = None,
     fuse: bool = False,
     channels_last: bool = False,
     **options: Any,
 ) -> ImageClassifier:
-    """Build model ``name``; see ``help(models.tinynet_a)`` for the arguments."""
-    if name not in _ARCHITECTURES:
-        raise ValueError(f"unknown model {name!r}; models: {', '.join(_ARCHITECTURES)}")
-    reject_unknown_kwargs(name, options, _ARGUMENTS)
+    """Build model ``name``; see ``help(models.tinynet_a)`` for the arguments.
+
+    ``weights`` may also be a ``Weights`` (published weights, e.g. from another manifest:
+    ``get_weights(name, manifest)``), which is what ``pretrained=True`` uses by default.
+    """
+    variant = get_variant(name)
+    _reject_unknown_kwargs(name, options, _BUILD_ARGUMENTS + variant.options)
     for flag, value in (("pretrained", pretrained), ("progress", progress), ("fuse", fuse),
                         ("channels_last", channels_last)):
         _check_flag(flag, value)
-    model = _build(name, pretrained, progress, _resolve_device(device), num_classes, weights, weights_sha256, options)
+    if pretrained and weights is not None:
+        raise ValueError("pass pretrained=True (the published weights) or weights=<your checkpoint>, not both")
+    if weights_sha256 is not None and (weights is None or isinstance(weights, Weights)):
+        raise ValueError("weights_sha256 checks a file given with weights=; none was given")
+    target = resolve_device(device)
+    # Fails early, before any download, for a variant without weights.
+    published = get_weights(name) if pretrained else weights if isinstance(weights, Weights) else None
+    if published is not None and published.name != name:
+        raise ValueError(f"weights for {published.name} cannot be loaded into {name}")
+    checkpoint = None if published is not None else weights
+    model = _build(name, variant, target=target, num_classes=num_classes, published=published,
+                   checkpoint=checkpoint, checkpoint_sha256=weights_sha256, progress=progress, options=options)
     if fuse:
         model.fuse(channels_last=channels_last)
     elif channels_last:
@@ -238,43 +200,37 @@ def get_model(
     return model
 
 
-def _build(name: str, pretrained: bool, progress: bool, target: torch.device, num_classes: int,
-           weights: str | os.PathLike | None, weights_sha256: str | None, options: dict) -> ImageClassifier:
-    if pretrained and weights is not None:
-        raise ValueError("pass pretrained=True (the published weights) or weights=<your checkpoint>, not both")
-    if weights_sha256 is not None and weights is None:
-        raise ValueError("weights_sha256 checks a file given with weights=; none was given")
-    build = _ARCHITECTURES[name]
-    # Fails early, before any download, for a variant without weights.
-    published = get_weights(name) if pretrained else None
-
-    if not pretrained and weights is None:
+def _build(name: str, variant: Variant, *, target: torch.device, num_classes: int, published: Weights | None,
+           checkpoint: str | os.PathLike | None, checkpoint_sha256: str | None, progress: bool,
+           options: dict) -> ImageClassifier:
+    if published is None and checkpoint is None:
         with torch.device(target):  # random init happens on the device itself
-            model = build(num_classes=num_classes, **options)
+            model = variant.build(num_classes=num_classes, **options)
         model.pretrained_weights = None
         return model
 
     # Built on the meta device: no memory, no random init to be overwritten.
-    load_classes = 1000 if pretrained else num_classes
+    load_classes = 1000 if published is not None else num_classes
     with torch.device("meta"):
-        model = build(num_classes=load_classes, **options)
-    if pretrained:
-        state = pretrained_state_dict(name, progress=progress, map_location=target)
+        model = variant.build(num_classes=load_classes, **options)
+    if published is not None:
+        state = published.get_state_dict(progress=progress, map_location=target)
+        stem = state.get("conv_stem.weight")
+        if stem is not None and stem.shape[1] != model.in_chans:
+            state["conv_stem.weight"] = _adapt_stem(stem, model.in_chans)
     else:
-        state = user_state_dict(weights, sha256=weights_sha256, progress=progress, map_location=target)
-    stem = state.get("conv_stem.weight")
-    if stem is not None and pretrained and stem.shape[1] != model.in_chans:
-        state["conv_stem.weight"] = _adapt_stem(stem, model.in_chans)
+        state = user_state_dict(checkpoint, sha256=checkpoint_sha256, progress=progress, map_location=target)
     if model.features_only:
         # A backbone uses a subset of the checkpoint; the rest (head) is not needed.
-        state = {key: value for key, value in state.items() if key in model.state_dict()}
+        wanted = model.state_dict().keys()
+        state = {key: value for key, value in state.items() if key in wanted}
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        source = f"the published {name} weights" if pretrained else f"{os.fspath(weights)}"
+        source = f"the published {name} weights" if published is not None else os.fspath(checkpoint)
         raise RuntimeError(f"{source} do not fit {name} built with {options or 'default options'} "
                            f"and num_classes={load_classes}:\n{exc}") from None
-    if pretrained and not model.features_only and num_classes != load_classes:
+    if published is not None and not model.features_only and num_classes != load_classes:
         model.reset_classifier(num_classes)  # on the device, freshly initialised
         if num_classes:
             warnings.warn(
@@ -291,9 +247,9 @@ def _build(name: str, pretrained: bool, progress: bool, target: torch.device, nu
 
 
 def _help_text(name: str) -> str:
-    # The repository's own manifest: a broken $GHOSTNET_HUB_MANIFEST must not break import.
     manifest = _default_manifest()
-    lines = [f"{_TITLES[name]}.", ""]
+    variant = _VARIANTS[name]
+    lines = [f"{variant.title}.", ""]
     if name in manifest.models:
         e = manifest[name]
         lines += [
@@ -307,32 +263,16 @@ def _help_text(name: str) -> str:
             f"Weights license: {e.license}. Paper: {e.paper}",
         ]
     else:
-        params, macs = _UNRELEASED[name]
         lines += [
             "No released weights: pretrained=True is an error; train it yourself or pass weights=.",
-            f"Size: {params:,} parameters, {macs / 1e6:.2f} M MACs at 224x224.",
+            f"Size: {variant.num_params:,} parameters, {variant.macs / 1e6:.2f} M MACs at 224x224.",
         ]
-    lines += [
-        "",
-        "Args:",
-        "    pretrained (bool): load the published ImageNet weights, verified against weights_manifest.json",
-        "        (download once, then from the cache); the model comes back in eval mode.",
-        "    progress (bool): show the download progress bar on stderr.",
-        "    device: 'cpu' (default), 'cuda', 'cuda:1', 'mps' or a torch.device; weights load straight onto it.",
-        "    num_classes (int): classifier outputs. With pretrained=True and a value other than 1000 the",
-        "        backbone is pretrained and the head is new (a warning says so); 0 returns the pooled",
-        "        1280-d features.",
-        "    weights (str | path): a local path or http(s) URL of your own checkpoint (e.g. fine-tuned),",
-        "        loaded strictly; training checkpoints ({'state_dict': ...}, DDP 'module.') are unwrapped.",
-        "    weights_sha256 (str): the SHA-256 that file must have.",
-        "    in_chans (int): input channels, default 3; pretrained stem filters are adapted.",
-        "    drop_rate (float): dropout before the classifier during training.",
-        "    features_only (bool), out_indices (tuple): return feature maps at strides 2..32 instead.",
-        "    fuse (bool): fold BatchNorm into the convolutions for faster inference (eval-only model).",
-        "    channels_last (bool): keep weights and inputs in channels_last memory layout.",
-        "",
-        "Example:",
-    ]
+    lines += ["", "Args:"]
+    model_options = tuple(o for o in variant.options if o not in _BUILD_ARGUMENTS)
+    for arg in _BUILD_ARGUMENTS[:6] + model_options + _BUILD_ARGUMENTS[6:]:
+        kind, default, doc = _ARGUMENT_DOCS[arg]
+        lines.append(f"    {arg}{f' ({kind})' if kind else ''}: {doc} Default: {default}.")
+    lines += ["", "Example:"]
     if name in manifest.models:
         lines += [
             f"    model = torch.hub.load('{GITHUB_REPO}', '{name}', pretrained=True, trust_repo=True)",
@@ -352,7 +292,7 @@ def _entry_point(name: str) -> Callable[..., ImageClassifier]:
         progress: bool = True,
         device: str | torch.device | None = None,
         num_classes: int = 1000,
-        weights: str | os.PathLike | None = None,
+        weights: Weights | str | os.PathLike | None = None,
         **options: Any,
     ) -> ImageClassifier:
         return get_model(name, pretrained=pretrained, progress=progress, device=device,
@@ -363,6 +303,8 @@ def _entry_point(name: str) -> Callable[..., ImageClassifier]:
     return entry
 
 
+# The entry points: one line per model, kept explicit because they are the public contract
+# (hubconf.py repeats them for torch.hub). A test checks this list against VARIANTS.
 ghostnet_0_5x = _entry_point("ghostnet_0_5x")
 ghostnet_1x = _entry_point("ghostnet_1x")
 ghostnet_1_3x = _entry_point("ghostnet_1_3x")
@@ -371,3 +313,6 @@ tinynet_b = _entry_point("tinynet_b")
 tinynet_c = _entry_point("tinynet_c")
 tinynet_d = _entry_point("tinynet_d")
 tinynet_e = _entry_point("tinynet_e")
+
+__all__ = ["GITHUB_REPO", "Weights", "get_model", "get_variant", "get_weights", "list_models", "resolve_device",
+           *_VARIANTS]

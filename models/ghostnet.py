@@ -6,16 +6,16 @@ Module and parameter names follow the authors' released checkpoint, so it loads 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import ImageClassifier, FeatureInfo, check_positive_float, reject_unknown_kwargs
+from ._base import FeatureInfo, ImageClassifier, Variant, check_positive_float
 from .layers import SqueezeExcite, init_weights, make_divisible
 
-__all__ = ["GhostNet", "ghostnet_0_5x", "ghostnet_1x", "ghostnet_1_3x"]
+__all__ = ["VARIANTS", "GhostNet"]
 
 # One list per stage of (kernel, expansion channels, out channels, SE ratio, stride),
 # for width 1.0; from the paper's Table 1 as the released code lays it out in stages.
@@ -184,21 +184,12 @@ class GhostNet(ImageClassifier):
         return self.act2(self.conv_head(x)).flatten(1)
 
 
-def _build(name: str, width: float, kwargs: dict[str, Any]) -> GhostNet:
-    reject_unknown_kwargs(name, kwargs, GhostNet.COMMON_ARGS)
-    return GhostNet(width, **kwargs)
-
-
-def ghostnet_0_5x(**kwargs: Any) -> GhostNet:
-    """GhostNet 0.5x (no released weights). Keyword arguments: those of ``GhostNet`` but width."""
-    return _build("ghostnet_0_5x", 0.5, kwargs)
-
-
-def ghostnet_1x(**kwargs: Any) -> GhostNet:
-    """GhostNet 1.0x, the published ImageNet model. Keyword arguments: those of ``GhostNet`` but width."""
-    return _build("ghostnet_1x", 1.0, kwargs)
-
-
-def ghostnet_1_3x(**kwargs: Any) -> GhostNet:
-    """GhostNet 1.3x (no released weights). Keyword arguments: those of ``GhostNet`` but width."""
-    return _build("ghostnet_1_3x", 1.3, kwargs)
+# The published widths. Adding one: a row here, its entry point lines in api.py and hubconf.py,
+# and (with released weights) a manifest entry; see CONTRIBUTING.md.
+VARIANTS = {
+    "ghostnet_0_5x": Variant(GhostNet, {"width": 0.5}, "GhostNet 0.5x (Han et al., CVPR 2020)", "ghostnet_050",
+                             num_params=2_587_292, macs=42_328_152),
+    "ghostnet_1x": Variant(GhostNet, {"width": 1.0}, "GhostNet 1.0x (Han et al., CVPR 2020)", "ghostnet_100"),
+    "ghostnet_1_3x": Variant(GhostNet, {"width": 1.3}, "GhostNet 1.3x (Han et al., CVPR 2020)", "ghostnet_130",
+                             num_params=7_358_820, macs=227_003_256),
+}

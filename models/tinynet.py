@@ -6,16 +6,16 @@ Module and parameter names follow the authors' released checkpoints, so they loa
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import ImageClassifier, FeatureInfo, check_positive_float, reject_unknown_kwargs
+from ._base import FeatureInfo, ImageClassifier, Variant, check_positive_float
 from .layers import SqueezeExcite, init_weights, make_divisible
 
-__all__ = ["TinyNet", "tinynet_a", "tinynet_b", "tinynet_c", "tinynet_d", "tinynet_e"]
+__all__ = ["VARIANTS", "TinyNet"]
 
 # EfficientNet-B0 stages: (depthwise-separable?, repeats, kernel, stride, expansion, out channels)
 _STAGES = (
@@ -31,15 +31,6 @@ _SE_RATIO = 0.25
 _STEM_CHANNELS = 32  # not width-scaled
 _HEAD_CHANNELS = 1280  # not width-scaled
 _DIVISOR = 8
-
-# The paper's (resolution, width, depth) factors of each published model.
-_TINYNETS = {
-    "tinynet_a": (0.86, 1.0, 1.2),
-    "tinynet_b": (0.84, 0.75, 1.1),
-    "tinynet_c": (0.825, 0.54, 0.85),
-    "tinynet_d": (0.68, 0.54, 0.695),
-    "tinynet_e": (0.475, 0.51, 0.6),
-}
 
 
 def _act() -> nn.Module:
@@ -171,35 +162,20 @@ class TinyNet(ImageClassifier):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
-def _build(name: str, kwargs: dict[str, Any]) -> TinyNet:
-    reject_unknown_kwargs(name, kwargs, TinyNet.COMMON_ARGS)
-    return TinyNet(*_TINYNETS[name], **kwargs)
-
-
-def tinynet_a(**kwargs: Any) -> TinyNet:
-    return _build("tinynet_a", kwargs)
-
-
-def tinynet_b(**kwargs: Any) -> TinyNet:
-    return _build("tinynet_b", kwargs)
-
-
-def tinynet_c(**kwargs: Any) -> TinyNet:
-    return _build("tinynet_c", kwargs)
-
-
-def tinynet_d(**kwargs: Any) -> TinyNet:
-    return _build("tinynet_d", kwargs)
-
-
-def tinynet_e(**kwargs: Any) -> TinyNet:
-    return _build("tinynet_e", kwargs)
-
-
-for _builder in (tinynet_a, tinynet_b, tinynet_c, tinynet_d, tinynet_e):
-    _r, _w, _d = _TINYNETS[_builder.__name__]
-    _builder.__doc__ = (
-        f"TinyNet-{_builder.__name__[-1].upper()} (r={_r}, w={_w}, d={_d}; {int(224 * _r)}x{int(224 * _r)} input). "
-        "Keyword arguments: those of ``TinyNet`` but the three factors."
+# The published models, from the paper's (resolution, width, depth) factors. Adding one: a row
+# here, its entry point lines in api.py and hubconf.py, and a manifest entry; see CONTRIBUTING.md.
+_FACTORS = {
+    "tinynet_a": (0.86, 1.0, 1.2),
+    "tinynet_b": (0.84, 0.75, 1.1),
+    "tinynet_c": (0.825, 0.54, 0.85),
+    "tinynet_d": (0.68, 0.54, 0.695),
+    "tinynet_e": (0.475, 0.51, 0.6),
+}
+VARIANTS = {
+    name: Variant(
+        TinyNet, {"resolution": r, "width": w, "depth": d},
+        f"TinyNet-{name[-1].upper()} (Han et al., NeurIPS 2020): EfficientNet-B0 scaled by r={r}, w={w}, d={d}",
+        timm_name=name,
     )
-del _builder, _r, _w, _d
+    for name, (r, w, d) in _FACTORS.items()
+}

@@ -1,20 +1,28 @@
-"""Manifest -> verified local file -> state dict, without ever running code from the file."""
+"""Manifest entry -> ``Weights`` -> verified local file -> state dict, without ever running
+code from the file. ``Weights.get_state_dict`` is the only path from a model name to tensors."""
 from __future__ import annotations
 
 import os
 import pathlib
 import pickle
 import struct
-from typing import Any, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import torch
+from torch import nn
 
 from . import download
-from .manifest import Manifest, load_manifest
+from ._hashing import sha256_file
+from .manifest import Manifest, ModelEntry, load_manifest
 
 __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
+    "Weights",
+    "get_weights",
     "pretrained_state_dict",
     "read_state_dict",
     "user_state_dict",
@@ -97,18 +105,93 @@ def _unwrap(obj: Any) -> Any:
     return obj
 
 
+@lru_cache(maxsize=1)
+def _imagenet_categories() -> list[str]:
+    # torchvision's public list of the 1000 ImageNet-1k class names, index-aligned with
+    # the classifier; reading it from a weights enum downloads nothing.
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The published ImageNet weights of one model: where they are, how to feed the model,
+    what it outputs. Shaped like torchvision's weights enums (``url``, ``transforms()``,
+    ``meta``, ``get_state_dict()``). It carries its own manifest entry, so the bytes it
+    fetches are the ones that entry describes, whatever manifest the environment names."""
+
+    name: str
+    entry: ModelEntry
+
+    @property
+    def urls(self) -> list[str]:
+        """Every URL of every file, in the order they are tried."""
+        return [url for f in self.entry.files for url in f.urls]
+
+    @property
+    def url(self) -> str:
+        return self.entry.files[0].urls[0]
+
+    def transforms(self) -> nn.Module:
+        """torchvision's ``ImageClassification`` preset with this model's resize, crop,
+        interpolation and normalisation (PIL image or uint8/float tensor in, batch-ready
+        float tensor out)."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms._presets import ImageClassification
+
+        return ImageClassification(
+            crop_size=self.entry.input_size,
+            resize_size=self.entry.resize_size,
+            mean=self.entry.mean,
+            std=self.entry.std,
+            interpolation=InterpolationMode(self.entry.interpolation),
+        )
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        e = self.entry
+        return {
+            "categories": _imagenet_categories(),
+            "metrics": {"ImageNet-1K": {"acc@1": e.top1, "acc@5": e.top5}},
+            "metrics_source": e.metrics_source,
+            "num_params": e.num_params,
+            "macs": e.macs,
+            "input_size": (e.input_size, e.input_size),
+            "min_size": (32, 32),
+            "file_size": e.files[0].size,
+            "license": e.license,
+            "license_source": e.license_source,
+            "paper": e.paper,
+            "docs": e.upstream,
+        }
+
+    def get_state_dict(self, progress: bool = True, map_location: torch.device | str = "cpu",
+                       **fetch_options: Any) -> dict[str, torch.Tensor]:
+        """The verified tensors, read straight onto ``map_location``. ``fetch_options`` go
+        to ``download.fetch_first`` (cache, offline, mirror, options)."""
+        path, file = download.fetch_first(self.entry.files, progress=progress, **fetch_options)
+        return _as_state_dict(read_state_dict(path, format=file.format, map_location=map_location), path)
+
+
+def get_weights(name: str, manifest: Manifest | str | os.PathLike | None = None) -> Weights:
+    """The ``Weights`` of model ``name`` in ``manifest`` (a ``Manifest`` or its path; by
+    default ``$GHOSTNET_HUB_MANIFEST``, else the repository's)."""
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest)
+    if name not in manifest.models:
+        raise ValueError(
+            f"{name!r} has no released weights; models with weights: {', '.join(manifest.models)}"
+        )
+    return Weights(name, manifest[name])
+
+
 def pretrained_state_dict(name: str, *, progress: bool = True, map_location: torch.device | str = "cpu",
                           manifest: Manifest | str | os.PathLike | None = None,
                           **fetch_options: Any) -> dict[str, torch.Tensor]:
-    """The published weights of model ``name``, verified against the manifest.
-
-    ``fetch_options`` go to ``download.fetch_first`` (cache, offline, mirror, options).
-    """
-    if not isinstance(manifest, Manifest):
-        manifest = load_manifest(manifest)
-    entry = manifest[name]
-    path, file = download.fetch_first(entry.files, progress=progress, **fetch_options)
-    return _as_state_dict(read_state_dict(path, format=file.format, map_location=map_location), path)
+    """The published weights of model ``name``, verified against the manifest: a shortcut
+    for ``get_weights(name, manifest).get_state_dict(...)``."""
+    return get_weights(name, manifest).get_state_dict(progress=progress, map_location=map_location, **fetch_options)
 
 
 def user_state_dict(weights: str | os.PathLike, *, sha256: str | None = None, progress: bool = True,
@@ -127,7 +210,7 @@ def user_state_dict(weights: str | os.PathLike, *, sha256: str | None = None, pr
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} does not exist")
         if sha256 is not None:
-            actual = download.sha256_file(path)
+            actual = sha256_file(path)
             if actual != sha256.lower():
                 raise CheckpointError(
                     f"{path} does not match the expected checksum: sha256 expected {sha256.lower()}, "

@@ -5,12 +5,13 @@ import warnings
 import pytest
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
 import models
-from models import api, weights as weights_module
-from reference import PRETRAINED, PUBLISHED, build
+from models import api
+from models import weights as weights_module
+
+from reference import PRETRAINED, PUBLISHED, build, measure
 
 
 def _reference_state(files, name):
@@ -56,13 +57,13 @@ def test_pretrained_build_does_no_random_init_and_no_copy(published, monkeypatch
 
     monkeypatch.setattr(torch.nn.init, "normal_", spy)
     loaded = {}
-    real_load = api.pretrained_state_dict
+    real_load = weights_module.Weights.get_state_dict
 
     def keep(*args, **kwargs):
         loaded.update(real_load(*args, **kwargs))
         return loaded
 
-    monkeypatch.setattr(api, "pretrained_state_dict", keep)
+    monkeypatch.setattr(weights_module.Weights, "get_state_dict", keep)
     model = models.ghostnet_1x(pretrained=True, progress=False)
     assert set(init_devices) <= {"meta"}  # no random values drawn into real memory
     models.ghostnet_1x()
@@ -231,9 +232,10 @@ def test_weights_meta():
 
 
 def test_unreleased_variant_facts_match_the_code():
-    for name, (params, macs) in api._UNRELEASED.items():
-        model = build(name).eval()
-        assert sum(p.numel() for p in model.parameters()) == params
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(torch.randn(1, 3, 224, 224))
-        assert counter.get_total_flops() // 2 == macs
+    unreleased = [name for name in models.list_models() if name not in models.list_models(pretrained_only=True)]
+    assert unreleased == ["ghostnet_0_5x", "ghostnet_1_3x"]
+    for name in unreleased:
+        variant = api.get_variant(name)
+        measured = measure(name)
+        assert measured.input_size == (224, 224)
+        assert (measured.params, measured.macs) == (variant.num_params, variant.macs)
