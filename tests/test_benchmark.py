@@ -2,21 +2,20 @@
 (Speed targets are reported by the command, never asserted here: machines are noisy.)"""
 import csv
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+import pytest
+
+from helpers import run_models
+
+pytestmark = pytest.mark.slow
 
 
 def test_benchmark_command_writes_table_csv_json_and_figure(tmp_path):
     out = {ext: tmp_path / f"bench.{ext}" for ext in ("csv", "json", "png")}
-    result = subprocess.run(
-        [sys.executable, "-m", "models", "benchmark", "--models", "tinynet_e", "ghostnet_0_5x",
-         "--batch-sizes", "1", "3", "--repeats", "2", "--warmup", "1", "--threads", "1", "--quiet",
-         "--references", "timm", "--csv", str(out["csv"]), "--json", str(out["json"]), "--plot", str(out["png"])],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    result = run_models(
+        "benchmark", "--models", "tinynet_e", "ghostnet_0_5x", "--batch-sizes", "1", "3", "--repeats", "2",
+        "--warmup", "1", "--threads", "1", "--quiet", "--references", "timm", "--csv", str(out["csv"]),
+        "--json", str(out["json"]), "--plot", str(out["png"]), timeout=600)
     assert result.returncode == 0, result.stderr
     assert "threads=1" in result.stdout and "device=cpu" in result.stdout
     rows = list(csv.DictReader(out["csv"].open()))
@@ -26,7 +25,8 @@ def test_benchmark_command_writes_table_csv_json_and_figure(tmp_path):
         ("ours", "eager"), ("ours", "fused"), ("ours", "fused_cl"), ("timm", "eager")}
     for r in rows:
         assert float(r["median_ms"]) > 0
-        assert abs(float(r["images_per_s"]) - int(r["batch"]) / float(r["median_ms"]) * 1000) < 1e-6 * float(r["images_per_s"]) + 1e-9
+        rate = float(r["images_per_s"])
+        assert abs(rate - int(r["batch"]) / float(r["median_ms"]) * 1000) < 1e-6 * rate + 1e-9
         if r["implementation"] == "ours":
             timm_row = next(t for t in rows if t["implementation"] == "timm" and t["model"] == r["model"]
                             and t["batch"] == r["batch"])

@@ -1,18 +1,15 @@
 """``python -m models evaluate``: exact counts on a synthetic ImageFolder, one process and
 ``torchrun --nproc_per_node 2`` (gloo), and clear errors on bad data."""
 import json
-import os
-import pathlib
-import subprocess
 import sys
 
 import pytest
 import torch
 from PIL import Image
 
+from helpers import ROOT, cli, run_models
 from reference import build
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The first three ImageNet classes, by WordNet id: indices 0, 1, 2.
 CLASSES = {"n01440764": 0, "n01443537": 1, "n01484850": 2}
 PER_CLASS = {"n01440764": 3, "n01443537": 2, "n01484850": 2}  # 7 readable images: an odd number
@@ -36,13 +33,15 @@ def class_one_always_wins(serve_fixed_logits):
 
 
 def _evaluate(*args, torchrun=0, **kwargs):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-                "-m", "models"] if torchrun else [sys.executable, "-m", "models"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([*launcher, "evaluate", "--model", "tinynet_e", "--quiet", "--workers", "1", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, **kwargs)
+    args = ("evaluate", "--model", "tinynet_e", "--quiet", "--workers", "1", *args)
+    if not torchrun:
+        return cli(*args)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    return run_models(*args, launcher=launcher, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=120,
+                      **kwargs)
 
 
+@pytest.mark.slow
 def test_one_process_and_torchrun_agree_exactly(imagefolder, class_one_always_wins, tmp_path):
     reports = {}
     for procs in (2, 0):  # torchrun first, on an empty cache: its two ranks share one download

@@ -1,18 +1,16 @@
 """``python -m models predict|list|info``: any image PIL reads, directories, URLs, failures."""
 import io
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from models.predict import SAMPLE_IMAGE, to_rgb
+from models.tools.predict import SAMPLE_IMAGE, to_rgb
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from helpers import ROOT, cli, run_models
+
 TABBY = 281  # "tabby" in ImageNet-1k
 
 
@@ -68,9 +66,7 @@ def tabby_weights(serve_fixed_logits):
     return serve_fixed_logits("ghostnet_1x", {TABBY: 10.0})
 
 
-def run(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "models", *args], cwd=ROOT, env=dict(os.environ),
-                          capture_output=True, text=True, timeout=300, **kwargs)
+run = cli  # in this process; the README's main job below runs as a real subprocess
 
 
 def test_readme_main_job_classifies_the_sample(tabby_weights):
@@ -78,7 +74,7 @@ def test_readme_main_job_classifies_the_sample(tabby_weights):
     setup = readme.split("<!-- ci:setup -->", 1)[1].split("```bash\n", 1)[1].split("\n", 1)[0]
     main_job = setup.split("&&")[-1].split()
     assert main_job[:3] == [".venv/bin/python", "-m", "models"]
-    result = run(*main_job[3:])
+    result = run_models(*main_job[3:])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == str(SAMPLE_IMAGE) and len(lines) == 6

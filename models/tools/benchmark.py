@@ -1,6 +1,7 @@
 """``python -m models benchmark``: latency and throughput of each model in each inference
 mode, against timm's implementation of the same model and torchvision's mobile networks,
-measured in the same run and interleaved, and the published-top-1-vs-latency figure."""
+measured in the same run and interleaved, and the published-top-1-vs-latency figure.
+(``benchmarks/`` holds the maintainers' measurements of start-up and verification cost.)"""
 from __future__ import annotations
 
 import contextlib
@@ -10,16 +11,17 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
-from . import api
+from .. import api
+from ..manifest import Manifest, load_manifest
+from ._args import add_command, int_at_least
 
 MODES = ("eager", "fused", "fused_cl", "compiled")
-TIMM_NAMES = {"ghostnet_0_5x": "ghostnet_050", "ghostnet_1x": "ghostnet_100", "ghostnet_1_3x": "ghostnet_130"}
 # torchvision references: builder name -> (weights enum, input size)
 TORCHVISION = {
     "mobilenet_v3_large": ("MobileNet_V3_Large_Weights", 224),
@@ -61,8 +63,7 @@ def _ours(name: str, mode: str, device: torch.device) -> nn.Module:
     return torch.compile(model) if mode == "compiled" else model
 
 
-def _candidates(names, modes, device, references) -> list[_Candidate]:
-    manifest = api._default_manifest()
+def _candidates(names, modes, device, references, manifest: Manifest) -> list[_Candidate]:
     out = []
     for name in names:
         size = api.get_model(name).default_input_size[0]
@@ -73,7 +74,7 @@ def _candidates(names, modes, device, references) -> list[_Candidate]:
             with contextlib.suppress(ImportError):
                 import timm
 
-                ref = timm.create_model(TIMM_NAMES.get(name, name), pretrained=False).to(device).eval()
+                ref = timm.create_model(api.get_variant(name).timm_name, pretrained=False).to(device).eval()
                 out.append(_Candidate(name, "timm", "eager", size, top1, ref, {}))
     if "torchvision" in references:
         import torchvision
@@ -95,9 +96,21 @@ def _timer(device: torch.device) -> Callable[[], float]:
     return time.perf_counter
 
 
-def run(names, modes, batches, device, warmup: int, repeats: int, references, amp: str | None,
+def run(models: Sequence[str] | None = None, *, modes: Sequence[str] = ("eager", "fused", "fused_cl"),
+        batch_sizes: Sequence[int] = (1, 32), device: str | torch.device | None = None, warmup: int = 5,
+        repeats: int = 20, references: Sequence[str] = ("timm", "torchvision"), amp: str | None = None,
+        manifest: Manifest | str | None = None,
         progress: Callable[[str], None] = lambda s: None) -> list[Result]:
-    candidates = _candidates(names, modes, device, references)
+    """Time every model (default: those with weights) in every mode, with the references,
+    interleaved round by round; one ``Result`` per candidate and batch size."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
+    device = api.resolve_device(device)
+    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    names = list(models) if models else [n for n in api.list_models() if n in manifest.models]
+    candidates = _candidates(names, modes, device, set(references), manifest)
+    batches = list(batch_sizes)
     now = _timer(device)
     autocast = (torch.autocast(device.type, dtype=getattr(torch, amp)) if amp else contextlib.nullcontext())
     results = []
@@ -143,7 +156,7 @@ def table(results: list[Result]) -> str:
         "" if r.vs_timm is None else (f"{r.vs_timm:.2f}x time" if r.batch == 1 else f"{r.vs_timm:.2f}x img/s"),
     ) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in rows)
 
 
 def environment(device: torch.device) -> dict:
@@ -199,8 +212,8 @@ def plot(results: list[Result], env: dict, path) -> None:
     fig.savefig(path)
 
 
-def main(args) -> int:
-    device = api._resolve_device(args.device)
+def _run(args) -> int:
+    device = api.resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = [m for m in args.modes if m != "compiled" or args.compile]
@@ -215,8 +228,8 @@ def main(args) -> int:
             references.discard("timm")
     env = environment(device)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else (lambda s: None)
-    results = run(args.models or api.list_models(pretrained_only=True), modes, args.batch_sizes, device,
-                  args.warmup, args.repeats, references, args.amp, progress=say)
+    results = run(args.models, modes=modes, batch_sizes=args.batch_sizes, device=device, warmup=args.warmup,
+                  repeats=args.repeats, references=references, amp=args.amp, manifest=args.manifest, progress=say)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     print(table(results))
     write(results, env, args.csv, args.json)
@@ -224,3 +237,29 @@ def main(args) -> int:
         plot(results, env, args.plot)
         print(f"figure: {args.plot}")
     return 0
+
+
+def register(commands) -> None:
+    sub = add_command(commands, "benchmark", _run,
+                      "latency and throughput per model and mode, against timm and torchvision, and the "
+                      "accuracy-latency figure (maintainers' start-up and verification benchmarks: benchmarks/)")
+    sub.add_argument("--models", nargs="+", choices=api.list_models(), metavar="MODEL",
+                     help="models to measure (default: the six with weights)")
+    sub.add_argument("--modes", nargs="+", choices=("eager", "fused", "fused_cl"),
+                     default=["eager", "fused", "fused_cl"],
+                     help="eager, fused (BatchNorm folded), fused_cl (fused + channels_last)")
+    sub.add_argument("--compile", action="store_true",
+                     help="also torch.compile the fused channels_last model (slow to start)")
+    sub.add_argument("--batch-sizes", nargs="+", type=int_at_least(1), default=[1, 32], metavar="N",
+                     help="batch 1 gives latency, larger batches throughput (default: 1 32)")
+    sub.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
+    sub.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
+    sub.add_argument("--amp", choices=("bfloat16", "float16"), default=None, help="autocast dtype (mainly for GPUs)")
+    sub.add_argument("--warmup", type=int_at_least(0), default=5, help="untimed calls per candidate (default: 5)")
+    sub.add_argument("--repeats", type=int_at_least(1), default=20, help="timed rounds (default: 20)")
+    sub.add_argument("--references", nargs="*", choices=("timm", "torchvision"), default=["timm", "torchvision"],
+                     help="reference implementations to measure alongside (default: both)")
+    sub.add_argument("--csv", help="write the results as CSV")
+    sub.add_argument("--json", help="write the results and the machine description as JSON")
+    sub.add_argument("--plot", help="draw published top-1 against latency to this PNG (needs matplotlib)")
+    sub.add_argument("--quiet", action="store_true", help="no progress messages")

@@ -19,10 +19,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import api
-from .predict import IMAGE_SUFFIXES, _Images, _collate
+from .. import api
+from ..manifest import Manifest
+from ..weights import get_weights
+from ._args import add_command, int_at_least
+from .predict import IMAGE_SUFFIXES, ImageFiles, collate_images
 
-_SYNSETS = pathlib.Path(__file__).resolve().parent / "data" / "imagenet_synsets.txt"
+_SYNSETS = pathlib.Path(__file__).resolve().parents[1] / "data" / "imagenet_synsets.txt"
 _WNID = re.compile(r"n\d{8}")
 
 
@@ -55,8 +58,10 @@ def class_indices(data: pathlib.Path, num_classes: int, class_map: str | None) -
         raise EvaluationError(f"{data} has no class folders (expected the ImageFolder layout: one folder per class)")
     if class_map:
         mapping = json.loads(pathlib.Path(class_map).read_text())
-        if not isinstance(mapping, dict) or not all(isinstance(v, int) and 0 <= v < num_classes for v in mapping.values()):
-            raise EvaluationError(f"--class-map {class_map} must be a JSON object of folder name -> index in [0, {num_classes})")
+        if not isinstance(mapping, dict) or not all(
+                isinstance(v, int) and 0 <= v < num_classes for v in mapping.values()):
+            raise EvaluationError(
+                f"--class-map {class_map} must be a JSON object of folder name -> index in [0, {num_classes})")
     elif all(_WNID.fullmatch(f) for f in folders) and num_classes == 1000:
         synsets = _SYNSETS.read_text().split()
         mapping = {wnid: i for i, wnid in enumerate(synsets)}
@@ -64,7 +69,8 @@ def class_indices(data: pathlib.Path, num_classes: int, class_map: str | None) -
         mapping = {f: i for i, f in enumerate(folders)}  # ImageFolder's convention: sorted names
     else:
         raise EvaluationError(
-            f"the class folders of {data} ({len(folders)}: {', '.join(folders[:5])}{', ...' if len(folders) > 5 else ''}) "
+            f"the class folders of {data} ({len(folders)}: {', '.join(folders[:5])}"
+            f"{', ...' if len(folders) > 5 else ''}) "
             f"do not match the model's {num_classes} classes: name them by ImageNet WordNet id (n01440764, ...), "
             "or give one folder per class, or pass --class-map FILE (JSON: folder name -> class index)"
         )
@@ -86,30 +92,37 @@ def samples(data: pathlib.Path, classes: dict[str, int], limit: int | None) -> l
 def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() and os.environ.get("LOCAL_RANK") else "gloo")
+        use_nccl = torch.cuda.is_available() and os.environ.get("LOCAL_RANK")
+        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def evaluate(args) -> Report:
+def evaluate(model: str, data: str | os.PathLike, *, weights: str | os.PathLike | None = None,
+             num_classes: int = 1000, class_map: str | os.PathLike | None = None, batch_size: int = 64,
+             workers: int = 0, device: str | torch.device | None = None, limit: int | None = None,
+             fused: bool = False, channels_last: bool = False, amp: bool = False, progress: bool = True,
+             manifest: Manifest | str | os.PathLike | None = None) -> Report:
+    """Top-1/top-5 of ``model`` (the published weights, or your checkpoint ``weights`` with
+    ``num_classes`` outputs) on the ImageFolder tree ``data``; under torchrun, this rank's
+    share, with the counts summed over all ranks."""
     rank, world = _distributed()
-    device = args.device
     if world > 1 and device in (None, "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    source = {"weights": args.weights, "num_classes": args.num_classes} if args.weights else {"pretrained": True}
+    published = get_weights(model, manifest)
+    source = {"weights": weights, "num_classes": num_classes} if weights else {"weights": published}
     # Every rank asks; the cache lock makes one download that all of them then verify and share.
-    model = api.get_model(args.model, device=device, progress=rank == 0, fuse=args.fused,
-                          channels_last=args.channels_last, **source).eval()
-    published = api.get_weights(args.model)
-    data = pathlib.Path(args.data)
-    items = samples(data, class_indices(data, model.num_classes, args.class_map), args.limit)
+    net = api.get_model(model, device=device, progress=progress and rank == 0, fuse=fused,
+                        channels_last=channels_last, **source).eval()
+    data = pathlib.Path(data)
+    items = samples(data, class_indices(data, net.num_classes, class_map), limit)
     shard = items[rank::world]  # disjoint, covering: each image exactly once
     targets = torch.tensor([t for _, t in shard])
-    loader = DataLoader(_Images([p for p, _ in shard], published.transforms()), batch_size=args.batch_size,
-                        num_workers=args.workers, collate_fn=_collate)
-    dev = next(model.parameters()).device
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp)
+    loader = DataLoader(ImageFiles([p for p, _ in shard], published.transforms()), batch_size=batch_size,
+                        num_workers=workers, collate_fn=collate_images)
+    dev = next(net.parameters()).device
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp)
     counts = torch.zeros(4, dtype=torch.float64)  # images, top-1 correct, top-5 correct, skipped
-    bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=rank != 0 or args.quiet)
+    bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=rank != 0 or not progress)
     start = time.perf_counter()
     with torch.inference_mode(), autocast:
         for indices, batch, errors in loader:
@@ -117,7 +130,7 @@ def evaluate(args) -> Report:
                 print(f"rank {rank}: skipped {shard[i][0]}: {error}", file=sys.stderr)
             counts[3] += len(errors)
             if batch is not None:
-                logits = model(batch.to(dev, non_blocking=True)).float()
+                logits = net(batch.to(dev, non_blocking=True)).float()
                 top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
                 truth = targets[indices].unsqueeze(1)
                 counts[0] += len(indices)
@@ -132,13 +145,16 @@ def evaluate(args) -> Report:
     images, correct1, correct5, skipped = (int(c) for c in counts.tolist())
     seconds = float(elapsed)
     # Published numbers are for the published weights only.
-    top1, top5 = (None, None) if args.weights else (published.entry.top1, published.entry.top5)
-    return Report(args.model, images, skipped, 100.0 * correct1 / max(images, 1), 100.0 * correct5 / max(images, 1),
+    top1, top5 = (None, None) if weights else (published.entry.top1, published.entry.top5)
+    return Report(model, images, skipped, 100.0 * correct1 / max(images, 1), 100.0 * correct5 / max(images, 1),
                   correct1, correct5, images / seconds if seconds else 0.0, seconds, world, top1, top5)
 
 
-def main(args) -> int:
-    report = evaluate(args)
+def _run(args) -> int:
+    report = evaluate(args.model, args.data, weights=args.weights, num_classes=args.num_classes,
+                      class_map=args.class_map, batch_size=args.batch_size, workers=args.workers,
+                      device=args.device, limit=args.limit, fused=args.fused, channels_last=args.channels_last,
+                      amp=args.amp, progress=not args.quiet, manifest=args.manifest)
     if not dist.is_initialized() or dist.get_rank() == 0:
         published = lambda value: f"   published {value}" if value is not None else ""  # noqa: E731
         print(f"{report.model}: {report.images} images ({report.skipped} skipped) on {report.world_size} process(es), "
@@ -153,3 +169,23 @@ def main(args) -> int:
     if report.skipped:
         print(f"{report.skipped} unreadable image(s) were skipped", file=sys.stderr)
     return 1 if report.skipped else 0
+
+
+def register(commands) -> None:
+    sub = add_command(commands, "evaluate", _run, "top-1/top-5 on an ImageFolder tree (one folder per class); "
+                      "under torchrun, spread over processes")
+    sub.add_argument("--model", required=True, choices=api.list_models(), metavar="MODEL")
+    sub.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root: class folders of images")
+    sub.add_argument("--weights", help="your checkpoint (path or URL) instead of the published weights")
+    sub.add_argument("--num-classes", type=int_at_least(1), default=1000, help="classes of --weights (default: 1000)")
+    sub.add_argument("--class-map", metavar="FILE", help="JSON object: class folder name -> class index")
+    sub.add_argument("--batch-size", type=int_at_least(1), default=64, help="default: 64")
+    sub.add_argument("--workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
+                     help="DataLoader worker processes per rank (default: up to 4)")
+    sub.add_argument("--device", default=None, help="cpu (default), cuda (under torchrun: one GPU per rank), mps")
+    sub.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N images (sorted)")
+    sub.add_argument("--fused", action="store_true", help="fold BatchNorm first (same accuracy, faster)")
+    sub.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
+    sub.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    sub.add_argument("--json", metavar="OUT", help="write the report as JSON (rank 0)")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")

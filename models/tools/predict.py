@@ -1,21 +1,26 @@
-"""Classify images: any file PIL reads, directories of thousands, URLs."""
+"""``python -m models predict``: classify images, any file PIL reads, directories of
+thousands, URLs."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import pathlib
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .download import fetch_bytes, is_url
+from .. import api
+from ..download import fetch_bytes, is_url
+from ..weights import get_weights
+from ._args import add_command, int_at_least
 
-SAMPLE_IMAGE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "chelsea.jpg"
+SAMPLE_IMAGE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "chelsea.jpg"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 
 
@@ -63,7 +68,7 @@ def expand_sources(sources: Sequence[str]) -> list[str]:
     return expanded
 
 
-class _Images(Dataset):
+class ImageFiles(Dataset):
     """(index, tensor or None, error or "") per source; errors are returned, not raised, so
     one bad file does not stop a directory of thousands."""
 
@@ -81,7 +86,8 @@ class _Images(Dataset):
             return index, None, f"{type(exc).__name__}: {exc}"
 
 
-def _collate(batch):
+def collate_images(batch):
+    """Batch the readable images of an ``ImageFiles`` batch: (indices, tensor or None, errors)."""
     good = [(i, x) for i, x, _ in batch if x is not None]
     errors = [(i, e) for i, x, e in batch if x is None]
     tensor = torch.stack([x for _, x in good]) if good else None
@@ -104,8 +110,8 @@ def predict(model: torch.nn.Module, sources: Sequence[str], *, topk: int = 5, ba
     device = next(model.parameters()).device
     if workers is None:
         workers = 0 if len(sources) <= batch_size else min(4, os.cpu_count() or 1)
-    loader = DataLoader(_Images(sources, weights.transforms()), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    loader = DataLoader(ImageFiles(sources, weights.transforms()), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_images, pin_memory=device.type == "cuda")
     bar = tqdm(total=len(sources), unit="img", file=sys.stderr, disable=not progress or len(sources) < 2)
     model.eval()
     try:
@@ -116,10 +122,54 @@ def predict(model: torch.nn.Module, sources: Sequence[str], *, topk: int = 5, ba
                     probs = model(batch.to(device, non_blocking=True)).softmax(dim=-1)
                 values, classes = probs.topk(min(topk, probs.shape[-1]), dim=-1)
                 for row, i in enumerate(indices):
-                    results[i] = Prediction(sources[i], [
-                        (categories[c], int(c), float(p)) for p, c in zip(values[row].tolist(), classes[row].tolist())
-                    ])
+                    top = zip(values[row].tolist(), classes[row].tolist(), strict=True)
+                    results[i] = Prediction(sources[i], [(categories[c], int(c), float(p)) for p, c in top])
             bar.update(len(results))
             yield from (results[i] for i in sorted(results))
     finally:
         bar.close()
+
+
+def _run(args) -> int:
+    sources = expand_sources(args.images or [str(SAMPLE_IMAGE)])
+    if not sources:
+        raise SystemExit("error: no images found in " + ", ".join(args.images))
+    model = api.get_model(args.model, weights=get_weights(args.model, args.manifest), device=args.device,
+                          progress=not args.quiet)
+    failed = 0
+    for result in predict(model, sources, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
+                          progress=not args.quiet and not args.json):
+        failed += bool(result.error)
+        if result.error:
+            print(f"{result.source}: skipped, {result.error}", file=sys.stderr)
+        if args.json:
+            record = {"image": result.source, "model": args.model}
+            if result.error:
+                record["error"] = result.error
+            else:
+                record["top"] = [{"label": label, "index": index, "probability": round(p, 6)}
+                                 for label, index, p in result.top]
+            print(json.dumps(record), flush=True)
+        elif not result.error:
+            print(result.source)
+            for rank, (label, _, p) in enumerate(result.top, 1):
+                print(f"  {rank}. {label:<32} {p * 100:6.2f}%")
+    if failed:
+        print(f"{failed} of {len(sources)} image(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def register(commands) -> None:
+    sub = add_command(commands, "predict", _run,
+                      "classify images with a pretrained model (default: the bundled sample)")
+    sub.add_argument("images", nargs="*", metavar="IMAGE|DIR|URL",
+                     help="image files, directories (searched recursively) or http(s) URLs")
+    sub.add_argument("--model", default="ghostnet_1x", choices=api.list_models(pretrained_only=False),
+                     help="model with published weights (default: ghostnet_1x)")
+    sub.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
+    sub.add_argument("--topk", type=int_at_least(1), default=5, help="classes to show per image (default: 5)")
+    sub.add_argument("--batch-size", type=int_at_least(1), default=32, help="images per forward pass (default: 32)")
+    sub.add_argument("--workers", type=int_at_least(0), default=None,
+                     help="DataLoader worker processes (default: 0 for a few images, up to 4 for many)")
+    sub.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    sub.add_argument("--quiet", action="store_true", help="no progress bars")
