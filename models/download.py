@@ -1,49 +1,45 @@
 """Fetch -> verify -> cache. The only module of the package that touches the network.
 
-A weight file reaches its final name in the cache only after every checksum the manifest
-records for it, and its size when recorded, matched the bytes, all computed while they
-stream in. A cached file is verified again before each use. One cross-process lock per file
-makes N processes asking for it at once produce one download.
+A weight file gets its final cache name only after every checksum the manifest records,
+and its size, matched the bytes, hashed as they stream in (``_hashing``). One lock per file
+(``cache.file_lock``) makes N processes asking at once produce one download. Layers, bottom
+up: ``_append_body`` writes one response body; ``_transfer_with_retries`` repeats requests,
+resuming with Range, under the one retry policy (``_transient_status``, ``_transient_error``,
+``_retry_delay``); ``_download_verified`` checks the finished bytes; ``_fetch`` tries each
+source under the lock.
 """
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import logging
 import os
 import pathlib
-import queue
 import sys
-import tempfile
-import threading
 import time
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
-import filelock
 import requests
-import torch
 from tqdm import tqdm
 
+from ._hashing import Digests, hash_file
+from .cache import Target, cache_dir, cached, file_lock, problems, target_for
 from .manifest import CHECKSUM_LENGTHS, WeightFile
 
 __all__ = [
     "OFFLINE_ENV",
     "MIRROR_ENV",
-    "CacheDirError",
     "DownloadError",
     "DownloadOptions",
     "OfflineError",
-    "cache_dir",
-    "default_cache_dir",
     "fetch",
     "fetch_bytes",
     "fetch_first",
     "fetch_url",
     "is_url",
-    "sha256_file",
-    "verify_cached",
 ]
 
 OFFLINE_ENV = "GHOSTNET_HUB_OFFLINE"
@@ -65,10 +61,6 @@ class OfflineError(DownloadError):
     """Offline mode is on and the file is not in the cache."""
 
 
-class CacheDirError(OSError):
-    """The cache directory cannot be created or written."""
-
-
 @dataclass(frozen=True)
 class DownloadOptions:
     """How hard to try. ``timeout`` is (connect, read) in seconds; a read timeout is the
@@ -79,21 +71,6 @@ class DownloadOptions:
     backoff: float = 1.0  # first wait in seconds, doubled each retry
     max_wait: float = 60.0  # cap on any wait, Retry-After included
     chunk_size: int = 1 << 20
-
-
-@dataclass(frozen=True)
-class _Target:
-    """What to download: one content, possibly at several URLs."""
-
-    label: str
-    urls: tuple[str, ...]
-    checksums: Mapping[str, str]
-    size: int | None
-    cache_name: str
-    # For a user URL given without a checksum: the SHA-256 measured at download time is
-    # kept beside the file, so a later change to the cached bytes is still caught.
-    sidecar: bool = False
-    prefetch_hint: str = ""
 
 
 class _SourceFailed(Exception):
@@ -123,159 +100,34 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def default_cache_dir() -> pathlib.Path:
-    """``torch.hub.get_dir()/checkpoints`` (so ``TORCH_HOME`` moves it), without creating it."""
-    return pathlib.Path(torch.hub.get_dir()) / "checkpoints"
+# -- the retry policy (every HTTP call) -----------------------------------------------------
+
+def _transient_status(status: int) -> bool:
+    """An answer worth asking again for: timeout, rate limit, server trouble."""
+    return status in (408, 429) or status >= 500
 
 
-def cache_dir(path: str | os.PathLike | None = None) -> pathlib.Path:
-    """The weights cache, ``default_cache_dir()`` unless ``path`` is given, created if needed
-    and checked to be writable."""
-    directory = pathlib.Path(path) if path is not None else default_cache_dir()
-    hint = (
-        "set TORCH_HOME to a writable directory (the cache is $TORCH_HOME/hub/checkpoints)"
-        if path is None else "pass a writable cache directory"
-    )
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        # Probe by writing: os.access says yes to root even on a read-only mount.
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exc:
-        raise CacheDirError(f"the weights cache directory {directory} is not writable ({exc}); {hint}") from None
-    return directory
+def _transient_error(exc: requests.RequestException) -> bool:
+    """A connection that failed or went silent may work on the next try; a malformed URL,
+    a scheme requests cannot fetch or a redirect loop will not."""
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError))
 
 
-# -- hashing ------------------------------------------------------------------------------
-
-class _HashThread:
-    """One digest fed from a bounded queue on its own thread. hashlib releases the GIL on
-    large buffers, so hashing overlaps the caller's reads and writes instead of adding to
-    them (on a fast link, hashing is most of the cost of a verified download)."""
-
-    def __init__(self, digest: "hashlib._Hash"):
-        self.digest = digest
-        self._queue: queue.Queue = queue.Queue(maxsize=16)
-        self._thread = threading.Thread(target=self._run, name="weights-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            self.digest.update(chunk)
-
-    def update(self, chunk: bytes) -> None:
-        self._queue.put(chunk)
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-
-class _Digests:
-    """Every requested digest over one pass of the bytes."""
-
-    def __init__(self, algos: Iterable[str], total: int | None):
-        hashes: dict[str, "hashlib._Hash"] = {}
-        self.deferred: set[str] = set()
-        self.total = total
-        self.count = 0
-        for algo in algos:
-            if algo == "sha256":
-                hashes["sha256"] = hashlib.sha256()
-            elif algo == "md5":
-                hashes["md5"] = hashlib.md5(usedforsecurity=False)
-            elif algo == "git_blob_sha1":
-                # git hashes a header holding the length first: without it known up front,
-                # this digest needs a second pass over the finished file.
-                if total is None:
-                    self.deferred.add(algo)
-                else:
-                    hashes[algo] = hashlib.sha1(b"blob %d\0" % total, usedforsecurity=False)
-        self._threads = {algo: _HashThread(h) for algo, h in hashes.items()}
-
-    def update(self, chunk: bytes) -> None:
-        self.count += len(chunk)
-        for thread in self._threads.values():
-            thread.update(chunk)
-
-    def close(self) -> None:
-        for thread in self._threads.values():
-            thread.close()
-
-    def hexdigests(self) -> dict[str, str]:
-        self.close()
-        out = {algo: t.digest.hexdigest() for algo, t in self._threads.items()}
-        if "git_blob_sha1" in out and self.count != self.total:
-            out["git_blob_sha1"] = "(not computed: the length announced up front was wrong)"
-        return out
-
-
-def _hash_file(path: pathlib.Path, algos: Iterable[str], start: _Digests | None = None, upto: int | None = None,
-               chunk_size: int = 1 << 20) -> _Digests:
-    digests = start or _Digests(algos, path.stat().st_size)
-    with open(path, "rb") as f:
-        f.seek(digests.count)
-        remaining = (upto if upto is not None else path.stat().st_size) - digests.count
-        while remaining > 0:
-            chunk = f.read(min(chunk_size, remaining))
-            if not chunk:
-                break
-            digests.update(chunk)
-            remaining -= len(chunk)
-    return digests
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a file, read in chunks."""
-    return _hash_file(pathlib.Path(path), ("sha256",)).hexdigests()["sha256"]
-
-
-def _problems(target: _Target, digests: dict[str, str], size: int, expected_sha256: str | None = None) -> list[str]:
-    problems = []
-    if target.size is not None and size != target.size:
-        problems.append(f"size: expected {target.size} bytes, got {size}")
-    expected = dict(target.checksums)
-    if expected_sha256:
-        expected["sha256"] = expected_sha256
-    for algo, want in expected.items():
-        got = digests.get(algo)
-        if got != want:
-            problems.append(f"{algo}: expected {want}, got {got}")
-    return problems
-
-
-def _algos(target: _Target) -> set[str]:
-    return set(target.checksums) | ({"sha256"} if target.sidecar else set())
-
-
-def _verify(path: pathlib.Path, target: _Target) -> list[str]:
-    """Problems with a finished file: [] when every recorded check passes."""
-    digests = _hash_file(path, _algos(target)).hexdigests()
-    recorded = None
-    if target.sidecar:
-        sidecar = path.with_name(path.name + ".sha256")
-        try:
-            recorded = sidecar.read_text().strip()
-        except OSError:
-            return [f"{sidecar.name} (the SHA-256 measured at download) is missing"]
-    return _problems(target, digests, path.stat().st_size, recorded)
+def _retry_delay(options: DownloadOptions, attempt: int, response: requests.Response | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based): the Retry-After the server
+    sent with ``response`` (seconds or an HTTP date), else exponential backoff; capped by
+    ``options.max_wait``."""
+    wait = options.backoff * 2 ** (attempt - 1)
+    value = response.headers.get("Retry-After", "").strip() if response is not None else ""
+    if value.isdigit():
+        wait = float(value)
+    elif value:
+        with contextlib.suppress(TypeError, ValueError):
+            wait = max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    return min(options.max_wait, wait)
 
 
 # -- one URL ------------------------------------------------------------------------------
-
-def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
 
 def _content_total(response: requests.Response, offset: int) -> tuple[int | None, int]:
     """(full file length if the server says, first byte of this body)."""
@@ -292,30 +144,31 @@ def _content_total(response: requests.Response, offset: int) -> tuple[int | None
     return (int(length) if length and length.isdigit() else None), 0
 
 
-def _download(session: requests.Session, url: str, partial: pathlib.Path, target: _Target,
-              options: DownloadOptions, progress: bool) -> None:
+def _download_verified(session: requests.Session, url: str, partial: pathlib.Path, target: Target,
+                       options: DownloadOptions, progress: bool) -> None:
     """Bring ``partial`` to the complete, verified content of ``target`` from ``url``."""
-    digests: _Digests | None = None
+    digests: Digests | None = None
     try:
-        digests = _transfer(session, url, partial, target, options, progress)
+        digests = _transfer_with_retries(session, url, partial, target, options, progress)
         found = digests.hexdigests()
     finally:
         if digests is not None:
             digests.close()
     if digests.deferred:
-        found.update(_hash_file(partial, digests.deferred).hexdigests())
-    problems = _problems(target, found, partial.stat().st_size)
-    if problems:
+        found.update(hash_file(partial, digests.deferred).hexdigests())
+    wrong = problems(target, found, partial.stat().st_size)
+    if wrong:
         partial.unlink()
-        raise _SourceFailed("content does not match the manifest: " + "; ".join(problems))
+        raise _SourceFailed("content does not match the manifest: " + "; ".join(wrong))
     if target.sidecar:
         (partial.parent / (target.cache_name + ".sha256")).write_text(found["sha256"] + "\n")
 
 
-def _transfer(session: requests.Session, url: str, partial: pathlib.Path, target: _Target,
-              options: DownloadOptions, progress: bool) -> _Digests:
-    """Download into ``partial``, retrying and resuming; the digests of all its bytes."""
-    digests: _Digests | None = None
+def _transfer_with_retries(session: requests.Session, url: str, partial: pathlib.Path, target: Target,
+                           options: DownloadOptions, progress: bool) -> Digests:
+    """Download into ``partial``, retrying what the retry policy calls transient and
+    resuming with Range; the digests of all its bytes."""
+    digests: Digests | None = None
     attempt = 0
     try:
         while True:
@@ -324,7 +177,7 @@ def _transfer(session: requests.Session, url: str, partial: pathlib.Path, target
                 partial.unlink()
                 offset = 0
             headers = {"Range": f"bytes={offset}-"} if offset else {}
-            wait: float | None = None
+            answer: requests.Response | None = None  # a transient answer, for its Retry-After
             try:
                 with session.get(url, headers=headers, stream=True, timeout=options.timeout) as response:
                     status = response.status_code
@@ -332,8 +185,8 @@ def _transfer(session: requests.Session, url: str, partial: pathlib.Path, target
                         # Our partial file is not a prefix the server recognises: start over.
                         partial.unlink()
                         error = "HTTP 416 for the resumed range; restarting from byte 0"
-                    elif status == 429 or status >= 500:
-                        wait = _retry_after(response)
+                    elif _transient_status(status):
+                        answer = response
                         error = f"HTTP {status} {response.reason}"
                     elif status not in (200, 206):
                         raise _SourceFailed(f"HTTP {status} {response.reason}")
@@ -352,18 +205,20 @@ def _transfer(session: requests.Session, url: str, partial: pathlib.Path, target
                             if digests is None or digests.count != offset:
                                 if digests is not None:
                                     digests.close()
-                                digests = _Digests(_algos(target), total if total is not None else target.size)
+                                digests = Digests(target.algos, total if total is not None else target.size)
                                 if offset:
-                                    _hash_file(partial, (), start=digests, upto=offset)
-                            error = _stream(response, partial, offset, total, digests, target, options, progress)
+                                    hash_file(partial, (), start=digests, upto=offset)
+                            error = _append_body(response, partial, offset, total, digests, target, options, progress)
                             if error is None:
                                 return digests
             except requests.RequestException as exc:
+                if not _transient_error(exc):
+                    raise _SourceFailed(f"{type(exc).__name__}: {exc}") from None
                 error = f"{type(exc).__name__}: {exc}"
             attempt += 1
             if attempt > options.retries:
                 raise _SourceFailed(f"gave up after {attempt} attempts; last: {error}")
-            delay = min(options.max_wait, wait if wait is not None else options.backoff * 2 ** (attempt - 1))
+            delay = _retry_delay(options, attempt, answer)
             _log.info("%s: %s; retry %d/%d in %.1f s", url, error, attempt, options.retries, delay)
             time.sleep(delay)
     except BaseException:
@@ -372,7 +227,7 @@ def _transfer(session: requests.Session, url: str, partial: pathlib.Path, target
         raise
 
 
-def _stream(response, partial, offset, total, digests, target, options, progress) -> str | None:
+def _append_body(response, partial, offset, total, digests, target, options, progress) -> str | None:
     """Append the body to ``partial``; None when complete, else why it stopped short."""
     expected_end = total if total is not None else target.size
     bar = tqdm(total=expected_end, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
@@ -399,29 +254,9 @@ def _stream(response, partial, offset, total, digests, target, options, progress
     return None
 
 
-# -- the cache ----------------------------------------------------------------------------
+# -- sources, under the cache lock ----------------------------------------------------------
 
-def _lock(final: pathlib.Path) -> filelock.FileLock:
-    return filelock.FileLock(str(final) + ".lock")
-
-
-def _cached(final: pathlib.Path, target: _Target) -> bool:
-    """True if ``final`` holds verified bytes; a file that fails is set aside, loudly."""
-    if not final.exists():
-        return False
-    problems = _verify(final, target)
-    if not problems:
-        return True
-    aside = final.with_name(f"{final.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    os.replace(final, aside)
-    _log.warning(
-        "cached %s failed verification (%s); it was moved to %s and will be downloaded again",
-        final, "; ".join(problems), aside,
-    )
-    return False
-
-
-def _urls(target: _Target, mirror: str | None) -> list[str]:
+def _urls(target: Target, mirror: str | None) -> list[str]:
     urls = list(target.urls)
     if mirror:
         # A mirror is a copy of the cache directory served over http(s): same file names.
@@ -429,12 +264,12 @@ def _urls(target: _Target, mirror: str | None) -> list[str]:
     return urls
 
 
-def _fetch(target: _Target, *, progress: bool, options: DownloadOptions | None, cache: pathlib.Path,
+def _fetch(target: Target, *, progress: bool, options: DownloadOptions | None, cache: pathlib.Path,
            offline: bool, mirror: str | None) -> pathlib.Path:
     options = options or DownloadOptions()
     final = cache / target.cache_name
-    with _lock(final):
-        if _cached(final, target):
+    with file_lock(final):
+        if cached(final, target):
             return final
         urls = _urls(target, mirror)
         if offline:
@@ -449,7 +284,7 @@ def _fetch(target: _Target, *, progress: bool, options: DownloadOptions | None, 
             for url in urls:
                 partial = final.with_name(f"{final.name}.{hashlib.sha256(url.encode()).hexdigest()[:8]}.partial")
                 try:
-                    _download(session, url, partial, target, options, progress)
+                    _download_verified(session, url, partial, target, options, progress)
                 except _SourceFailed as exc:
                     failures.append((url, str(exc)))
                     _log.warning("%s: could not use %s: %s", target.label, url, exc)
@@ -461,17 +296,6 @@ def _fetch(target: _Target, *, progress: bool, options: DownloadOptions | None, 
         raise DownloadError(f"{target.label}: no source gave verified bytes for {final.name}", failures)
 
 
-def _target(file: WeightFile) -> _Target:
-    return _Target(
-        label=f"{file.model} weights (file {file.index})",
-        urls=file.urls,
-        checksums=file.checksums,
-        size=file.size,
-        cache_name=file.cache_name,
-        prefetch_hint=f" (python -m models prefetch {file.model})",
-    )
-
-
 def fetch(file: WeightFile, *, progress: bool = True, options: DownloadOptions | None = None,
           cache: str | os.PathLike | None = None, offline: bool | None = None,
           mirror: str | None = None) -> pathlib.Path:
@@ -480,7 +304,7 @@ def fetch(file: WeightFile, *, progress: bool = True, options: DownloadOptions |
     ``offline`` and ``mirror`` default to ``$GHOSTNET_HUB_OFFLINE`` and
     ``$GHOSTNET_HUB_MIRROR``; ``cache`` to ``torch.hub.get_dir()/checkpoints``.
     """
-    return _fetch(_target(file), progress=progress, options=options, cache=cache_dir(cache),
+    return _fetch(target_for(file), progress=progress, options=options, cache=cache_dir(cache),
                   offline=offline_requested(offline), mirror=_mirror_base(mirror))
 
 
@@ -493,16 +317,16 @@ def fetch_first(files: Sequence[WeightFile], *, progress: bool = True, options: 
     offline = offline_requested(offline)
     mirror = _mirror_base(mirror)
     for file in files:
-        target = _target(file)
+        target = target_for(file)
         final = cache / target.cache_name
         if final.exists():
-            with _lock(final):
-                if _cached(final, target):
+            with file_lock(final):
+                if cached(final, target):
                     return final, file
     failures: list[tuple[str, str]] = []
     for file in files:
         try:
-            path = _fetch(_target(file), progress=progress, options=options, cache=cache, offline=offline,
+            path = _fetch(target_for(file), progress=progress, options=options, cache=cache, offline=offline,
                           mirror=mirror)
             return path, file
         except DownloadError as exc:
@@ -519,17 +343,18 @@ def fetch_first(files: Sequence[WeightFile], *, progress: bool = True, options: 
 
 
 def fetch_bytes(url: str, *, options: DownloadOptions | None = None, max_bytes: int = 64 << 20) -> bytes:
-    """A small file (an image to classify) into memory, with the same timeouts and retries
-    as weight downloads; nothing is cached or verified, so never use it for weights."""
+    """A small file (an image to classify) into memory, under the same retry policy as
+    weight downloads; nothing is cached or verified, so never use it for weights."""
     options = options or DownloadOptions()
     if offline_requested():
         raise OfflineError(f"offline mode ({OFFLINE_ENV}) is on; not fetching {url}")
-    for attempt in range(options.retries + 1):
-        wait = None
+    attempt = 0
+    while True:
+        answer = None
         try:
             with requests.get(url, stream=True, timeout=options.timeout) as response:
-                if response.status_code == 429 or response.status_code >= 500:
-                    wait, error = _retry_after(response), f"HTTP {response.status_code}"
+                if _transient_status(response.status_code):
+                    answer, error = response, f"HTTP {response.status_code}"
                 else:
                     response.raise_for_status()
                     body = bytearray()
@@ -538,11 +363,14 @@ def fetch_bytes(url: str, *, options: DownloadOptions | None = None, max_bytes: 
                         if len(body) > max_bytes:
                             raise ValueError(f"{url} is larger than {max_bytes} bytes")
                     return bytes(body)
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except requests.RequestException as exc:
+            if not _transient_error(exc):
+                raise
             error = f"{type(exc).__name__}: {exc}"
-        if attempt < options.retries:
-            time.sleep(min(options.max_wait, wait if wait is not None else options.backoff * 2 ** attempt))
-    raise DownloadError(f"could not fetch {url} after {options.retries + 1} attempts; last: {error}")
+        attempt += 1
+        if attempt > options.retries:
+            raise DownloadError(f"could not fetch {url} after {attempt} attempts; last: {error}")
+        time.sleep(_retry_delay(options, attempt, answer))
 
 
 def fetch_url(url: str, *, sha256: str | None = None, progress: bool = True,
@@ -558,7 +386,7 @@ def fetch_url(url: str, *, sha256: str | None = None, progress: bool = True,
         sha256 = sha256.lower()
         if len(sha256) != CHECKSUM_LENGTHS["sha256"] or any(c not in "0123456789abcdef" for c in sha256):
             raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
-    target = _Target(
+    target = Target(
         label=f"weights from {url}",
         urls=(url,),
         checksums={"sha256": sha256} if sha256 else {},
@@ -568,14 +396,3 @@ def fetch_url(url: str, *, sha256: str | None = None, progress: bool = True,
     )
     return _fetch(target, progress=progress, options=options, cache=cache_dir(cache),
                   offline=offline_requested(offline), mirror=None)
-
-
-def verify_cached(file: WeightFile, cache: str | os.PathLike | None = None) -> tuple[str, str]:
-    """("ok" | "missing" | "corrupt", detail) for the cached copy of ``file``; a corrupt
-    copy is left where it is for the user to inspect."""
-    final = cache_dir(cache) / file.cache_name
-    with _lock(final):
-        if not final.exists():
-            return "missing", str(final)
-        problems = _verify(final, _target(file))
-    return ("corrupt", f"{final}: " + "; ".join(problems)) if problems else ("ok", str(final))

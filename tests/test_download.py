@@ -7,8 +7,10 @@ import time
 import pytest
 
 from models import download
-from models.download import CacheDirError, DownloadError, DownloadOptions, OfflineError
+from models.cache import CacheDirError, cache_dir, verify_cached
+from models.download import DownloadError, DownloadOptions, OfflineError
 from models.manifest import WeightFile
+
 from weights_server import checksums
 
 # Short timeouts and waits so that every fault resolves in well under a second.
@@ -91,7 +93,8 @@ def test_retries_are_bounded(server, cache):
 
 # 3, 4 -------------------------------------------------------------------------------------
 def test_dropped_connection_resumes_with_range(server, cache):
-    file = weight_file([server.add("/w.pth", DATA, ("drop", 100_000), ("drop", 50_000))], algos=("git_blob_sha1", "md5"))
+    file = weight_file([server.add("/w.pth", DATA, ("drop", 100_000), ("drop", 50_000))],
+                       algos=("git_blob_sha1", "md5"))
     assert fetch(file, cache).read_bytes() == DATA
     hits = server.hits
     assert [h.status for h in hits] == [200, 206, 206]
@@ -212,7 +215,7 @@ def test_verified_cache_hit_makes_no_request(server, cache):
     fetch(file, cache)
     fetch(file, cache)
     assert len(server.hits) == 1
-    assert download.verify_cached(file, cache) == ("ok", str(cache / file.cache_name))
+    assert verify_cached(file, cache) == ("ok", str(cache / file.cache_name))
 
 
 # 11 ---------------------------------------------------------------------------------------
@@ -239,7 +242,7 @@ def test_read_only_cache_directory(tmp_path):
             if os.geteuid() == 0:
                 os.setgid(65534)
                 os.setuid(65534)
-            download.cache_dir(ro)
+            cache_dir(ro)
             message = "no error"
         except CacheDirError as exc:
             message = str(exc)

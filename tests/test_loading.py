@@ -8,8 +8,9 @@ import torch
 from models import weights
 from models.download import DownloadError, OfflineError
 from models.weights import CheckpointError, UnsafeCheckpointError
+
 from reference import build, checkpoint_bytes
-from weights_server import checksums, write_manifest
+from weights_server import checksums, weight_entry, write_manifest
 
 
 @pytest.fixture
@@ -20,11 +21,6 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "torch-home" / "hub" / "checkpoints"
 
 
-def entry(urls, data, fmt="torch", algos=("sha256",)):
-    sums = checksums(data)
-    return {"urls": urls, "format": fmt, "checksums": {a: sums[a] for a in algos}, "size": len(data)}
-
-
 def _equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -33,7 +29,7 @@ def _equal(a, b):
 def test_pretrained_state_dict_loads_strictly(server, cache, tmp_path, fmt):
     data = checkpoint_bytes("tinynet_e", fmt)
     manifest = write_manifest(tmp_path / "m.json", {
-        "tinynet_e": [entry([server.add("/e", data)], data, fmt, ("git_blob_sha1", "sha256"))]})
+        "tinynet_e": [weight_entry([server.add("/e", data)], data, fmt=fmt, algos=("git_blob_sha1", "sha256"))]})
     state = weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False)
     model = build("tinynet_e")
     model.load_state_dict(state, strict=True)
@@ -47,8 +43,8 @@ def test_pretrained_state_dict_loads_strictly(server, cache, tmp_path, fmt):
 def test_next_file_is_used_when_every_url_of_the_first_fails(server, cache, tmp_path):
     data = checkpoint_bytes("tinynet_e", "safetensors")
     manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [
-        entry([server.url("/gone1"), server.url("/gone2")], b"whatever"),
-        entry([server.add("/e.safetensors", data)], data, "safetensors"),
+        weight_entry([server.url("/gone1"), server.url("/gone2")], b"whatever"),
+        weight_entry([server.add("/e.safetensors", data)], data, fmt="safetensors"),
     ]})
     state = weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False)
     build("tinynet_e").load_state_dict(state, strict=True)
@@ -58,8 +54,8 @@ def test_next_file_is_used_when_every_url_of_the_first_fails(server, cache, tmp_
 def test_every_failure_is_listed_when_no_file_works(server, cache, tmp_path):
     data = checkpoint_bytes("tinynet_e")
     manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [
-        entry([server.url("/gone")], data),
-        entry([server.add("/bad", data, ("corrupt",))], data),
+        weight_entry([server.url("/gone")], data),
+        weight_entry([server.add("/bad", data, ("corrupt",))], data),
     ]})
     with pytest.raises(DownloadError) as err:
         weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False)
@@ -71,17 +67,18 @@ def test_every_failure_is_listed_when_no_file_works(server, cache, tmp_path):
 
 def test_cached_later_file_is_used_before_downloading_an_earlier_one(server, cache, tmp_path):
     data = checkpoint_bytes("tinynet_e")
-    second = entry([server.add("/second", data)], data)
+    second = weight_entry([server.add("/second", data)], data)
     first_only = write_manifest(tmp_path / "a.json", {"tinynet_e": [second]})
     weights.pretrained_state_dict("tinynet_e", manifest=first_only, progress=False)
-    both = write_manifest(tmp_path / "b.json", {"tinynet_e": [entry([server.url("/first")], b"other bytes"), second]})
+    first = weight_entry([server.url("/first")], b"other bytes")
+    both = write_manifest(tmp_path / "b.json", {"tinynet_e": [first, second]})
     weights.pretrained_state_dict("tinynet_e", manifest=both, progress=False)
     assert [h.path for h in server.hits] == ["/second"]
 
 
 def test_offline_model_error_names_the_prefetch_command(server, cache, tmp_path, monkeypatch):
     data = checkpoint_bytes("tinynet_e")
-    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [entry([server.add("/e", data)], data)]})
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [weight_entry([server.add("/e", data)], data)]})
     monkeypatch.setenv("GHOSTNET_HUB_OFFLINE", "1")
     with pytest.raises(OfflineError) as err:
         weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False)
@@ -97,7 +94,7 @@ def test_offline_model_error_names_the_prefetch_command(server, cache, tmp_path,
 def test_manifest_from_environment(server, cache, tmp_path, monkeypatch):
     data = checkpoint_bytes("tinynet_e")
     monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", write_manifest(tmp_path / "m.json", {
-        "tinynet_e": [entry([server.add("/e", data)], data)]}))
+        "tinynet_e": [weight_entry([server.add("/e", data)], data)]}))
     weights.pretrained_state_dict("tinynet_e", progress=False)
     assert [h.path for h in server.hits] == ["/e"]
 
@@ -125,7 +122,7 @@ def test_malicious_pickle_is_refused_and_never_runs(server, cache, tmp_path):
     marker = tmp_path / "code-ran"
     data = _malicious_checkpoint(marker)
     # The manifest vouches for these exact bytes: checksums alone would let them through.
-    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [entry([server.add("/evil", data)], data)]})
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [weight_entry([server.add("/evil", data)], data)]})
     with pytest.raises(UnsafeCheckpointError, match="refused to load .*nothing from it was executed"):
         weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False)
     assert not marker.exists()
