@@ -1,4 +1,5 @@
 """Start-up benchmarks: ratios against references measured in the same run, interleaved.
+(The user-facing inference-speed benchmark is ``python -m models benchmark``.)
 
     python benchmarks/bench_hub.py [--model tinynet_a] [--repeats 7]
 
@@ -29,8 +30,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import models  # noqa: E402
 from models.manifest import load_manifest  # noqa: E402
-
-TIMM_NAMES = {"ghostnet_1x": "ghostnet_100"}
 
 OURS = """
 import sys, torch
@@ -93,7 +92,7 @@ def cold_start(name: str, repeats: int, env: dict, path: pathlib.Path) -> None:
         runs["floor"].append(_run(FLOOR, [], env))
         runs["ours"].append(_run(OURS, [str(ROOT), name], env))
         if have_timm:
-            runs["timm"].append(_run(TIMM, [str(ROOT), TIMM_NAMES.get(name, name), str(path)], env))
+            runs["timm"].append(_run(TIMM, [str(ROOT), models.get_variant(name).timm_name, str(path)], env))
     print(f"\ncold start: new process, {name} from the local cache, one forward pass")
     floor = _summary('python -c "import torch" (floor)', runs["floor"])
     ours = _summary("torch.hub.load(local checkout, pretrained=True)", runs["ours"])

@@ -7,6 +7,7 @@
 2. Download: ``download.fetch`` (streaming hash, size check, lock, atomic rename) from a
    loopback HTTP server against a bare ``requests`` loop writing the same bytes to disk.
 The two sides alternate within each repetition so that machine noise hits both alike.
+(The user-facing inference-speed benchmark is ``python -m models benchmark``.)
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def bench_download(data: bytes, repeats: int, tmp: pathlib.Path, rate: float | N
         file = WeightFile(model="ghostnet_1x", index=0, urls=(url,), format="torch",
                           checksums={a: sums[a] for a in algos}, size=len(data))
 
-        def ours():
+        def ours(file=file):
             (out / file.cache_name).unlink(missing_ok=True)
             download.fetch(file, progress=False, cache=out, offline=False, mirror="")
 

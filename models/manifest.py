@@ -10,8 +10,9 @@ import os
 import pathlib
 import re
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
     "DEFAULT_MANIFEST",

@@ -29,14 +29,13 @@ def _weights_server(tmp_path_factory):
     """One loopback server for the session, serving a checkpoint-shaped file (random values)
     for each of the six models, and a manifest pointing at it."""
     from reference import PRETRAINED, checkpoint_bytes
-    from weights_server import WeightsServer, checksums, write_manifest
+    from weights_server import WeightsServer, weight_entry, write_manifest
 
     files = {name: checkpoint_bytes(name, "safetensors" if name == "tinynet_a" else "torch") for name in PRETRAINED}
     with WeightsServer() as server:
         entries = {
-            name: [{"urls": [server.add(f"/{name}", data)],
-                    "format": "safetensors" if name == "tinynet_a" else "torch",
-                    "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]
+            name: [weight_entry(server.add(f"/{name}", data), data,
+                                fmt="safetensors" if name == "tinynet_a" else "torch")]
             for name, data in files.items()
         }
         manifest = write_manifest(tmp_path_factory.mktemp("manifest") / "weights_manifest.json", entries)
@@ -90,7 +89,7 @@ def serve_fixed_logits(server, tmp_path, monkeypatch):
     import io
 
     from reference import build
-    from weights_server import checksums, write_manifest
+    from weights_server import weight_entry, write_manifest
 
     def serve(name, logits):
         state = build(name).state_dict()
@@ -101,9 +100,8 @@ def serve_fixed_logits(server, tmp_path, monkeypatch):
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
-        manifest = write_manifest(tmp_path / f"{name}-manifest.json", {name: [{
-            "urls": [server.add(f"/{name}.pth", data)], "format": "torch",
-            "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]})
+        manifest = write_manifest(tmp_path / f"{name}-manifest.json",
+                                  {name: [weight_entry(server.add(f"/{name}.pth", data), data)]})
         monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", manifest)
         return server
 

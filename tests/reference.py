@@ -1,14 +1,24 @@
-"""Published facts the tests check the models against (../shared/REFERENCE.md, copied here
-because a user's clone has no ../shared)."""
+"""Published facts the tests check the models against, and measurements of the code that
+several test files compare with them (made once per session).
+
+Sources: GhostNet, Han et al., CVPR 2020 (https://arxiv.org/abs/1911.11907) and the authors'
+code and checkpoints (https://github.com/huawei-noah/Efficient-AI-Backbones); TinyNet, Han et
+al., NeurIPS 2020 (https://arxiv.org/abs/2010.14819), the same repository's tinynet_pytorch,
+and timm's re-measurement of those weights (https://github.com/huggingface/pytorch-image-models,
+results/results-imagenet.csv). The key listings in data/ were read from the released files.
+"""
+import functools
 import pathlib
+from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import models
 
 DATA = pathlib.Path(__file__).parent / "data"
 
-# name: (parameters, MACs in millions, default input size) -- REFERENCE.md section 3.
+# name: (parameters, MACs in millions, default input size): the papers' tables and the released files.
 PUBLISHED = {
     "ghostnet_0_5x": (2_587_292, 42.33, 224),
     "ghostnet_1x": (5_182_508, 141.15, 224),
@@ -32,6 +42,29 @@ PRETRAINED = {
 
 def build(name, **kwargs):
     return getattr(models, name)(**kwargs)
+
+
+@dataclass(frozen=True)
+class Measured:
+    params: int
+    macs: int  # multiply-accumulates at the default input size, 1 image
+    ops: frozenset  # the operators FlopCounterMode counted
+    input_size: tuple
+
+
+@functools.cache
+def measure(name):
+    """Parameters and MACs of model ``name`` as built by the code, counted once per session
+    (FlopCounterMode takes seconds per model, and four test files compare against it)."""
+    model = build(name).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, *model.default_input_size))
+    return Measured(
+        params=sum(p.numel() for p in model.parameters()),
+        macs=counter.get_total_flops() // 2,  # FlopCounterMode counts 2 FLOPs per multiply-accumulate
+        ops=frozenset(map(str, counter.get_flop_counts()["Global"])),
+        input_size=model.default_input_size,
+    )
 
 
 def reference_keys(name):
@@ -62,7 +95,7 @@ def random_state_dict(model, seed=0):
             out[key] = torch.randn(value.shape, generator=g) * (2.0 / fan_in) ** 0.5
     return out
 
-# REFERENCE.md section 4: published top-1 / top-5.
+# Published top-1 / top-5: GhostNet's paper (Table 7); TinyNet, timm's results-imagenet.csv.
 METRICS = {
     "ghostnet_1x": (73.98, 91.46),
     "tinynet_a": (77.7, 93.5),
@@ -72,7 +105,8 @@ METRICS = {
     "tinynet_e": (59.9, 81.8),
 }
 
-# REFERENCE.md section 6: every content checksum known for the real files, and nothing else.
+# Every content checksum published for the real files (the git blob ids of the authors'
+# repository files; the SHA-256 of timm's Hugging Face copies as listed there), and nothing else.
 # (model, algorithm, digest, size or None)
 KNOWN_CHECKSUMS = {
     ("ghostnet_1x", "git_blob_sha1", "26da9f2807cd5ba95c607cec01ceb9700d94e0ae", None),

@@ -1,34 +1,26 @@
-"""The weights commands of ``python -m models``, run as a user runs them: a subprocess."""
+"""The weights commands of ``python -m models`` (run in this process: ``helpers.cli``)."""
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
+from helpers import ROOT, cli
 from reference import checkpoint_bytes
-from weights_server import checksums, write_manifest
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from weights_server import checksums, weight_entry, write_manifest
 
 
 @pytest.fixture
 def run(tmp_path):
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch")}
-
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "models", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+        return cli(*args, env={"TORCH_HOME": str(tmp_path / "torch")})
     return run
 
 
 def test_pin_records_sha256_and_size_of_verified_bytes(server, run, tmp_path):
     data = checkpoint_bytes("tinynet_e")
     sums = checksums(data)
-    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [{
-        "urls": [server.add("/a.pth", data), server.add("/b.pth", data)],
-        "format": "torch", "checksums": {"git_blob_sha1": sums["git_blob_sha1"]}, "size": None}]})
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [weight_entry(
+        [server.add("/a.pth", data), server.add("/b.pth", data)], data, algos=("git_blob_sha1",), size=False)]})
     result = run("manifest", "pin", "--manifest", manifest, "--quiet")
     assert result.returncode == 0, result.stderr
     assert "verified from 2 URL(s)" in result.stdout
@@ -43,9 +35,8 @@ def test_pin_refuses_bytes_that_contradict_a_recorded_checksum(server, run, tmp_
     data = checkpoint_bytes("tinynet_e")
     other = checkpoint_bytes("tinynet_e", seed=1)
     sums = checksums(data)
-    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [{
-        "urls": [server.add("/wrong.pth", other)],
-        "format": "torch", "checksums": {"git_blob_sha1": sums["git_blob_sha1"]}, "size": None}]})
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [weight_entry(
+        server.add("/wrong.pth", other), other, algos=("git_blob_sha1",), size=False, checksums_of=data)]})
     before = pathlib.Path(manifest).read_text()
     result = run("manifest", "pin", "--manifest", manifest, "--quiet")
     assert result.returncode == 1
@@ -58,9 +49,8 @@ def test_pin_refuses_urls_of_one_file_that_disagree(server, run, tmp_path):
     # The second URL serves other bytes: it is reported and the run fails, while the
     # SHA-256 of the bytes that did verify (from the first URL) is recorded.
     data = checkpoint_bytes("tinynet_e")
-    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [{
-        "urls": [server.add("/a.pth", data), server.add("/b.pth", data + b"tail")],
-        "format": "torch", "checksums": {"md5": checksums(data)["md5"]}}]})
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [weight_entry(
+        [server.add("/a.pth", data), server.add("/b.pth", data + b"tail")], data, algos=("md5",), size=False)]})
     result = run("manifest", "pin", "--manifest", manifest, "--quiet")
     assert result.returncode == 1 and "REFUSED tinynet_e file 0 " + server.url("/b.pth") in result.stderr
     entry = json.loads(pathlib.Path(manifest).read_text())["models"]["tinynet_e"]["files"][0]
@@ -69,9 +59,7 @@ def test_pin_refuses_urls_of_one_file_that_disagree(server, run, tmp_path):
 
 def test_prefetch_then_verify_detects_tampering(server, run, tmp_path):
     data = checkpoint_bytes("tinynet_e")
-    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [{
-        "urls": [server.add("/e.pth", data)], "format": "torch",
-        "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]})
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [weight_entry(server.add("/e.pth", data), data)]})
     result = run("prefetch", "tinynet_e", "--manifest", manifest, "--quiet")
     assert result.returncode == 0, result.stderr
     cached = pathlib.Path(result.stdout.split(": ", 1)[1].strip())
@@ -85,9 +73,8 @@ def test_prefetch_then_verify_detects_tampering(server, run, tmp_path):
 
 def test_prefetch_unknown_model_and_failures(server, run, tmp_path):
     data = checkpoint_bytes("tinynet_e")
-    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [{
-        "urls": [server.url("/missing.pth")], "format": "torch",
-        "checksums": {"sha256": checksums(data)["sha256"]}}]})
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [weight_entry(
+        server.url("/missing.pth"), data, size=False)]})
     unknown = run("prefetch", "tinynet_z", "--manifest", manifest)
     assert unknown.returncode != 0 and "no weights for tinynet_z" in unknown.stderr and "tinynet_e" in unknown.stderr
     failed = run("prefetch", "--all", "--manifest", manifest, "--quiet")

@@ -1,14 +1,17 @@
 """N processes (DDP ranks, parallel notebooks) asking for the same weights at once."""
 import os
-import pathlib
 import subprocess
 import sys
 import time
 
-from reference import checkpoint_bytes
-from weights_server import checksums, write_manifest
+import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from helpers import ROOT
+from reference import checkpoint_bytes
+from weights_server import weight_entry, write_manifest
+
+pytestmark = pytest.mark.slow
+
 PROCESSES = 8
 
 CHILD = """
@@ -38,8 +41,7 @@ def test_processes_share_one_verified_download(server, tmp_path):
     sync.mkdir()
     # The one download is slow, so every other process arrives while it is running.
     url = server.add("/tinynet_e.pth", data, ("slow", 2.0))
-    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [{
-        "urls": [url], "format": "torch", "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]})
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [weight_entry(url, data)]})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_HOME": str(tmp_path / "torch"),
            "GHOSTNET_HUB_MANIFEST": manifest, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(rank), str(sync)], env=env,
@@ -53,7 +55,7 @@ def test_processes_share_one_verified_download(server, tmp_path):
     (sync / "go").touch()
     results = [p.communicate(timeout=120) for p in procs]
     hits = server.hits_for("/tinynet_e.pth")
-    for proc, (out, err) in zip(procs, results):
+    for proc, (_out, err) in zip(procs, results, strict=False):
         assert proc.returncode == 0, err
     digests = {out.strip() for out, _ in results}
     assert len(digests) == 1 and len(next(iter(digests))) == 64

@@ -1,4 +1,5 @@
 """The fused inference form: same function, fewer ops, eval-only; compile, export, ONNX."""
+import functools
 import warnings
 
 import pytest
@@ -7,16 +8,19 @@ from torch import nn
 
 import models
 from models.fuse import PooledLinear
+
 from reference import PRETRAINED, build
 
 
-def _trained_like(name, **kwargs):
+@functools.cache
+def _calibrated_state(name, options):
     """Random weights with BatchNorm as training leaves it: affine terms far from identity
     (the last BN of each residual branch small, as trained residual nets have it), running
     statistics measured on data at the model's input size; so activations and logits have
-    a trained model's scale and every folded term matters."""
+    a trained model's scale and every folded term matters. Calibrated once per model and
+    options in a session: every test gets fresh modules loaded with these tensors."""
     torch.manual_seed(7)
-    model = build(name, **kwargs)
+    model = build(name, **dict(options))
     branch_ends = {"bn3", "bn2"} if name.startswith("tinynet") else {"ghost2"}
     for path, module in model.named_modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -28,13 +32,21 @@ def _trained_like(name, **kwargs):
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(8, 3, *model.default_input_size))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _trained_like(name, **kwargs):
+    """A new model holding the calibrated weights of ``_calibrated_state``, in eval mode."""
+    model = build(name, **kwargs)
+    model.load_state_dict(_calibrated_state(name, tuple(sorted(kwargs.items()))))
     return model.eval()
 
 
 def _pair(name, channels_last=False, **kwargs):
     plain = _trained_like(name, **kwargs)
     fused = _trained_like(name, **kwargs).fuse(channels_last=channels_last)
-    assert all(torch.equal(a, b) for a, b in zip(plain.conv_stem.weight, _trained_like(name, **kwargs).conv_stem.weight))
+    again = _trained_like(name, **kwargs).conv_stem.weight
+    assert all(torch.equal(a, b) for a, b in zip(plain.conv_stem.weight, again, strict=True))
     return plain, fused
 
 
@@ -100,6 +112,7 @@ def test_fuse_and_channels_last_from_the_entry_point(published):
         models.tinynet_c(fuse="yes")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRETRAINED)
 def test_torch_export(name):
     model = _trained_like(name)
@@ -109,6 +122,7 @@ def test_torch_export(name):
         torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_export_fused_channels_last():
     plain, fused = _pair("ghostnet_1x", channels_last=True)
     x = torch.randn(2, 3, 224, 224)
@@ -117,6 +131,7 @@ def test_torch_export_fused_channels_last():
         assert (program.module()(x) - plain(x)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRETRAINED)
 def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
     import onnx
@@ -138,6 +153,7 @@ def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
         assert (torch.from_numpy(got) - model(batch)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_torch_compile_fused_and_unfused():
     plain, fused = _pair("tinynet_e")
     x = torch.randn(2, 3, 106, 106)

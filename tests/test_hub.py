@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import models
+
+from helpers import ROOT
 from reference import PRETRAINED, PUBLISHED
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 REPO = str(ROOT)
 
 
@@ -79,6 +80,7 @@ print(json.dumps({"dependencies": hubconf.dependencies, "files": ours + [sys.arg
 """
 
 
+@pytest.mark.slow  # a new Python process
 def test_dependencies_are_exactly_what_importing_hubconf_imports(tmp_path):
     """torch.hub checks ``dependencies`` before importing hubconf: it must name every
     third-party package that import pulls in (so a missing one is reported up front), and
@@ -153,6 +155,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # a new Python process
 @pytest.mark.parametrize("order", ["ours-first", "other-first"])
 def test_other_hub_repo_with_a_models_package_in_the_same_process(tmp_path, order):
     other = tmp_path / "other_repo"
@@ -166,6 +169,7 @@ def test_other_hub_repo_with_a_models_package_in_the_same_process(tmp_path, orde
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+@pytest.mark.slow  # a new Python process
 def test_loading_ours_never_registers_a_bare_models_module(tmp_path):
     code = textwrap.dedent("""
         import sys, torch
@@ -180,6 +184,7 @@ def test_loading_ours_never_registers_a_bare_models_module(tmp_path):
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # a new Python process
 def test_local_source_never_prompts_for_trust(tmp_path):
     # trust_repo=False makes torch.hub ask on stdin for GitHub repos; a local checkout is
     # yours, and must load with no question even when stdin is closed.

@@ -1,5 +1,4 @@
 """The PyTorch Hub listing (hub/*.md): pytorch/hub's rules, its table, and its code, run."""
-import pathlib
 import re
 
 import pytest
@@ -7,7 +6,10 @@ import pytest
 from models.api import GITHUB_REPO
 from models.manifest import load_manifest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
 LISTINGS = sorted((ROOT / "hub").glob("*.md"))
 # pytorch/hub's scripts/sanity_check.py and scripts/tags.py
 REQUIRED_HEAD = ["---", "layout: hub_detail", "background-class: hub-background", "body-class: hub"]

@@ -1,6 +1,5 @@
 """The model interface a torchvision/timm user expects, on every model, and its errors."""
 import math
-import pathlib
 import subprocess
 import sys
 
@@ -9,10 +8,11 @@ import torch
 from torch import nn
 
 import models
+
+from helpers import ROOT
 from reference import PUBLISHED, build
 
 ALL = list(PUBLISHED)
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _small():
@@ -191,7 +191,7 @@ def test_features_only_maps_and_feature_info(name):
     with torch.no_grad():
         maps = model(torch.randn(2, 3, height, width))
     assert [m.shape[1] for m in maps] == info.channels()
-    for feature, stride in zip(maps, info.reduction()):
+    for feature, stride in zip(maps, info.reduction(), strict=False):
         h, w = height, width
         for _ in range(int(math.log2(stride))):
             h, w = math.ceil(h / 2), math.ceil(w / 2)
@@ -300,6 +300,7 @@ def test_wrong_input_channels(name):
 
 # -- packaging -----------------------------------------------------------------------
 
+@pytest.mark.slow  # a new Python process
 def test_importing_models_does_not_import_timm():
     code = (
         "import sys, models; models.ghostnet_1x(); models.tinynet_a(features_only=True); "

@@ -4,11 +4,10 @@ import copy
 import json
 
 import pytest
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from models.manifest import DEFAULT_MANIFEST, ManifestError, load_manifest, validate_manifest
-from reference import KNOWN_CHECKSUMS, METRICS, PRETRAINED, build
+
+from reference import KNOWN_CHECKSUMS, METRICS, PRETRAINED, measure
 
 RAW = json.loads(DEFAULT_MANIFEST.read_text())
 
@@ -21,12 +20,10 @@ def test_manifest_is_valid_and_lists_the_six_models():
 @pytest.mark.parametrize("name", PRETRAINED)
 def test_metadata_agrees_with_the_code_and_the_papers(name):
     entry = load_manifest()[name]
-    model = build(name).eval()
-    assert entry.num_params == sum(p.numel() for p in model.parameters())
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(1, 3, *model.default_input_size))
-    assert entry.macs == counter.get_total_flops() // 2
-    assert (entry.input_size, entry.input_size) == model.default_input_size
+    measured = measure(name)
+    assert entry.num_params == measured.params
+    assert entry.macs == measured.macs
+    assert (entry.input_size, entry.input_size) == measured.input_size
     assert entry.resize_size == int(entry.input_size / entry.crop_ratio)
     assert (entry.top1, entry.top5) == METRICS[name]
     assert entry.interpolation == ("bilinear" if name.startswith("ghostnet") else "bicubic")
@@ -66,9 +63,12 @@ def _broken(edit):
     (lambda d: d.pop("models"), "$.models: missing"),
     (lambda d: d.update(extra=1), "$.extra: unknown field"),
     (lambda d: d["models"]["tinynet_a"].pop("macs"), "$.models.tinynet_a.macs: missing"),
-    (lambda d: d["models"]["tinynet_a"].update(num_params=-5), "$.models.tinynet_a.num_params: expected a positive integer"),
-    (lambda d: d["models"]["tinynet_a"].update(interpolation="lanczos"), "$.models.tinynet_a.interpolation: expected one of"),
-    (lambda d: d["models"]["tinynet_a"]["metrics"].update(top1=177.7), "$.models.tinynet_a.metrics.top1: expected a percentage"),
+    (lambda d: d["models"]["tinynet_a"].update(num_params=-5),
+     "$.models.tinynet_a.num_params: expected a positive integer"),
+    (lambda d: d["models"]["tinynet_a"].update(interpolation="lanczos"),
+     "$.models.tinynet_a.interpolation: expected one of"),
+    (lambda d: d["models"]["tinynet_a"]["metrics"].update(top1=177.7),
+     "$.models.tinynet_a.metrics.top1: expected a percentage"),
     (lambda d: d["models"]["tinynet_a"].update(files=[]), "$.models.tinynet_a.files: expected a non-empty list"),
     (lambda d: d["models"]["tinynet_b"]["files"][0].update(checksums={}),
      "$.models.tinynet_b.files[0].checksums: at least one of sha256, git_blob_sha1, md5 is required"),
@@ -81,10 +81,14 @@ def _broken(edit):
      "$.models.tinynet_b.files[0].checksums.crc32: unknown digest"),
     (lambda d: d["models"]["tinynet_c"]["files"][0]["urls"].__setitem__(1, "http://github.com/x.pth"),
      "$.models.tinynet_c.files[0].urls[1]: must be an https URL, got 'http://github.com/x.pth'"),
-    (lambda d: d["models"]["tinynet_c"]["files"][0].update(urls=[]), "$.models.tinynet_c.files[0].urls: expected a non-empty list"),
-    (lambda d: d["models"]["tinynet_c"]["files"][0].update(format="pickle"), "$.models.tinynet_c.files[0].format: expected one of torch, safetensors"),
-    (lambda d: d["models"]["tinynet_c"]["files"][0].update(size=0), "$.models.tinynet_c.files[0].size: expected a positive integer or null"),
-    (lambda d: d["models"]["tinynet_c"]["files"][0].update(sha256="x"), "$.models.tinynet_c.files[0].sha256: unknown field"),
+    (lambda d: d["models"]["tinynet_c"]["files"][0].update(urls=[]),
+     "$.models.tinynet_c.files[0].urls: expected a non-empty list"),
+    (lambda d: d["models"]["tinynet_c"]["files"][0].update(format="pickle"),
+     "$.models.tinynet_c.files[0].format: expected one of torch, safetensors"),
+    (lambda d: d["models"]["tinynet_c"]["files"][0].update(size=0),
+     "$.models.tinynet_c.files[0].size: expected a positive integer or null"),
+    (lambda d: d["models"]["tinynet_c"]["files"][0].update(sha256="x"),
+     "$.models.tinynet_c.files[0].sha256: unknown field"),
 ])
 def test_broken_manifest_problem_is_named_by_json_path(edit, expected):
     problems = _broken(edit)

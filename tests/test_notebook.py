@@ -1,10 +1,12 @@
 """examples/quickstart.ipynb, executed cell by cell by a real Jupyter kernel."""
-import pathlib
-
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
 NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
 
 

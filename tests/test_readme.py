@@ -5,10 +5,10 @@ import re
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from models.manifest import load_manifest
-from reference import PUBLISHED, build
+
+from reference import PUBLISHED, measure
 
 README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -34,12 +34,10 @@ def test_table_row_matches_the_code_and_the_manifest(name):
         assert (float(top1), float(top5), released) == (manifest[name].top1, manifest[name].top5, "yes")
     else:
         assert (top1, top5, released) == ("–", "–", "no")
-    model = build(name).eval()
-    assert int(size) == model.default_input_size[0]
-    assert int(params.replace(",", "")) == sum(p.numel() for p in model.parameters())
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(1, 3, *model.default_input_size))
-    assert macs == f"{counter.get_total_flops() / 2e6:.2f} M"
+    measured = measure(name)
+    assert int(size) == measured.input_size[0]
+    assert int(params.replace(",", "")) == measured.params
+    assert macs == f"{measured.macs / 1e6:.2f} M"
 
 
 def test_python_example_runs():
@@ -53,13 +51,11 @@ def test_python_example_runs():
 
 def test_pretrained_weights_example_runs(server, tmp_path, monkeypatch):
     from reference import checkpoint_bytes
-    from weights_server import checksums, write_manifest
+    from weights_server import weight_entry, write_manifest
 
     block = re.search(r"```python\n(from models import tinynet_a\n.*?)```", README, re.S)[1]
     data = checkpoint_bytes("tinynet_a")
-    manifest = write_manifest(tmp_path / "m.json", {"tinynet_a": [{
-        "urls": [server.add("/a.pth", data)], "format": "torch",
-        "checksums": {"sha256": checksums(data)["sha256"]}, "size": len(data)}]})
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_a": [weight_entry(server.add("/a.pth", data), data)]})
     monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", manifest)
     namespace = {}
     exec(compile(block, "README.md", "exec"), namespace)
@@ -69,6 +65,7 @@ def test_pretrained_weights_example_runs(server, tmp_path, monkeypatch):
     assert torch.equal(namespace["state"]["bn2.running_var"], expected["bn2.running_var"])
 
 
+@pytest.mark.slow
 def test_hub_examples_run(github_checkout, published, recwarn, tmp_path, monkeypatch):
     """Every python block that uses torch.hub, in order, against this checkout in the hub
     cache and the loopback weights server."""

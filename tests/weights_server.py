@@ -159,6 +159,15 @@ class WeightsServer:
         handler.end_headers()
 
 
+def weight_entry(urls, data: bytes, *, algos=("sha256",), size=True, fmt="torch", checksums_of=None) -> dict:
+    """A manifest file entry: ``data`` served at ``urls`` (one URL or a list), vouched for by
+    the digests ``algos`` of ``checksums_of`` (default: ``data`` itself) and, with ``size``,
+    its length."""
+    sums = checksums(data if checksums_of is None else checksums_of)
+    return {"urls": [urls] if isinstance(urls, str) else list(urls), "format": fmt,
+            "checksums": {a: sums[a] for a in algos}, "size": len(data) if size else None}
+
+
 def write_manifest(path, files_by_model: dict) -> str:
     """A manifest at ``path`` with the real models' metadata and the given file entries
     ({model: [{"urls": [...], "format": ..., "checksums": {...}, "size": ...}, ...]})."""
