@@ -97,3 +97,14 @@ def test_hub_examples_run(github_checkout, published, recwarn, tmp_path, monkeyp
     # (the served test weights are random and give logits ~1e5: compare to that scale)
     expected = namespace["fast"](x)
     assert (torch.from_numpy(onnx_out) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_argument_table_matches_the_help_source():
+    """The README's argument table and the builders' help text come from one source."""
+    from models.api import _ARGUMENT_DOCS
+
+    section = README.split("Every entry point takes the same arguments:", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| `(\w+)=([^`]+)` \|", section, re.M)
+    assert [name for name, _ in rows] == list(_ARGUMENT_DOCS)
+    for name, default in rows:
+        assert default == _ARGUMENT_DOCS[name][1], name
