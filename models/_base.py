@@ -1,7 +1,6 @@
 """The interface both model families share: argument checks, head, classifier, feature taps."""
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import numbers
@@ -55,26 +54,6 @@ def _check_drop_rate(value: Any) -> float:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"drop_rate must be in [0, 1), got {value}")
     return float(value)
-
-
-def reject_unknown_kwargs(builder: str, kwargs: dict, accepted: Iterable[str]) -> None:
-    """Raise a TypeError naming every unknown keyword, with a suggestion for typos.
-
-    The original GhostNet hub entry swallowed ``**kwargs``, so ``num_classes=10`` silently
-    built a 1000-class model; here a misspelt option stops the build.
-    """
-    accepted = sorted(accepted)
-    unknown = [key for key in kwargs if key not in accepted]
-    if not unknown:
-        return
-    parts = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, accepted, n=1)
-        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise TypeError(
-        f"{builder}() got unexpected keyword argument(s) {', '.join(parts)}; "
-        f"it accepts: {', '.join(accepted)}"
-    )
 
 
 class ImageClassifier(nn.Module):
