@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
@@ -188,7 +189,7 @@ class ImageClassifier(nn.Module):
             if i >= count:
                 raise ValueError(f"out_indices {tuple(out_indices)}: {i} is out of range; taps are 0..{count - 1}")
             indices.append(i % count)
-        if not indices or any(b <= a for a, b in zip(indices, indices[1:], strict=False)):
+        if not indices or any(b <= a for a, b in itertools.pairwise(indices)):
             raise ValueError(f"out_indices must be non-empty and strictly increasing, got {tuple(out_indices)}")
 
         selected = FeatureInfo(dict(self.feature_info[i], index=i) for i in indices)

@@ -191,7 +191,7 @@ def test_features_only_maps_and_feature_info(name):
     with torch.no_grad():
         maps = model(torch.randn(2, 3, height, width))
     assert [m.shape[1] for m in maps] == info.channels()
-    for feature, stride in zip(maps, info.reduction(), strict=False):
+    for feature, stride in zip(maps, info.reduction(), strict=True):
         h, w = height, width
         for _ in range(int(math.log2(stride))):
             h, w = math.ceil(h / 2), math.ceil(w / 2)
