@@ -159,7 +159,9 @@ def resolve_weights(model: str, weights: Any) -> Weights | None:
         return None
     if isinstance(weights, Weights):
         handle = weights
-    elif isinstance(weights, WeightsEnum):
+    elif isinstance(weights, enum.Enum) and type(weights).__name__ in _BY_CLASS_NAME:
+        # (also a member of another copy of this package: models, ghostnet_hub, torch.hub's)
+        weights = _BY_CLASS_NAME[type(weights).__name__][weights.name]
         if weights.model_name != model:
             raise ValueError(f"{weights!r} are the weights of {weights.model_name}, not of {model}")
         handle = weights.resolve()
