@@ -94,15 +94,17 @@ def _lines_outside_the_bar(stderr, marker):
     return [line.split("\r")[-1] for line in stderr.split("\n") if marker in line]
 
 
-def test_skip_messages_stay_out_of_the_progress_bar(imagefolder, tmp_path):
-    path = _checkpoint(tmp_path, "tinynet_e", 3, winner=0)
-    result = cli("predict", str(imagefolder), "--model", "tinynet_e", "--checkpoint", str(path),
-                 "--num-classes", "3", "--batch-size", "2")
+def test_skip_messages_stay_out_of_the_progress_bar(imagefolder, serve_fixed_logits):
+    serve_fixed_logits("tinynet_e", {0: 10.0})
+    result = cli("predict", str(imagefolder), "--model", "tinynet_e", "--batch-size", "2")
     assert result.returncode == 1 and "img/s" in result.stderr  # the bar was drawn
     (skipped,) = _lines_outside_the_bar(result.stderr, "skipped")
     assert skipped.startswith(str(imagefolder / "dogs" / "broken.jpg") + ": skipped")
-    evaluated = cli("evaluate", "--model", "tinynet_e", "--data", str(imagefolder), "--checkpoint", str(path),
-                    "--num-classes", "3", "--batch-size", "2", "--workers", "0")
-    assert "img/s" in evaluated.stderr
-    (skipped,) = _lines_outside_the_bar(evaluated.stderr, "skipped " + str(imagefolder))
+    (imagenet := imagefolder.parent / "imagenet").mkdir()  # evaluate: class folders named by WordNet id
+    for wnid, folder in zip(("n01440764", "n01443537", "n01484850"), ("cats", "dogs", "owls"), strict=True):
+        (imagefolder / folder).rename(imagenet / wnid)
+    evaluated = cli("evaluate", "--model", "tinynet_e", "--data", str(imagenet), "--batch-size", "2",
+                    "--workers", "0")
+    assert evaluated.returncode == 1 and "img/s" in evaluated.stderr
+    (skipped,) = _lines_outside_the_bar(evaluated.stderr, "skipped " + str(imagenet))
     assert skipped.startswith("rank 0: skipped ")

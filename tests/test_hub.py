@@ -155,6 +155,10 @@ def test_trust_repo_behaves_as_the_readme_says(github_checkout, monkeypatch):
     remembers it without asking; False asks every time; a local directory is never questioned."""
     import urllib.error
 
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert 'with the default `trust_repo="check"` it asks on stdin (y/N)' in readme
+    assert "`trust_repo=True` runs it without asking and adds it to that list" in readme
+
     asked = []
     answers = iter(["n", "y"])
     monkeypatch.setattr(builtins, "input", lambda prompt: asked.append(prompt) or next(answers))
