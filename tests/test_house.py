@@ -57,8 +57,8 @@ def test_every_public_builder_name_is_one_object():
 
 def test_keyword_arguments_are_checked_against_one_list():
     # The options are read from the class signature; a typo names the close match.
-    assert api.get_variant("tinynet_a").options == ("num_classes", "in_chans", "drop_rate", "features_only",
-                                                     "out_indices")
+    assert api.get_variant("tinynet_a").options == ("num_classes", "in_chans", "drop_rate", "drop_path_rate",
+                                                     "features_only", "out_indices")
     with pytest.raises(TypeError, match="'in_chan' \\(did you mean 'in_chans'\\?\\)"):
         models.tinynet_a(in_chan=1)
 

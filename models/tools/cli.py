@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from .. import api, download
+from .. import __version__, api, download
 from .._hashing import sha256_file
 from ..cache import CacheDirError, default_cache_dir, verify_cached
 from ..manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
@@ -181,6 +181,7 @@ def _check(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m models", description="GhostNet and TinyNet weights and tools.")
+    parser.add_argument("--version", action="version", version=f"ghostnet-hub {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     add_command(commands, "list", _list,
