@@ -1,5 +1,6 @@
-"""PyTorch Hub entry points: GhostNet 1.0x and TinyNet A-E with verified ImageNet weights,
-and GhostNet 0.5x / 1.3x without. ``torch.hub.help(repo, name)`` documents each."""
+"""PyTorch Hub entry points: GhostNet 1.0x and TinyNet A-E with verified ImageNet weights
+(``weights="DEFAULT"``, as in torchvision; ``pretrained=True`` too), and GhostNet 0.5x / 1.3x
+without. ``torch.hub.help(repo, name)`` documents each."""
 import hashlib as _hashlib
 import importlib as _importlib
 import importlib.util as _importlib_util

@@ -191,7 +191,7 @@ class GhostNet(ImageClassifier):
 
 
 # The published widths. Adding one: a row here, its entry point lines in api.py and hubconf.py,
-# and (with released weights) a manifest entry; see CONTRIBUTING.md.
+# and (with released weights) a manifest entry and its weights enum in pretrained.py; see CONTRIBUTING.md.
 VARIANTS = {
     "ghostnet_0_5x": Variant(GhostNet, {"width": 0.5}, "GhostNet 0.5x (Han et al., CVPR 2020)", "ghostnet_050",
                              num_params=2_587_292, macs=42_328_152),

@@ -174,7 +174,8 @@ class TinyNet(ImageClassifier):
 
 
 # The published models, from the paper's (resolution, width, depth) factors. Adding one: a row
-# here, its entry point lines in api.py and hubconf.py, and a manifest entry; see CONTRIBUTING.md.
+# here, its entry point lines in api.py and hubconf.py, a manifest entry and its weights enum in
+# pretrained.py; see CONTRIBUTING.md.
 _FACTORS = {
     "tinynet_a": (0.86, 1.0, 1.2),
     "tinynet_b": (0.84, 0.75, 1.1),
