@@ -175,7 +175,9 @@ def test_hub_examples_run(github_checkout, published, recwarn, tmp_path, monkeyp
         # (the served test weights are random and give logits ~1e5: compare to that scale)
         expected = namespace["fast"](x)
         assert onnx_out.shape == (batch, 1000)
-        assert (torch.from_numpy(onnx_out) - expected).abs().max() <= 1e-4 * expected.abs().max()
+        # batch 1 as before; another batch size runs other kernels, within #13's export bound
+        tolerance = 1e-5 if batch == 1 else 1e-4
+        assert (torch.from_numpy(onnx_out) - expected).abs().max() <= tolerance * expected.abs().max()
 
 
 def test_onnx_example_names_the_extra_that_provides_it():
