@@ -43,7 +43,8 @@ def assert_cache_holds_only_verified(cache, file, expect_final=True):
         assert checksums(final.read_bytes())["sha256"] == checksums(DATA)["sha256"]
     for path in cache.iterdir():
         if path != final:
-            assert path.name.endswith((".lock", ".partial", ".sha256")) or ".corrupt-" in path.name, path.name
+            assert path.name.endswith((".lock", ".partial", ".partial.json", ".sha256", ".failures")) \
+                or ".corrupt-" in path.name, path.name
 
 
 # 1 ----------------------------------------------------------------------------------------
