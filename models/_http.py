@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import requests
 from tqdm import tqdm
-from urllib3.exceptions import ReadTimeoutError
 
 from ._hashing import Digests, hash_file
 from .cache import Target, discard_partial, partial_meta, resume_point
@@ -46,7 +45,7 @@ class DownloadOptions:
     ``$GHOSTNET_HUB_DEADLINE``, else 900); ``max_bytes``: cap on a body of unrecorded size
     (default ``$GHOSTNET_HUB_MAX_BYTES``, else 1 GiB)."""
 
-    timeout: tuple[float, float] = (10.0, 60.0)
+    timeout: tuple[float, float] = (10.0, 20.0)
     retries: int = 4  # per URL, after the first attempt, for transient failures only
     backoff: float = 1.0  # first wait in seconds, doubled each retry
     max_wait: float = 60.0  # cap on any wait, Retry-After included
@@ -131,6 +130,8 @@ def _classify(exc: requests.RequestException, url: str) -> tuple[bool, str, bool
         return False, f"cannot fetch {failed_url!r} (unsupported or invalid URL)", False
     if isinstance(exc, requests.exceptions.ContentDecodingError):
         return False, "the encoded body could not be decoded", False
+    from urllib3.exceptions import ReadTimeoutError  # (requests' own dependency; not one of hubconf's)
+
     cause = _root_cause(exc)
     if isinstance(exc, requests.exceptions.SSLError) or isinstance(cause, ssl.SSLError):
         reason = getattr(cause, "reason", None) or str(cause).split(":")[-1].strip(" )'\"") or "handshake failed"
@@ -250,7 +251,7 @@ def transfer(http: requests.Session, url: str, partial: pathlib.Path, target: Ta
 
     def once(timeout) -> Digests:
         nonlocal digests, resumed
-        offset, headers = resume_point(partial, target, url, cap)
+        offset, headers = resume_point(partial, target, cap)
         with http.get(url, headers=headers, stream=True, timeout=timeout) as response:
             status = response.status_code
             if status == 416 and offset:  # our partial is not a prefix the server knows
@@ -305,7 +306,7 @@ def _check_answer(response, partial: pathlib.Path, target: Target, offset: int, 
     if free is not None and needed > free:
         raise WriteFailed(partial.parent, needed)
     if offset == 0:
-        meta = {"url": url, "etag": response.headers.get("ETag"), "encoded": encoded,
+        meta = {"etag": response.headers.get("ETag"), "encoded": encoded,
                 "last_modified": response.headers.get("Last-Modified")}
         try:
             pathlib.Path(f"{partial}.json").write_text(json.dumps(meta))

@@ -151,7 +151,7 @@ def discard_partial(partial: pathlib.Path) -> None:
             path.unlink()
 
 
-def resume_point(partial: pathlib.Path, target: Target, url: str, cap: int) -> tuple[int, dict]:
+def resume_point(partial: pathlib.Path, target: Target, cap: int) -> tuple[int, dict]:
     """(offset, headers) for the next request: resume only a plain file of ours that the
     server can prove unchanged (If-Range) or that a recorded checksum will check."""
     try:
@@ -162,7 +162,7 @@ def resume_point(partial: pathlib.Path, target: Target, url: str, cap: int) -> t
         set_aside(partial, "not a regular file")
         return 0, {}
     meta = partial_meta(partial)
-    validator = _validator(meta) if meta.get("url") == url and not meta.get("encoded") else None
+    validator = None if meta.get("encoded") else _validator(meta)  # (the file name is per URL)
     limit = target.size if target.size is not None else cap
     if st.st_size == 0 or st.st_size > limit or meta.get("encoded") or not (validator or target.checksums):
         discard_partial(partial)
@@ -316,14 +316,20 @@ def _failure_record(final: pathlib.Path) -> pathlib.Path:
     return final.with_name(final.name + ".failures")
 
 
+def _urls_key(urls: Sequence[str]) -> str:
+    # URLs may carry tokens (a mirror's query): the record keeps only their hash.
+    return hashlib.sha256("\n".join(urls).encode()).hexdigest()
+
+
 def record_failures(final: pathlib.Path, urls: Sequence[str], failures: Sequence[tuple[str, str]]) -> None:
-    """Written under the lock when every source failed, so that processes waiting on the
-    lock fail at once with the same reasons instead of retrying the same dead sources."""
+    """Written under the lock when every source failed (one reason per URL, in order), so
+    that processes waiting on the lock fail at once with the same reasons instead of
+    retrying the same dead sources."""
     record = _failure_record(final)
     tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
     with contextlib.suppress(OSError):
-        tmp.write_text(json.dumps({"time": time.time(), "pid": os.getpid(), "urls": list(urls),
-                                   "failures": [list(f) for f in failures]}))
+        tmp.write_text(json.dumps({"time": time.time(), "pid": os.getpid(), "urls": _urls_key(urls),
+                                   "reasons": [reason for _, reason in failures]}))
         os.replace(tmp, record)
 
 
@@ -332,13 +338,14 @@ def recent_failures(final: pathlib.Path, urls: Sequence[str], waiting_since: flo
     the lock; None if there is no such record. (A process that comes later tries again.)"""
     try:
         data = json.loads(_read_small(_failure_record(final)))
-        when, pid, recorded, failures = data["time"], data["pid"], data["urls"], data["failures"]
+        when, pid, recorded, reasons = data["time"], data["pid"], data["urls"], data["reasons"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if recorded != list(urls) or when < waiting_since:
+    if recorded != _urls_key(urls) or len(reasons) != len(urls) or when < waiting_since:
         return None
     ago = max(0.0, time.time() - when)
-    return [(url, f"{reason} (found by process {pid} {ago:.0f} s ago)") for url, reason in failures]
+    return [(url, f"{reason} (found by process {pid} {ago:.0f} s ago)") for url, reason in zip(urls, reasons,
+                                                                                                strict=True)]
 
 
 def forget_failures(final: pathlib.Path) -> None:
