@@ -182,12 +182,8 @@ def _download_verified(http, url: str, partial: pathlib.Path, target: Target, op
 
 def _publish(partial: pathlib.Path, final: pathlib.Path, target: Target) -> None:
     """Give the verified ``partial`` its final name, remembering the inode (see cache.load_bytes)."""
-    fd = os.open(partial, os.O_RDONLY)
-    try:
-        os.replace(partial, final)
-        remember(final, os.fstat(fd), target)
-    finally:
-        os.close(fd)
+    os.replace(partial, final)
+    remember(final, os.stat(final), target)  # (under the lock: only an outsider could swap it between)
     discard_partial(partial)  # its resume record
     for leftover in final.parent.glob(f"{final.name}.*.partial"):  # from sources that failed
         discard_partial(leftover)
@@ -209,7 +205,6 @@ def _fetch(target: Target, *, progress: bool, options: DownloadOptions | None, c
     """(verified local copy of ``target``, failures of sources tried before the one that
     worked). ``found``: what ``verify_file`` already said about the cached copy, if asked."""
     options = options or DownloadOptions()
-    deadline, _ = options.limits()
     dead_hosts = {} if dead_hosts is None else dead_hosts
     directory = cache_dir(cache, writable=False)
     final = entry_path(directory, target.cache_name)
@@ -220,6 +215,7 @@ def _fetch(target: Target, *, progress: bool, options: DownloadOptions | None, c
     urls = _urls(target, mirror)
     if offline and found is None:
         raise _offline_error(target, final, urls)
+    deadline, _ = options.limits()  # (a bad setting does not stand in the way of a cache hit)
     try:
         cache_dir(cache)
     except CacheDirError as exc:
