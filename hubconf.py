@@ -1,12 +1,14 @@
 """PyTorch Hub entry points: GhostNet 1.0x and TinyNet A-E with verified ImageNet weights,
 and GhostNet 0.5x / 1.3x without. ``torch.hub.help(repo, name)`` documents each."""
 import hashlib as _hashlib
+import importlib as _importlib
 import importlib.util as _importlib_util
 import pathlib as _pathlib
 import sys as _sys
 
-# Third-party packages imported when this file is imported (by the package it loads).
-dependencies = ["torch", "requests", "filelock", "tqdm"]
+# The third-party modules that loading a model and using it import (torch.hub checks that each
+# can be imported; "PIL" is pillow). tests/test_hub.py derives this list from real imports.
+dependencies = ["torch", "torchvision", "PIL", "requests", "filelock", "tqdm", "safetensors"]
 
 
 def _load_package():
@@ -28,6 +30,9 @@ def _load_package():
     except BaseException:
         del _sys.modules[name]
         raise
+    # Pickle cannot import a private name in a new process: the package's objects pickle as
+    # "run this file again, then rebuild" instead (torch.save(model), mp.spawn, DataLoader workers).
+    _importlib.import_module(f"{name}._portable").pickle_by_path(_pathlib.Path(__file__).resolve())
     return module
 
 

@@ -134,7 +134,7 @@ def build_with_weights(name: str, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tinynet_a", choices=models.list_models(pretrained_only=True))
+    parser.add_argument("--model", default="tinynet_a", choices=models.list_models(pretrained=True))
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs")

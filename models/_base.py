@@ -1,8 +1,8 @@
 """The interface both model families share: argument checks, head, classifier, feature taps."""
 from __future__ import annotations
 
-import difflib
 import inspect
+import itertools
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import init_weights
 
@@ -49,82 +50,114 @@ def check_positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def _check_drop_rate(value: Any) -> float:
+def _check_rate(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"drop_rate must be a number, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {value}")
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
     return float(value)
 
 
-def reject_unknown_kwargs(builder: str, kwargs: dict, accepted: Iterable[str]) -> None:
-    """Raise a TypeError naming every unknown keyword, with a suggestion for typos.
+# ImageNet's mean and standard deviation, per RGB channel: what both families were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GLOBAL_POOLS = ("avg", "max")
 
-    The original GhostNet hub entry swallowed ``**kwargs``, so ``num_classes=10`` silently
-    built a 1000-class model; here a misspelt option stops the build.
-    """
-    accepted = sorted(accepted)
-    unknown = [key for key in kwargs if key not in accepted]
-    if not unknown:
-        return
-    parts = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, accepted, n=1)
-        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise TypeError(
-        f"{builder}() got unexpected keyword argument(s) {', '.join(parts)}; "
-        f"it accepts: {', '.join(accepted)}"
-    )
+
+def _shape_error(name: str, in_chans: int, shape: list[int]) -> str:
+    # Plain string building: TorchScript compiles this too.
+    hint = ""
+    if len(shape) == 4:
+        hint = "; build the model with in_chans=" + str(shape[1]) + " for such input"
+    return (name + " expects a batch of images shaped (N, " + str(in_chans) + ", H, W), got ("
+            + ", ".join([str(d) for d in shape]) + ")" + hint)
 
 
 class ImageClassifier(nn.Module):
     """Base of GhostNet and TinyNet: stem, ``blocks`` stages, a pooled head, a classifier.
 
     Subclasses build ``conv_stem``/``bn1``/``act1``, ``blocks`` (an ``nn.Sequential`` of
-    stages), any modules named in ``_TAIL_NAMES`` (the end of ``forward_features``), and
-    ``_pre_logits`` (pooling and head convolution, giving ``head_hidden_size`` values); then
-    they call ``_finish_init``.
+    stages), any modules named in ``_TAIL_NAMES`` (the end of ``forward_features``, run by
+    ``_forward_tail``), and ``_pre_logits`` (pooling and head convolution, giving
+    ``head_hidden_size`` values); then they call ``_finish_init``.
+
+    ``forward`` compiles with ``torch.jit.script`` (unfused and fused): the flags it branches
+    on are TorchScript constants, read when the model is scripted.
     """
 
+    __constants__ = ["features_only", "channels_last", "global_pool"]
+    __jit_unused_properties__ = ["default_cfg"]
     _STEM_NAMES = ("conv_stem", "bn1", "act1")
     _TAIL_NAMES: tuple[str, ...] = ()
     # Modules only the classification head uses, dropped in features_only mode.
     _HEAD_NAMES: tuple[str, ...] = ()
+    # How images are resized for evaluation, for the recipe in ``pretrained_cfg``.
+    _INTERPOLATION = "bicubic"
 
-    def __init__(self, *, num_classes: int, in_chans: int, drop_rate: float):
+    def __init__(self, *, num_classes: int, in_chans: int, drop_rate: float, drop_path_rate: float):
         super().__init__()
         self.num_classes = check_int("num_classes", num_classes, 0)
         self.in_chans = check_int("in_chans", in_chans, 1)
-        self.drop_rate = _check_drop_rate(drop_rate)
+        self.drop_rate = _check_rate("drop_rate", drop_rate)
+        self.drop_path_rate = _check_rate("drop_path_rate", drop_path_rate)
         self.features_only = False
         self.fused = False  # set by fuse(): BatchNorm folded, eval-only
         self.channels_last = False
+        self.grad_checkpointing = False
+        self.global_pool = "avg"
         self.feature_info = FeatureInfo()
         self.num_features = 0
         self.head_hidden_size = 0
+        self._type_name = type(self).__name__
+        self._stem_tap = False
+        self._tap_mask: list[bool] = []
 
     def _finish_init(self, features_only: bool, out_indices: Sequence[int]) -> None:
         if not isinstance(features_only, bool):
             raise TypeError(f"features_only must be True or False, got {features_only!r}")
         self.reset_classifier(self.num_classes)
+        # timm's description of the input the model expects (timm.data.resolve_data_config reads
+        # it); the builders put the published recipe of the named model here.
+        self.pretrained_cfg = {
+            "input_size": (self.in_chans, *self.default_input_size),
+            "interpolation": self._INTERPOLATION,
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "num_classes": self.num_classes,
+            "first_conv": "conv_stem",
+            "classifier": "classifier",
+        }
         if features_only:
             self._keep_only_features(out_indices)
         elif tuple(out_indices) != tuple(range(len(self.feature_info))):
             raise ValueError("out_indices only applies with features_only=True")
 
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of ``pretrained_cfg``."""
+        return self.pretrained_cfg
+
     # -- classification ---------------------------------------------------------------
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a fresh one for ``num_classes`` (0: no classifier).
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier by a fresh one for ``num_classes`` (0: no classifier), as
+        timm's ``reset_classifier``; ``global_pool`` ("avg", "max") changes the pooling too.
 
         The new layer takes ``head_hidden_size`` inputs (the pooled head width, 1280), on
-        the device and dtype of the model.
+        the device and dtype of the model, in the model's train/eval mode.
         """
         if self.features_only:
             raise RuntimeError("a features_only model has no classifier to reset")
         num_classes = check_int("num_classes", num_classes, 0)
+        if global_pool is not None:
+            if global_pool not in _GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {', '.join(map(repr, _GLOBAL_POOLS))}, "
+                                 f"got {global_pool!r}")
+            self.global_pool = global_pool
         if num_classes == 0:
             classifier: nn.Module = nn.Identity()
         else:
@@ -133,6 +166,16 @@ class ImageClassifier(nn.Module):
             init_weights(classifier)
         self.classifier = classifier.train(self.training)
         self.num_classes = num_classes
+
+    # -- training ---------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage's activations in the backward pass instead of keeping them
+        (non-reentrant ``torch.utils.checkpoint``), as timm's ``set_grad_checkpointing``: less
+        memory for some more compute, the same gradients. (BatchNorm's running statistics
+        see each batch twice while it is on: once more in the recomputation.)"""
+        if not isinstance(enable, bool):
+            raise TypeError(f"enable must be True or False, got {enable!r}")
+        self.grad_checkpointing = enable
 
     # -- inference form ---------------------------------------------------------------
     def fuse(self, channels_last: bool = False) -> ImageClassifier:
@@ -161,23 +204,35 @@ class ImageClassifier(nn.Module):
         return stages
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            hint = f"; build the model with in_chans={x.shape[1]} for such input" if x.dim() == 4 else ""
-            raise ValueError(
-                f"{type(self).__name__} expects a batch of images shaped "
-                f"(N, {self.in_chans}, H, W), got {tuple(x.shape)}{hint}"
-            )
+        if x.dim() != 4 or x.size(1) != self.in_chans:
+            raise ValueError(_shape_error(self._type_name, self.in_chans, x.size()))
         # Weights in channels_last want their input in that layout too.
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        if self.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            for stage in self.blocks:
+                x = checkpoint(stage, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
+
+    def _forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch -> last feature map (N, ``num_features``, H/32, W/32)."""
         if self.features_only:
             raise RuntimeError("a features_only model returns its feature maps from model(x)")
         x = self._prepare_input(x)
-        for _, module in self._stages():
-            x = module(x)
-        return x
+        x = self.act1(self.bn1(self.conv_stem(x)))
+        return self._forward_tail(self._forward_blocks(x))
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "max":
+            return F.adaptive_max_pool2d(x, 1)
+        return F.adaptive_avg_pool2d(x, 1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map -> logits, or the pooled (N, ``head_hidden_size``) features."""
@@ -209,7 +264,7 @@ class ImageClassifier(nn.Module):
             if i >= count:
                 raise ValueError(f"out_indices {tuple(out_indices)}: {i} is out of range; taps are 0..{count - 1}")
             indices.append(i % count)
-        if not indices or any(b <= a for a, b in zip(indices, indices[1:], strict=False)):
+        if not indices or any(b <= a for a, b in itertools.pairwise(indices)):
             raise ValueError(f"out_indices must be non-empty and strictly increasing, got {tuple(out_indices)}")
 
         selected = FeatureInfo(dict(self.feature_info[i], index=i) for i in indices)
@@ -226,16 +281,28 @@ class ImageClassifier(nn.Module):
             del self.blocks
         self.feature_info = selected
         self._tap_names = frozenset(selected.module_name())
+        # The same taps as forward (and TorchScript) reads them: the stem, and a flag per stage.
+        self._stem_tap = "conv_stem" in self._tap_names
+        self._tap_mask = [f"blocks.{i}" in self._tap_names for i in range(len(kept_blocks))]
         self.features_only = True
         self.num_classes = 0
 
     def _forward_taps(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self._prepare_input(x)
-        maps = []
-        for name, module in self._stages():
-            x = module(x)
-            if name in self._tap_names:
-                maps.append(x)
+        maps: list[torch.Tensor] = []
+        x = self.conv_stem(x)
+        if self._stem_tap:
+            maps.append(x)
+        # The modules after the last tap are gone (hasattr is resolved when scripting).
+        if hasattr(self, "bn1"):
+            x = self.bn1(x)
+        if hasattr(self, "act1"):
+            x = self.act1(x)
+        if hasattr(self, "blocks"):
+            for i, stage in enumerate(self.blocks):
+                x = stage(x)
+                if self._tap_mask[i]:
+                    maps.append(x)
         return maps
 
 

@@ -1,6 +1,6 @@
 """The public API: model builders with pretrained weights and devices, torchvision style.
 
-``tinynet_a(pretrained=True, device="cuda")`` builds the module with no random init (on the
+``tinynet_a(weights="DEFAULT", device="cuda")`` builds the module with no random init (on the
 meta device), fetches the verified weights straight onto ``device``, and loads them strictly.
 The same builders are the torch.hub entry points (see ``hubconf.py``). The registry is the
 family modules' ``VARIANTS`` tables; nothing here is written per model but the entry points.
@@ -8,9 +8,12 @@ family modules' ``VARIANTS`` tables; nothing here is written per model but the e
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import os
+import pathlib
+import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -18,7 +21,9 @@ import torch
 
 from . import ghostnet, tinynet
 from ._base import ImageClassifier, Variant
-from .manifest import DEFAULT_MANIFEST, Manifest, load_manifest
+from ._devices import resolve_device
+from .manifest import DEFAULT_MANIFEST, Manifest, ModelEntry, load_manifest
+from .pretrained import WeightsEnum, get_model_weights, get_weight, resolve_weights
 from .weights import Weights, get_weights, user_state_dict
 
 # Where this repository lives on GitHub, for the examples in the help text.
@@ -30,27 +35,34 @@ _VARIANTS: dict[str, Variant] = {**ghostnet.VARIANTS, **tinynet.VARIANTS}
 # ``Variant.options``): type, default, what it does. The one source of the help text; the
 # README's argument table is tested against it.
 _ARGUMENT_DOCS = {
-    "pretrained": ("bool", "False", "load the published ImageNet weights, verified against "
-                   "weights_manifest.json (downloaded once, then read from the cache); the model comes back "
-                   "in eval mode."),
+    "pretrained": ("bool", "False", "the same as weights='DEFAULT', as in the original hub entry and timm."),
+    "weights": ("str | WeightsEnum", "None", "published ImageNet weights, named as in torchvision: 'DEFAULT', "
+                "'IMAGENET1K_V1', TinyNet_A_Weights.DEFAULT or 'TinyNet_A_Weights.IMAGENET1K_V1'. They are "
+                "verified against weights_manifest.json (downloaded once, then read from the cache) and the model "
+                "comes back in eval mode. A file path or URL here is an error: that is checkpoint=."),
     "progress": ("bool", "True", "show the download progress bar on stderr."),
     "device": ("", "None", "'cpu' (default), 'cuda', 'cuda:1', 'mps' or a torch.device; weights load "
                "straight onto it."),
-    "num_classes": ("int", "1000", "classifier outputs. With pretrained=True and a value other than 1000 the "
-                    "backbone is pretrained and the head is new (a warning says so); 0 returns the pooled "
-                    "1280-d features."),
-    "weights": ("str | path", "None", "a local path or http(s) URL of your own checkpoint (e.g. fine-tuned), "
-                "loaded strictly; training checkpoints ({'state_dict': ...}, DDP 'module.') are unwrapped."),
-    "weights_sha256": ("str", "None", "the SHA-256 that the weights= file must have."),
+    "num_classes": ("int", "1000", "classifier outputs. With published weights and another value the backbone is "
+                    "pretrained and the head is new: a warning says so and the model comes back in train mode, "
+                    "ready to fine-tune. 0 returns the pooled 1280-d features."),
+    "checkpoint": ("str | path", "None", "your own checkpoint (e.g. fine-tuned), a local path or http(s) URL, "
+                   "loaded strictly and without running code from it; training checkpoints ({'state_dict': ...}, "
+                   "DDP 'module.') are unwrapped. The model comes back in eval mode."),
+    "checkpoint_sha256": ("str", "None", "the SHA-256 that the checkpoint= file must have."),
     "in_chans": ("int", "3", "input channels; pretrained stem filters are adapted."),
     "drop_rate": ("float", "0.2", "dropout before the classifier during training."),
+    "drop_path_rate": ("float", "0.0", "stochastic depth for training, as timm's: residual branches are dropped "
+                       "with a probability rising linearly to this at the last block; 0 leaves the model as it was."),
     "features_only": ("bool", "False", "return feature maps at strides 2..32 instead of logits."),
     "out_indices": ("tuple", "(0, 1, 2, 3, 4)", "which feature maps features_only returns."),
     "fuse": ("bool", "False", "fold BatchNorm into the convolutions for faster inference (eval-only model)."),
     "channels_last": ("bool", "False", "keep weights and inputs in channels_last memory layout."),
 }
-_BUILD_ARGUMENTS = ("pretrained", "progress", "device", "num_classes", "weights", "weights_sha256", "fuse",
-                    "channels_last")
+_BUILD_ARGUMENTS = ("pretrained", "weights", "progress", "device", "num_classes", "checkpoint", "checkpoint_sha256",
+                    "fuse", "channels_last")
+# Spellings that changed: using one is an error that names the new one.
+_RENAMED = {"weights_sha256": "checkpoint_sha256"}
 
 
 @lru_cache(maxsize=1)
@@ -59,11 +71,36 @@ def _default_manifest() -> Manifest:
     return load_manifest(DEFAULT_MANIFEST)
 
 
-def list_models(pretrained_only: bool = False) -> list[str]:
-    """Names of the models; with ``pretrained_only`` those with released weights."""
-    if pretrained_only:
-        return [name for name in _VARIANTS if name in load_manifest().models]
-    return list(_VARIANTS)
+def _patterns(argument: str, value: str | Sequence[str] | None) -> list[str]:
+    patterns = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"list_models {argument} must be a wildcard pattern or a list of them, e.g. 'tinynet*', "
+                        f"got {type(value).__name__} {value!r}")
+    return [p for p in patterns if p]
+
+
+def list_models(filter: str | Sequence[str] = "", *, pretrained: bool = False,
+                include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
+                **removed: Any) -> list[str]:
+    """Names of the models, in registry order, as timm's and torchvision's ``list_models``:
+    ``filter`` / ``include`` keep the names matching any of the wildcard patterns (``"tinynet*"``),
+    ``exclude`` drops those matching any, ``pretrained=True`` keeps those with released weights."""
+    if "pretrained_only" in removed:
+        raise TypeError("list_models(pretrained_only=...) is now list_models(pretrained=...), as in timm")
+    if removed:
+        raise TypeError(f"list_models() got unexpected keyword argument(s) {', '.join(map(repr, removed))}")
+    _check_flag("pretrained", pretrained)
+    names = list(_VARIANTS)
+    for argument, value in (("filter", filter), ("include", include)):
+        patterns = _patterns(argument, "" if value is None else value)
+        if patterns:
+            names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    excluded = _patterns("exclude", "" if exclude is None else exclude)
+    names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in excluded)]
+    if pretrained:
+        released = load_manifest().models
+        names = [n for n in names if n in released]
+    return names
 
 
 def get_variant(name: str) -> Variant:
@@ -83,6 +120,10 @@ def _reject_unknown_kwargs(builder: str, kwargs: dict, accepted: Iterable[str]) 
     unknown = [key for key in kwargs if key not in accepted]
     if not unknown:
         return
+    renamed = [key for key in unknown if key in _RENAMED]
+    if renamed:
+        raise TypeError(f"{builder}(): {renamed[0]}= is now {_RENAMED[renamed[0]]}= (your own file goes to "
+                        "checkpoint=; weights= names published weights, as in torchvision)")
     parts = []
     for key in unknown:
         close = difflib.get_close_matches(key, accepted, n=1)
@@ -91,46 +132,6 @@ def _reject_unknown_kwargs(builder: str, kwargs: dict, accepted: Iterable[str]) 
         f"{builder}() got unexpected keyword argument(s) {', '.join(parts)}; "
         f"it accepts: {', '.join(accepted)}"
     )
-
-
-# -- devices ------------------------------------------------------------------------------
-
-def _available_devices() -> list[str]:
-    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        devices.append("mps")
-    return devices
-
-
-def resolve_device(device: Any) -> torch.device:
-    """A usable torch.device, or a ValueError that names it and what this machine has."""
-    if device is None:
-        return torch.device("cpu")
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be a string or torch.device, got {type(device).__name__} {device!r}")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ValueError(
-            f"device {device!r} is not a device name torch understands (such as 'cpu', 'cuda', 'cuda:1', "
-            f"'mps'); available here: {', '.join(_available_devices())}"
-        ) from None
-    if resolved.type == "cpu":
-        return torch.device("cpu")
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = resolved.index if resolved.index is not None else (torch.cuda.current_device() if count else 0)
-        if index < count:
-            return torch.device("cuda", index)
-        reason = (f"this machine has {count} CUDA device(s)" if count else
-                  f"CUDA is not available (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})")
-    elif resolved.type == "mps":
-        if torch.backends.mps.is_available():
-            return resolved
-        reason = "MPS is not available"
-    else:
-        reason = f"device type {resolved.type!r} is not supported here"
-    raise ValueError(f"device {device!r} cannot be used: {reason}; available here: {', '.join(_available_devices())}")
 
 
 # -- building -----------------------------------------------------------------------------
@@ -161,19 +162,20 @@ def get_model(
     name: str,
     *,
     pretrained: bool = False,
+    weights: WeightsEnum | Weights | str | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
     num_classes: int = 1000,
-    weights: Weights | str | os.PathLike | None = None,
-    weights_sha256: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_sha256: str | None = None,
     fuse: bool = False,
     channels_last: bool = False,
     **options: Any,
 ) -> ImageClassifier:
     """Build model ``name``; see ``help(models.tinynet_a)`` for the arguments.
 
-    ``weights`` may also be a ``Weights`` (published weights, e.g. from another manifest:
-    ``get_weights(name, manifest)``), which is what ``pretrained=True`` uses by default.
+    ``weights`` may also be a ``Weights`` handle from another manifest, ``get_weights(name,
+    manifest)``, which is how the command-line tools pass ``--manifest``.
     """
     variant = get_variant(name)
     _reject_unknown_kwargs(name, options, _BUILD_ARGUMENTS + variant.options)
@@ -181,17 +183,19 @@ def get_model(
                         ("channels_last", channels_last)):
         _check_flag(flag, value)
     if pretrained and weights is not None:
-        raise ValueError("pass pretrained=True (the published weights) or weights=<your checkpoint>, not both")
-    if weights_sha256 is not None and (weights is None or isinstance(weights, Weights)):
-        raise ValueError("weights_sha256 checks a file given with weights=; none was given")
+        raise ValueError("pretrained=True is weights='DEFAULT': pass one of them, not both")
+    # Resolved before anything is built or downloaded: a model without weights fails here.
+    published = resolve_weights(name, "DEFAULT" if pretrained else weights)
+    if checkpoint is not None:
+        if published is not None:
+            raise ValueError("pass published weights (weights=, pretrained=True) or your checkpoint=, not both")
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a path or URL, got {type(checkpoint).__name__} {checkpoint!r}")
+    elif checkpoint_sha256 is not None:
+        raise ValueError("checkpoint_sha256 checks the file given with checkpoint=; none was given")
     target = resolve_device(device)
-    # Fails early, before any download, for a variant without weights.
-    published = get_weights(name) if pretrained else weights if isinstance(weights, Weights) else None
-    if published is not None and published.name != name:
-        raise ValueError(f"weights for {published.name} cannot be loaded into {name}")
-    checkpoint = None if published is not None else weights
     model = _build(name, variant, target=target, num_classes=num_classes, published=published,
-                   checkpoint=checkpoint, checkpoint_sha256=weights_sha256, progress=progress, options=options)
+                   checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256, progress=progress, options=options)
     if fuse:
         model.fuse(channels_last=channels_last)
     elif channels_last:
@@ -200,14 +204,37 @@ def get_model(
     return model
 
 
+# Files whose frames a warning about the user's call skips: this package, hubconf.py and torch.hub.
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+_INTERNAL_FILES = (str(_PACKAGE_DIR.parent / "hubconf.py"), os.path.realpath(torch.hub.__file__))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by this function's caller point at the
+    first line outside this package: the user's ``tinynet_a(...)``, ``get_model(...)`` or
+    ``torch.hub.load(...)``, whichever entry was used."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        path = os.path.realpath(frame.f_code.co_filename)
+        if not (path.startswith(str(_PACKAGE_DIR) + os.sep) or path in _INTERNAL_FILES):
+            return level
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _recipe(name: str, published: Weights | None) -> ModelEntry | None:
+    if published is not None:
+        return published.entry
+    return _default_manifest().models.get(name)
+
+
 def _build(name: str, variant: Variant, *, target: torch.device, num_classes: int, published: Weights | None,
            checkpoint: str | os.PathLike | None, checkpoint_sha256: str | None, progress: bool,
            options: dict) -> ImageClassifier:
     if published is None and checkpoint is None:
         with torch.device(target):  # random init happens on the device itself
             model = variant.build(num_classes=num_classes, **options)
-        model.pretrained_weights = None
-        return model
+        return _describe(model, name, published)
 
     # Built on the meta device: no memory, no random init to be overwritten.
     load_classes = 1000 if published is not None else num_classes
@@ -230,20 +257,37 @@ def _build(name: str, variant: Variant, *, target: torch.device, num_classes: in
         source = f"the published {name} weights" if published is not None else os.fspath(checkpoint)
         raise RuntimeError(f"{source} do not fit {name} built with {options or 'default options'} "
                            f"and num_classes={load_classes}:\n{exc}") from None
+    new_head = published is not None and not model.features_only and num_classes not in (load_classes, 0)
     if published is not None and not model.features_only and num_classes != load_classes:
         model.reset_classifier(num_classes)  # on the device, freshly initialised
-        if num_classes:
-            warnings.warn(
-                f"{name}: pretrained backbone loaded; the classifier for num_classes={num_classes} is new "
-                "and untrained (the published head has 1000 ImageNet classes)",
-                UserWarning,
-                stacklevel=3,
-            )
+    if new_head:
+        warnings.warn(
+            f"{name}: pretrained backbone loaded; the classifier for num_classes={num_classes} is new and untrained "
+            "(the published head has 1000 ImageNet classes). The model is in train mode, ready to fine-tune.",
+            UserWarning,
+            stacklevel=_user_stacklevel(),
+        )
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # would be a bug: every tensor must have come from the file or a fresh init
         raise RuntimeError(f"{name}: tensors not loaded: {leftover[:5]}")
+    # Loaded weights are for inference; a new head is for training (BatchNorm must not stay frozen).
+    return _describe(model.train(new_head), name, published)
+
+
+def _describe(model: ImageClassifier, name: str, published: Weights | None) -> ImageClassifier:
+    """Record what the model was built from: its published weights, and in ``pretrained_cfg``
+    (timm's) the input it expects: the published recipe of ``name``."""
     model.pretrained_weights = published
-    return model.eval()
+    e = _recipe(name, published)
+    if e is not None:
+        model.pretrained_cfg.update(
+            architecture=name, input_size=(model.in_chans, e.input_size, e.input_size),
+            interpolation=e.interpolation, crop_pct=e.crop_ratio, mean=tuple(e.mean), std=tuple(e.std),
+            num_classes=1000, license=e.license, paper_ids=e.paper,
+        )
+    else:
+        model.pretrained_cfg["architecture"] = name
+    return model
 
 
 def _help_text(name: str) -> str:
@@ -257,25 +301,27 @@ def _help_text(name: str) -> str:
             f"Size: {e.num_params:,} parameters, {e.macs / 1e6:.2f} M MACs at {e.input_size}x{e.input_size}.",
             f"Preprocessing: RGB in [0, 1], resize the shorter side to {e.resize_size} ({e.interpolation}), "
             f"center-crop {e.input_size}, normalise with mean {tuple(e.mean)} and std {tuple(e.std)}.",
-            "A model loaded with pretrained=True carries it: model.pretrained_weights.transforms() is that "
+            f"Weights: {get_model_weights(name).__name__}.IMAGENET1K_V1 (the DEFAULT; also pretrained=True). "
+            "A model loaded with them carries them: model.pretrained_weights.transforms() is that "
             "preprocessing (torchvision's ImageClassification) and model.pretrained_weights.meta['categories'] "
             "the 1000 class names.",
             f"Weights license: {e.license}. Paper: {e.paper}",
         ]
     else:
         lines += [
-            "No released weights: pretrained=True is an error; train it yourself or pass weights=.",
+            "No released weights: weights= and pretrained=True are errors; train it yourself or pass "
+            "checkpoint=.",
             f"Size: {variant.num_params:,} parameters, {variant.macs / 1e6:.2f} M MACs at 224x224.",
         ]
     lines += ["", "Args:"]
     model_options = tuple(o for o in variant.options if o not in _BUILD_ARGUMENTS)
-    for arg in _BUILD_ARGUMENTS[:6] + model_options + _BUILD_ARGUMENTS[6:]:
+    for arg in _BUILD_ARGUMENTS[:7] + model_options + _BUILD_ARGUMENTS[7:]:
         kind, default, doc = _ARGUMENT_DOCS[arg]
         lines.append(f"    {arg}{f' ({kind})' if kind else ''}: {doc} Default: {default}.")
     lines += ["", "Example:"]
     if name in manifest.models:
         lines += [
-            f"    model = torch.hub.load('{GITHUB_REPO}', '{name}', pretrained=True, trust_repo=True)",
+            f"    model = torch.hub.load('{GITHUB_REPO}', '{name}', weights='DEFAULT', trust_repo=True)",
             "    top5 = model(model.pretrained_weights.transforms()(image).unsqueeze(0)).softmax(-1).topk(5)",
         ]
     else:
@@ -292,11 +338,11 @@ def _entry_point(name: str) -> Callable[..., ImageClassifier]:
         progress: bool = True,
         device: str | torch.device | None = None,
         num_classes: int = 1000,
-        weights: Weights | str | os.PathLike | None = None,
+        weights: WeightsEnum | Weights | str | None = None,
         **options: Any,
     ) -> ImageClassifier:
-        return get_model(name, pretrained=pretrained, progress=progress, device=device,
-                         num_classes=num_classes, weights=weights, **options)
+        return get_model(name, pretrained=pretrained, weights=weights, progress=progress, device=device,
+                         num_classes=num_classes, **options)
 
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = _help_text(name)
@@ -314,5 +360,5 @@ tinynet_c = _entry_point("tinynet_c")
 tinynet_d = _entry_point("tinynet_d")
 tinynet_e = _entry_point("tinynet_e")
 
-__all__ = ["GITHUB_REPO", "Weights", "get_model", "get_variant", "get_weights", "list_models", "resolve_device",
-           *_VARIANTS]
+__all__ = ["GITHUB_REPO", "Weights", "WeightsEnum", "get_model", "get_model_weights", "get_variant", "get_weight",
+           "get_weights", "list_models", "resolve_device", *_VARIANTS]

@@ -139,7 +139,7 @@ def _skip_reason(url: str, dead_hosts: dict[str, str]) -> str | None:
 def _hint(model: str) -> str:
     return (f"to work without the network, set {OFFLINE_ENV}=1 and use a cache filled by "
             f"`python -m models prefetch {model}` on a machine with network (same TORCH_HOME), "
-            f"set {MIRROR_ENV} to a copy inside your network, or load a local file with weights=PATH")
+            f"set {MIRROR_ENV} to a copy inside your network, or load a local file with checkpoint=PATH")
 
 
 def _write_error(target: Target, exc: WriteFailed) -> CacheWriteError:
@@ -382,7 +382,7 @@ def fetch_url(url: str, *, sha256: str | None = None, progress: bool = True,
     )
     path, failures = _fetch(target, progress=progress, options=options, cache=cache,
                             offline=offline_requested(offline), mirror=None,
-                            hint="download it another way and pass its local path as weights=PATH")
+                            hint="download it another way and pass its local path as checkpoint=PATH")
     _warn_recovered(target.label, path, failures)
     return path
 

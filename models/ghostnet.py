@@ -9,11 +9,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._base import FeatureInfo, ImageClassifier, Variant, check_positive_float
-from .layers import SqueezeExcite, init_weights, make_divisible
+from .layers import SqueezeExcite, drop_path, drop_path_rates, init_weights, make_divisible
 
 __all__ = ["VARIANTS", "GhostNet"]
 
@@ -64,11 +63,12 @@ class GhostModule(nn.Module):
 
 
 class GhostBottleneck(nn.Module):
-    """ghost1 (expand) -> [stride-2 depthwise] -> [SE] -> ghost2 (project), plus shortcut."""
+    """ghost1 (expand) -> [stride-2 depthwise] -> [SE] -> ghost2 (project) -> [drop path], plus shortcut."""
 
     _FUSE = (("conv_dw", "bn_dw"), ("shortcut.0", "shortcut.1"), ("shortcut.2", "shortcut.3"))
 
-    def __init__(self, in_chs: int, mid_chs: int, out_chs: int, kernel: int, stride: int, se_ratio: float):
+    def __init__(self, in_chs: int, mid_chs: int, out_chs: int, kernel: int, stride: int, se_ratio: float,
+                 drop_path_rate: float = 0.0):
         super().__init__()
         self.ghost1 = GhostModule(in_chs, mid_chs, relu=True)
         if stride > 1:
@@ -90,6 +90,7 @@ class GhostBottleneck(nn.Module):
                 *_conv_bn(in_chs, in_chs, kernel, stride, groups=in_chs),
                 *_conv_bn(in_chs, out_chs, 1),
             )
+        self.drop_path = drop_path(drop_path_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.ghost1(x)
@@ -97,7 +98,7 @@ class GhostBottleneck(nn.Module):
             out = self.bn_dw(self.conv_dw(out))
         if self.se is not None:
             out = self.se(out)
-        return self.ghost2(out) + self.shortcut(x)
+        return self.drop_path(self.ghost2(out)) + self.shortcut(x)
 
 
 class ConvBnAct(nn.Module):
@@ -123,6 +124,8 @@ class GhostNet(ImageClassifier):
             pooled 1280-d features.
         in_chans: input channels (1 for grayscale, 4 for RGBA, ...).
         drop_rate: dropout before the classifier (0.2 in the paper).
+        drop_path_rate: stochastic depth of the bottlenecks' residual branches, rising
+            linearly from 0 at the first block to this at the last (0: none, as at inference).
         features_only: return a list of feature maps (strides 2, 4, 8, 16, 32) instead of
             logits. The taps are timm's: the stem convolution (before its BN) and the output
             of each stride-2 stage. ``feature_info`` describes them.
@@ -132,6 +135,7 @@ class GhostNet(ImageClassifier):
     _HEAD_NAMES = ("conv_head", "act2")
     _FUSE = (("conv_stem", "bn1"),)
     _POOLED_1X1 = ("conv_head",)
+    _INTERPOLATION = "bilinear"  # the authors' evaluation: resize 256 bilinear, crop 224
 
     def __init__(
         self,
@@ -140,10 +144,12 @@ class GhostNet(ImageClassifier):
         num_classes: int = 1000,
         in_chans: int = 3,
         drop_rate: float = 0.2,
+        drop_path_rate: float = 0.0,
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3, 4),
     ):
-        super().__init__(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+        super().__init__(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                         drop_path_rate=drop_path_rate)
         self.width = check_positive_float("width", width)
         self.default_input_size = (224, 224)
 
@@ -155,12 +161,13 @@ class GhostNet(ImageClassifier):
 
         stages: list[nn.Module] = []
         in_chs, reduction = stem_chs, 2
+        rates = iter(drop_path_rates(self.drop_path_rate, sum(map(len, _STAGES))))
         for stage_index, rows in enumerate(_STAGES):
             layers = []
             for kernel, expansion, out, se_ratio, stride in rows:
                 out_chs = make_divisible(out * width, _DIVISOR)
                 mid_chs = make_divisible(expansion * width, _DIVISOR)
-                layers.append(GhostBottleneck(in_chs, mid_chs, out_chs, kernel, stride, se_ratio))
+                layers.append(GhostBottleneck(in_chs, mid_chs, out_chs, kernel, stride, se_ratio, next(rates)))
                 in_chs = out_chs
             stages.append(nn.Sequential(*layers))
             if rows[0][4] > 1:
@@ -180,8 +187,7 @@ class GhostNet(ImageClassifier):
         self._finish_init(features_only, out_indices)
 
     def _pre_logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(x, 1)
-        return self.act2(self.conv_head(x)).flatten(1)
+        return self.act2(self.conv_head(self._pool(x))).flatten(1)
 
 
 # The published widths. Adding one: a row here, its entry point lines in api.py and hubconf.py,

@@ -21,6 +21,36 @@ def make_divisible(value: float, divisor: int) -> int:
     return rounded
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, the residual branch of a random ``p`` of the samples is
+    dropped and the rest scaled by ``1 / (1 - p)``; in eval mode, the identity."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.3f}"
+
+
+def drop_path(p: float) -> nn.Module:
+    """``DropPath(p)``, or the identity when ``p`` is 0 (nothing to drop, nothing to run)."""
+    return DropPath(p) if p > 0.0 else nn.Identity()
+
+
+def drop_path_rates(rate: float, count: int) -> list[float]:
+    """Per-block stochastic depth rising linearly from 0 (first block) towards ``rate``, as
+    in EfficientNet and timm: block ``i`` of ``count`` drops with ``rate * i / count``."""
+    return [rate * i / count for i in range(count)]
+
+
 class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation: a per-channel gate computed from the globally pooled input."""
 

@@ -28,7 +28,10 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-DEFAULT_MANIFEST = pathlib.Path(__file__).resolve().parent.parent / "weights_manifest.json"
+_PACKAGE = pathlib.Path(__file__).resolve().parent
+# An installed package carries its copy (setup.py); a clone, and torch.hub's copy of it, has it at the root.
+DEFAULT_MANIFEST = next((p for p in (_PACKAGE / "weights_manifest.json", _PACKAGE.parent / "weights_manifest.json")
+                         if p.is_file()), _PACKAGE.parent / "weights_manifest.json")
 MANIFEST_ENV = "GHOSTNET_HUB_MANIFEST"
 
 # Digest name -> hex length. Checked in this order, strongest first.

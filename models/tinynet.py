@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._base import FeatureInfo, ImageClassifier, Variant, check_positive_float
-from .layers import SqueezeExcite, init_weights, make_divisible
+from .layers import SqueezeExcite, drop_path, drop_path_rates, init_weights, make_divisible
 
 __all__ = ["VARIANTS", "TinyNet"]
 
@@ -38,11 +37,11 @@ def _act() -> nn.Module:
 
 
 class DepthwiseSeparable(nn.Module):
-    """Depthwise conv -> BN -> SiLU -> SE -> pointwise conv -> BN (+ identity)."""
+    """Depthwise conv -> BN -> SiLU -> SE -> pointwise conv -> BN (-> drop path, + identity)."""
 
     _FUSE = (("conv_dw", "bn1"), ("conv_pw", "bn2"))  # see fuse.py
 
-    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int):
+    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, drop_path_rate: float = 0.0):
         super().__init__()
         self.has_skip = stride == 1 and in_chs == out_chs
         self.conv_dw = nn.Conv2d(in_chs, in_chs, kernel, stride, kernel // 2, groups=in_chs, bias=False)
@@ -51,19 +50,21 @@ class DepthwiseSeparable(nn.Module):
         self.se = SqueezeExcite(in_chs, round(in_chs * _SE_RATIO), _act, nn.Sigmoid)
         self.conv_pw = nn.Conv2d(in_chs, out_chs, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_chs)
+        self.drop_path = drop_path(drop_path_rate if self.has_skip else 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.se(self.act1(self.bn1(self.conv_dw(x))))
         out = self.bn2(self.conv_pw(out))
-        return out + x if self.has_skip else out
+        return self.drop_path(out) + x if self.has_skip else out
 
 
 class InvertedResidual(nn.Module):
-    """1x1 expand -> BN -> SiLU -> depthwise -> BN -> SiLU -> SE -> 1x1 project -> BN (+ identity)."""
+    """1x1 expand -> BN -> SiLU -> depthwise -> BN -> SiLU -> SE -> 1x1 project -> BN (-> drop path, + identity)."""
 
     _FUSE = (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3"))
 
-    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, expansion: int):
+    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, expansion: int,
+                 drop_path_rate: float = 0.0):
         super().__init__()
         mid_chs = in_chs * expansion
         self.has_skip = stride == 1 and in_chs == out_chs
@@ -77,12 +78,13 @@ class InvertedResidual(nn.Module):
         self.se = SqueezeExcite(mid_chs, round(in_chs * _SE_RATIO), _act, nn.Sigmoid)
         self.conv_pwl = nn.Conv2d(mid_chs, out_chs, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_chs)
+        self.drop_path = drop_path(drop_path_rate if self.has_skip else 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(self.conv_pw(x)))
         out = self.se(self.act2(self.bn2(self.conv_dw(out))))
         out = self.bn3(self.conv_pwl(out))
-        return out + x if self.has_skip else out
+        return self.drop_path(out) + x if self.has_skip else out
 
 
 class TinyNet(ImageClassifier):
@@ -98,6 +100,8 @@ class TinyNet(ImageClassifier):
             pooled 1280-d features.
         in_chans: input channels (1 for grayscale, 4 for RGBA, ...).
         drop_rate: dropout before the classifier (0.2 in the paper).
+        drop_path_rate: stochastic depth of the residual blocks, rising linearly from 0 at the
+            first block to this at the last, as EfficientNet's (0: none, as at inference).
         features_only: return a list of feature maps (strides 2, 4, 8, 16, 32) instead of
             logits: the output of the last stage at each stride, as timm taps them.
             ``feature_info`` describes them.
@@ -116,10 +120,12 @@ class TinyNet(ImageClassifier):
         num_classes: int = 1000,
         in_chans: int = 3,
         drop_rate: float = 0.2,
+        drop_path_rate: float = 0.0,
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3, 4),
     ):
-        super().__init__(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+        super().__init__(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                         drop_path_rate=drop_path_rate)
         self.resolution = check_positive_float("resolution", resolution)
         self.width = check_positive_float("width", width)
         self.depth = check_positive_float("depth", depth)
@@ -133,15 +139,17 @@ class TinyNet(ImageClassifier):
         stages: list[nn.Module] = []
         in_chs, reduction = _STEM_CHANNELS, 2
         taps: dict[int, dict] = {}
-        for stage_index, (separable, repeats, kernel, stride, expansion, out) in enumerate(_STAGES):
+        counts = [max(1, round(stage[1] * self.depth)) for stage in _STAGES]
+        rates = iter(drop_path_rates(self.drop_path_rate, sum(counts)))
+        for stage_index, (separable, _, kernel, stride, expansion, out) in enumerate(_STAGES):
             out_chs = make_divisible(out * self.width, _DIVISOR)
             layers = []
-            for i in range(max(1, round(repeats * self.depth))):
+            for i in range(counts[stage_index]):
                 block_stride = stride if i == 0 else 1
                 if separable:
-                    layers.append(DepthwiseSeparable(in_chs, out_chs, kernel, block_stride))
+                    layers.append(DepthwiseSeparable(in_chs, out_chs, kernel, block_stride, next(rates)))
                 else:
-                    layers.append(InvertedResidual(in_chs, out_chs, kernel, block_stride, expansion))
+                    layers.append(InvertedResidual(in_chs, out_chs, kernel, block_stride, expansion, next(rates)))
                 in_chs = out_chs
             stages.append(nn.Sequential(*layers))
             reduction *= stride
@@ -158,8 +166,11 @@ class TinyNet(ImageClassifier):
         init_weights(self)
         self._finish_init(features_only, out_indices)
 
+    def _forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act2(self.bn2(self.conv_head(x)))
+
     def _pre_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self._pool(x).flatten(1)
 
 
 # The published models, from the paper's (resolution, width, depth) factors. Adding one: a row

@@ -171,7 +171,8 @@ def _unwrap(obj: Any) -> Any:
 
 
 @lru_cache(maxsize=1)
-def _imagenet_categories() -> list[str]:
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet-1k class names, in the classifier's order."""
     # torchvision's public list of the 1000 ImageNet-1k class names, index-aligned with
     # the classifier; reading it from a weights enum downloads nothing.
     from torchvision.models import ResNet18_Weights
@@ -179,15 +180,33 @@ def _imagenet_categories() -> list[str]:
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-@dataclass(frozen=True)
+def classification_preset(*, crop_size: int, resize_size: int, interpolation: str, mean: tuple[float, ...],
+                          std: tuple[float, ...]) -> nn.Module:
+    """torchvision's ``ImageClassification`` preset: resize the shorter side, center-crop,
+    scale to [0, 1], normalise (PIL image or uint8/float tensor in, float tensor out)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms._presets import ImageClassification
+
+    return ImageClassification(crop_size=crop_size, resize_size=resize_size, mean=mean, std=std,
+                               interpolation=InterpolationMode(interpolation))
+
+
+@dataclass(frozen=True, repr=False)
 class Weights:
-    """The published ImageNet weights of one model: where they are, how to feed the model,
-    what it outputs. Shaped like torchvision's weights enums (``url``, ``transforms()``,
-    ``meta``, ``get_state_dict()``). It carries its own manifest entry, so the bytes it
-    fetches are the ones that entry describes, whatever manifest the environment names."""
+    """The published ImageNet weights of one model, resolved in one manifest: where they
+    are, how to feed the model, what it outputs. Shaped like torchvision's weights enum
+    members (``url``, ``transforms()``, ``meta``, ``get_state_dict()``), and accepted by
+    ``weights=`` as they are. It carries its own manifest entry, so the bytes it fetches
+    are the ones that entry describes, whatever manifest the environment names.
+    ``TinyNet_A_Weights.IMAGENET1K_V1.resolve(manifest)`` and ``get_weights(name, manifest)``
+    return one."""
 
     name: str
     entry: ModelEntry
+    source: str = ""  # the manifest it came from
+
+    def __repr__(self) -> str:
+        return f"Weights({self.name!r}, manifest={self.source!r})" if self.source else f"Weights({self.name!r})"
 
     @property
     def urls(self) -> list[str]:
@@ -202,22 +221,20 @@ class Weights:
         """torchvision's ``ImageClassification`` preset with this model's resize, crop,
         interpolation and normalisation (PIL image or uint8/float tensor in, batch-ready
         float tensor out)."""
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms._presets import ImageClassification
-
-        return ImageClassification(
-            crop_size=self.entry.input_size,
-            resize_size=self.entry.resize_size,
-            mean=self.entry.mean,
-            std=self.entry.std,
-            interpolation=InterpolationMode(self.entry.interpolation),
-        )
+        e = self.entry
+        return classification_preset(crop_size=e.input_size, resize_size=e.resize_size,
+                                     interpolation=e.interpolation, mean=e.mean, std=e.std)
 
     @property
     def meta(self) -> dict[str, Any]:
+        """torchvision's keys (``categories``, ``num_params``, ``min_size``, ``recipe``,
+        ``_metrics``, ``_ops`` in GFLOPs as torchvision counts them, i.e. GMACs, ``_file_size``
+        in MB, ``_docs``) and this project's (``metrics``, ``macs``, ``file_size`` in bytes,
+        ``license``, ...)."""
         e = self.entry
+        sizes = [f.size for f in e.files if f.size]
         return {
-            "categories": _imagenet_categories(),
+            "categories": imagenet_categories(),
             "metrics": {"ImageNet-1K": {"acc@1": e.top1, "acc@5": e.top5}},
             "metrics_source": e.metrics_source,
             "num_params": e.num_params,
@@ -229,6 +246,13 @@ class Weights:
             "license_source": e.license_source,
             "paper": e.paper,
             "docs": e.upstream,
+            "recipe": e.upstream,
+            "_metrics": {"ImageNet-1K": {"acc@1": e.top1, "acc@5": e.top5}},
+            "_ops": round(e.macs / 1e9, 3),
+            "_file_size": round(sizes[0] / 2**20, 3) if sizes else None,
+            "_docs": f"The authors' ImageNet-1k weights; accuracy: {e.metrics_source}. "
+                     f"Evaluated at {e.input_size}x{e.input_size} after resizing to {e.resize_size} "
+                     f"({e.interpolation}).",
         }
 
     def get_state_dict(self, progress: bool = True, map_location: torch.device | str = "cpu",
@@ -248,7 +272,7 @@ def get_weights(name: str, manifest: Manifest | str | os.PathLike | None = None)
         raise ValueError(
             f"{name!r} has no released weights; models with weights: {', '.join(manifest.models)}"
         )
-    return Weights(name, manifest[name])
+    return Weights(name, manifest[name], manifest.source)
 
 
 def pretrained_state_dict(name: str, *, progress: bool = True, map_location: torch.device | str = "cpu",

@@ -1,5 +1,7 @@
 """The package API: builders with pretrained weights and devices, list/get, weights objects."""
 import io
+import re
+import sys
 import warnings
 
 import pytest
@@ -10,6 +12,7 @@ from torchvision import transforms as T
 import models
 from models import api
 from models import weights as weights_module
+from models._hashing import sha256_file
 
 from reference import PRETRAINED, PUBLISHED, build, measure
 
@@ -25,7 +28,34 @@ def _reference_state(files, name):
 
 def test_list_models():
     assert models.list_models() == list(PUBLISHED)
-    assert models.list_models(pretrained_only=True) == list(PRETRAINED)
+    assert models.list_models(pretrained=True) == list(PRETRAINED)
+
+
+def test_list_models_filters_as_timm_and_torchvision():
+    tinynets = [f"tinynet_{c}" for c in "abcde"]
+    # timm's list_models("tinynet*"); the old signature took the string for pretrained_only=True.
+    assert models.list_models("tinynet*") == tinynets
+    assert models.list_models(filter="ghost*") == ["ghostnet_0_5x", "ghostnet_1x", "ghostnet_1_3x"]
+    assert models.list_models(["ghost*_1x", "tinynet_e"]) == ["ghostnet_1x", "tinynet_e"]
+    assert models.list_models("ghost*", pretrained=True) == ["ghostnet_1x"]
+    # torchvision's include= / exclude=
+    assert models.list_models(include="tinynet_[ab]") == ["tinynet_a", "tinynet_b"]
+    assert models.list_models(include=["*_1x", "*_e"], exclude="tinynet*") == ["ghostnet_1x"]
+    assert models.list_models(exclude=["ghost*", "tinynet_[a-c]"]) == ["tinynet_d", "tinynet_e"]
+    assert models.list_models("resnet*") == []
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: models.list_models(True), TypeError, "filter must be a wildcard pattern"),
+    (lambda: models.list_models(["tinynet*", 3]), TypeError, "filter must be a wildcard pattern"),
+    (lambda: models.list_models(include=models), TypeError, "include must be a wildcard pattern"),
+    (lambda: models.list_models(pretrained_only=True), TypeError, r"is now list_models\(pretrained=...\)"),
+    (lambda: models.list_models("tinynet*", True), TypeError, "positional argument"),
+    (lambda: models.list_models(pretrained="yes"), TypeError, "pretrained must be True or False"),
+])
+def test_list_models_rejects_what_it_would_misread(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
 
 
 @pytest.mark.parametrize("name", PRETRAINED)
@@ -78,11 +108,19 @@ def test_random_init_model_is_in_train_mode_without_weights():
     assert model.training and model.pretrained_weights is None
 
 
-def test_pretrained_new_head_warns_once(published):
+def test_pretrained_new_head_warns_once_at_the_users_line_and_is_ready_to_train(published):
     _, files = published
     with pytest.warns(UserWarning) as record:
-        model = models.tinynet_b(pretrained=True, num_classes=10, progress=False)
+        model = models.tinynet_b(pretrained=True, num_classes=10, progress=False); line = sys._getframe().f_lineno  # noqa: E702
     assert len(record) == 1 and "classifier for num_classes=10 is new and untrained" in str(record[0].message)
+    assert (record[0].filename, record[0].lineno) == (__file__, line)  # not api.py
+    # Ready to fine-tune: BatchNorm must not stay frozen in eval mode.
+    assert model.training and all(m.training for m in model.modules())
+    with pytest.warns(UserWarning) as record:
+        models.get_model("tinynet_b", weights="DEFAULT", num_classes=3, progress=False); line = sys._getframe().f_lineno  # noqa: E702,E501
+    assert (record[0].filename, record[0].lineno) == (__file__, line)
+    assert not models.tinynet_b(pretrained=True, progress=False).training
+    assert not models.tinynet_b(pretrained=True, num_classes=0, progress=False).training  # an embedder
     reference = _reference_state(files, "tinynet_b")
     state = model.state_dict()
     assert state["classifier.weight"].shape == (10, 1280)
@@ -128,31 +166,57 @@ def test_pretrained_stem_adapted_to_in_chans(published, in_chans):
     torch.testing.assert_close(stem.sum(dim=1), rgb.sum(dim=1))
 
 
-def test_pretrained_without_released_weights_is_an_error(published):
+@pytest.mark.parametrize("kwargs", [dict(pretrained=True), dict(weights="DEFAULT"), dict(weights="IMAGENET1K_V1")])
+def test_pretrained_without_released_weights_is_an_error(published, kwargs):
     server, _ = published
     before = len(server.hits)
     with pytest.raises(ValueError, match="'ghostnet_1_3x' has no released weights; models with weights: "
                                          "ghostnet_1x, tinynet_a, tinynet_b, tinynet_c, tinynet_d, tinynet_e"):
-        models.ghostnet_1_3x(pretrained=True)
+        models.ghostnet_1_3x(**kwargs)
     assert len(server.hits) == before
+    with pytest.raises(ValueError, match="'ghostnet_1_3x' has no released weights"):
+        models.get_model_weights("ghostnet_1_3x")
 
 
-def test_user_weights(tmp_path, published):
-    source = build("tinynet_e", num_classes=10)
+@pytest.mark.parametrize("name", ["tinynet_e", "ghostnet_0_5x"])  # with and without released weights
+def test_user_checkpoint(tmp_path, published, name):
+    source = build(name, num_classes=10)
     path = tmp_path / "finetuned.pth"
     torch.save({"state_dict": source.state_dict(), "epoch": 3}, path)
-    model = models.tinynet_e(weights=str(path), num_classes=10)
-    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
-    assert not model.training and model.pretrained_weights is None
-    with pytest.raises(RuntimeError, match=r"do not fit tinynet_e .* num_classes=1000"):
-        models.tinynet_e(weights=path)
+    sha256 = sha256_file(path)
+    for checkpoint in (str(path), path):
+        model = getattr(models, name)(checkpoint=checkpoint, num_classes=10, checkpoint_sha256=sha256)
+        assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+        assert not model.training and model.pretrained_weights is None
+    with pytest.raises(RuntimeError, match=rf"do not fit {name} .* num_classes=1000"):
+        models.get_model(name, checkpoint=path)
     with pytest.raises(weights_module.CheckpointError, match="sha256 expected"):
-        models.tinynet_e(weights=path, num_classes=10, weights_sha256="0" * 64)
+        models.get_model(name, checkpoint=path, num_classes=10, checkpoint_sha256="0" * 64)
+
+
+@pytest.mark.parametrize("weights", ["mine.pth", "finetuned", "https://example.com/w.pth", "./DEFAULT"])
+def test_a_path_in_weights_is_an_error_naming_checkpoint(tmp_path, monkeypatch, weights):
+    monkeypatch.chdir(tmp_path)
+    torch.save(build("tinynet_e").state_dict(), tmp_path / "mine.pth")  # even when the file exists
+    (tmp_path / "DEFAULT").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"weights='{re.escape(weights)}' .*pass checkpoint='{re.escape(weights)}'"):
+        models.tinynet_e(weights=weights)
+    with pytest.raises(ValueError, match="is a path: .*checkpoint="):
+        models.get_model("tinynet_e", weights=tmp_path / "mine.pth")
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(pretrained=True, weights="x.pth"), ValueError, "not both"),
-    (dict(weights_sha256="0" * 64), ValueError, "weights_sha256 checks a file given with weights="),
+    (dict(pretrained=True, weights="DEFAULT"), ValueError, "not both"),
+    (dict(pretrained=True, checkpoint="x.pth"), ValueError, "not both"),
+    (dict(weights="DEFAULT", checkpoint="x.pth"), ValueError, "not both"),
+    (dict(checkpoint_sha256="0" * 64), ValueError, "checkpoint_sha256 checks the file given with checkpoint="),
+    (dict(weights_sha256="0" * 64), TypeError, r"weights_sha256= is now checkpoint_sha256="),
+    (dict(checkpoint=3), TypeError, "checkpoint must be a path or URL"),
+    (dict(weights=3), TypeError, "weights must be None, a weights enum member"),
+    (dict(weights="default"), ValueError, "is not the name of published weights of tinynet_e"),
+    (dict(weights="<TinyNet_A_Weights.DEFAULT>"), ValueError, "are the weights of tinynet_a, not of tinynet_e"),
+    (dict(weights="TinyNet_A_Weights.IMAGENET1K_V1"), ValueError, "weights of tinynet_a, not of tinynet_e"),
+    (dict(weights="TinyNet_E_Weights.IMAGENET1K_V9"), ValueError, "not a member of TinyNet_E_Weights"),
     (dict(pretrained="yes"), TypeError, "pretrained must be True or False"),
     (dict(device="gpu"), ValueError, "device 'gpu' is not a device name torch understands.*available here: cpu"),
     (dict(device=0.5), TypeError, "device must be a string or torch.device"),
@@ -161,7 +225,7 @@ def test_user_weights(tmp_path, published):
 ])
 def test_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
-        models.tinynet_e(**kwargs)
+        models.tinynet_e(**{key: _member(value) for key, value in kwargs.items()})
 
 
 def test_unknown_model_name_lists_the_valid_ones():
@@ -232,10 +296,141 @@ def test_weights_meta():
 
 
 def test_unreleased_variant_facts_match_the_code():
-    unreleased = [name for name in models.list_models() if name not in models.list_models(pretrained_only=True)]
+    unreleased = [name for name in models.list_models() if name not in models.list_models(pretrained=True)]
     assert unreleased == ["ghostnet_0_5x", "ghostnet_1_3x"]
     for name in unreleased:
         variant = api.get_variant(name)
         measured = measure(name)
         assert measured.input_size == (224, 224)
         assert (measured.params, measured.macs) == (variant.num_params, variant.macs)
+
+
+# -- torchvision's weights API ------------------------------------------------------------------
+
+ENUMS = {"ghostnet_1x": "GhostNet_1X_Weights", "tinynet_a": "TinyNet_A_Weights", "tinynet_b": "TinyNet_B_Weights",
+         "tinynet_c": "TinyNet_C_Weights", "tinynet_d": "TinyNet_D_Weights", "tinynet_e": "TinyNet_E_Weights"}
+
+
+def _member(text):
+    """"<Enum.MEMBER>" -> that member of the package's enums; anything else as it is."""
+    if isinstance(text, str) and text.startswith("<"):
+        enum, member = text.strip("<>").split(".")
+        return getattr(getattr(models, enum), member)
+    return text
+
+
+def test_one_weights_enum_per_released_model_named_as_torchvision_names_them():
+    from models.manifest import load_manifest
+
+    assert list(ENUMS) == list(load_manifest().models)
+    for name, enum_name in ENUMS.items():
+        enum = getattr(models, enum_name)
+        family, *rest = name.split("_")
+        assert enum.__name__ == "_".join([{"ghostnet": "GhostNet", "tinynet": "TinyNet"}[family],
+                                          *(part.upper() for part in rest), "Weights"])
+        assert models.get_model_weights(name) is enum is models.get_model_weights(getattr(models, name))
+        assert list(enum.__members__) == ["IMAGENET1K_V1", "DEFAULT"]
+        assert enum.DEFAULT is enum.IMAGENET1K_V1 is models.get_weight(f"{enum.__name__}.IMAGENET1K_V1")
+        assert models.get_weight(f"{enum.__name__}.DEFAULT") is enum.DEFAULT
+        assert repr(enum.DEFAULT) == f"{enum.__name__}.IMAGENET1K_V1"
+    members = {member: name for name, enum in ENUMS.items() for member in getattr(models, enum)}  # hashable
+    assert len(members) == 6 and members[models.TinyNet_A_Weights.DEFAULT] == "tinynet_a"
+    with pytest.raises(ValueError, match="names no weights"):
+        models.get_weight("ResNet50_Weights.IMAGENET1K_V1")
+
+
+def test_weights_members_carry_url_transforms_meta_and_state_dict(published):
+    _, files = published
+    member = models.TinyNet_C_Weights.DEFAULT
+    handle = models.get_weights("tinynet_c")
+    assert member.url == handle.url and member.url.startswith("http://127.0.0.1")  # the manifest in use
+    assert member.transforms()(torch.zeros(3, 300, 300, dtype=torch.uint8)).shape == (3, 184, 184)
+    state, reference = member.get_state_dict(progress=False), _reference_state(files, "tinynet_c")
+    assert state.keys() == reference.keys() and all(torch.equal(v, reference[k]) for k, v in state.items())
+    meta = member.meta
+    # torchvision's keys, so that code written for torchvision reads them ...
+    assert meta["_metrics"] == {"ImageNet-1K": {"acc@1": 71.2, "acc@5": 89.7}}
+    assert meta["_ops"] == pytest.approx(0.0995, abs=1e-3)  # GFLOPs as torchvision counts them (GMACs)
+    assert meta["_file_size"] == pytest.approx(len(files["tinynet_c"]) / 2**20, abs=1e-3)  # MB
+    assert isinstance(meta["_docs"], str) and meta["recipe"].startswith("https://")
+    assert meta["min_size"] == (32, 32) and meta["num_params"] == 2_457_234 and len(meta["categories"]) == 1000
+    # ... and the richer ones this project had.
+    assert meta["metrics"] == meta["_metrics"] and meta["macs"] == 99_536_432 and meta["license"]
+
+
+def test_torchvision_meta_keys_match_torchvision_conventions():
+    from torchvision.models import MobileNet_V3_Small_Weights
+
+    ours, theirs = models.GhostNet_1X_Weights.DEFAULT.meta, MobileNet_V3_Small_Weights.DEFAULT.meta
+    assert set(theirs) <= set(ours)
+    assert type(ours["_ops"]) is type(theirs["_ops"]) and ours["_ops"] == 0.141
+    assert ours["_file_size"] == round(20_871_632 / 2**20, 3)  # the first file with a recorded size
+    assert ours["file_size"] is None  # (the authors' file's size is not recorded)
+
+
+@pytest.mark.parametrize("weights", [
+    "DEFAULT", "IMAGENET1K_V1", "TinyNet_D_Weights.IMAGENET1K_V1", "TinyNet_D_Weights.DEFAULT",
+    "<TinyNet_D_Weights.DEFAULT>", "<TinyNet_D_Weights.IMAGENET1K_V1>",
+])
+def test_every_torchvision_spelling_of_weights_loads_the_published_weights(published, weights):
+    _, files = published
+    reference = _reference_state(files, "tinynet_d")
+    weights = _member(weights)
+    for model in (models.tinynet_d(weights=weights, progress=False),
+                  models.get_model("tinynet_d", weights=weights, progress=False)):
+        assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+        assert not model.training and model.pretrained_weights.name == "tinynet_d"
+
+
+def test_a_weights_handle_from_another_manifest_loads_from_that_manifest(published, server, tmp_path):
+    """The CLI's --manifest: get_model(name, weights=get_weights(name, manifest))."""
+    from reference import checkpoint_bytes
+    from weights_server import weight_entry, write_manifest
+
+    data = checkpoint_bytes("tinynet_d", seed=7)
+    other = write_manifest(tmp_path / "other.json", {"tinynet_d": [weight_entry(server.add("/other.pth", data), data)]})
+    handle = models.get_weights("tinynet_d", other)
+    assert repr(handle) == f"Weights('tinynet_d', manifest={other!r})"
+    assert handle == models.TinyNet_D_Weights.DEFAULT.resolve(other)
+    model = models.tinynet_d(weights=handle, progress=False)
+    expected = torch.load(io.BytesIO(data), weights_only=True)
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    assert [h.path for h in server.hits] == ["/other.pth"]
+    with pytest.raises(ValueError, match="the weights of tinynet_d cannot be loaded into tinynet_e"):
+        models.tinynet_e(weights=handle)
+
+
+# -- timm's pretrained_cfg ---------------------------------------------------------------------
+
+def test_timm_resolves_the_published_input_config():
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=models.tinynet_a())
+    assert config["input_size"] == (3, 192, 192) and config["interpolation"] == "bicubic"
+    assert config["crop_pct"] == 0.875
+    assert resolve_data_config({}, model=models.ghostnet_1x())["interpolation"] == "bilinear"  # the authors'
+    assert resolve_data_config({}, model=models.tinynet_e(in_chans=1))["input_size"] == (1, 106, 106)
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_pretrained_cfg_on_every_model(name):
+    from models.manifest import load_manifest
+
+    model = getattr(models, name)(features_only=name.endswith("_e"))
+    cfg = model.pretrained_cfg
+    assert cfg is model.default_cfg
+    assert {"input_size", "interpolation", "crop_pct", "mean", "std", "num_classes", "first_conv",
+            "classifier"} <= set(cfg)
+    assert cfg["input_size"] == (3, *model.default_input_size)
+    assert (cfg["first_conv"], cfg["classifier"], cfg["architecture"]) == ("conv_stem", "classifier", name)
+    manifest = load_manifest()
+    if name in manifest.models:
+        e = manifest[name]
+        assert (cfg["input_size"][1], cfg["interpolation"], cfg["crop_pct"], cfg["mean"], cfg["std"]) == (
+            e.input_size, e.interpolation, e.crop_ratio, tuple(e.mean), tuple(e.std))
+    if name.startswith("tinynet"):  # the same as timm's own for these models
+        import timm
+        from timm.data import resolve_data_config
+
+        theirs = resolve_data_config({}, model=timm.create_model(name, pretrained=False))
+        assert resolve_data_config({}, model=model) == theirs

@@ -55,7 +55,7 @@ def test_processes_share_one_verified_download(server, tmp_path):
     (sync / "go").touch()
     results = [p.communicate(timeout=120) for p in procs]
     hits = server.hits_for("/tinynet_e.pth")
-    for proc, (_out, err) in zip(procs, results, strict=False):
+    for proc, (_out, err) in zip(procs, results, strict=True):
         assert proc.returncode == 0, err
     digests = {out.strip() for out, _ in results}
     assert len(digests) == 1 and len(next(iter(digests))) == 64

@@ -85,7 +85,7 @@ def test_fine_tuned_weights_with_sorted_folder_classes(tmp_path, class_one_alway
         for i in range(count):
             Image.new("RGB", (50, 50)).save(root / name / f"{i}.png")
     out = tmp_path / "r.json"
-    result = _evaluate("--data", str(root), "--weights", str(path), "--num-classes", "2", "--json", str(out))
+    result = _evaluate("--data", str(root), "--checkpoint", str(path), "--num-classes", "2", "--json", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert (report["images"], report["correct1"], report["published_top1"]) == (5, 3, None)

@@ -115,7 +115,7 @@ def within(seconds, fn, *args, **kwargs):
 @fault("No network at all (air-gapped node, ghostnet_1x's 4 real sources)",
        "each source tried at most once, no retries: the error comes at once, one line per source with its cause "
        "(`github.com: name does not resolve`), nothing printed twice, one closing hint (offline mode, prefetch, "
-       "mirror, `weights=`)")
+       "mirror, `checkpoint=`)")
 def test_no_network_fails_at_once_with_one_line_per_source(no_network, sent, caplog):
     with pytest.raises(DownloadError) as err:
         weights.pretrained_state_dict("ghostnet_1x", progress=False)
@@ -126,7 +126,7 @@ def test_no_network_fails_at_once_with_one_line_per_source(no_network, sent, cap
     assert len(set(lines)) == len(lines)
     hint = lines[-1]
     assert hint.startswith("hint: ") and all(
-        s in hint for s in ("GHOSTNET_HUB_OFFLINE=1", "prefetch ghostnet_1x", "GHOSTNET_HUB_MIRROR", "weights="))
+        s in hint for s in ("GHOSTNET_HUB_OFFLINE=1", "prefetch ghostnet_1x", "GHOSTNET_HUB_MIRROR", "checkpoint="))
     assert len(sent) <= GHOSTNET_SOURCES  # one attempt per source at most: no retries, no backoff
     assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]  # said once, in the error
     result = cli("prefetch", "ghostnet_1x", "--quiet")

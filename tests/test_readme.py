@@ -8,6 +8,7 @@ import torch
 
 from models.manifest import load_manifest
 
+from helpers import ROOT
 from reference import PUBLISHED, measure
 
 README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -65,6 +66,86 @@ def test_pretrained_weights_example_runs(server, tmp_path, monkeypatch):
     assert torch.equal(namespace["state"]["bn2.running_var"], expected["bn2.running_var"])
 
 
+def test_argument_table_is_the_help_text():
+    """One source: api._ARGUMENT_DOCS makes the help text, and the README's table says the
+    same, in the same order (its code spans aside)."""
+    from models import api
+
+    lines = README[README.index("| argument | |"):].splitlines()[2:]
+    rows = [re.fullmatch(r"\| `(\w+)=(.*?)` \| (.*) \|", line).groups()
+            for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("|"))]]
+    options = tuple(o for o in api.get_variant("tinynet_a").options if o not in api._BUILD_ARGUMENTS)
+    order = api._BUILD_ARGUMENTS[:7] + options + api._BUILD_ARGUMENTS[7:]
+    expected = [(arg, *api._ARGUMENT_DOCS[arg][1:]) for arg in order]
+    assert [(arg, default, doc.replace("`", "")) for arg, default, doc in rows] == expected
+    for arg, default, doc in expected:
+        assert f"{doc} Default: {default}." in api.tinynet_a.__doc__, arg
+
+
+def test_headline_runs_without_a_gpu():
+    headline = re.search(r"```python\n(import torch\nmodel = torch.hub.load.*?)```", README, re.S)[1]
+    assert "cuda" not in headline and 'weights="DEFAULT"' in headline
+
+
+def _table(header):
+    """(left, right) code of each row of the two-column table that starts with ``header``."""
+    rows = []
+    for line in README.split(header + "\n", 1)[1].splitlines()[1:]:
+        if not line.startswith("|"):
+            break
+        rows.append(re.fullmatch(r"\| `(.*)` \| `(.*)` \|", line).groups())
+    return rows
+
+
+# Calls of the left-hand columns that would download weights (not possible in a test).
+_USES_M = re.compile(r"\bm\.|\(m\)|model=m\b")
+_DOWNLOADS = re.compile(r"create_model\(\"\w+\", pretrained=True|weights=|torch\.hub\.load|torch\.load\(")
+
+
+def test_coming_from_torchvision_and_timm_runs(published, github_checkout, tmp_path, monkeypatch):
+    import warnings
+
+    import timm
+    import timm.data
+    import torchvision
+    from torchvision.models import MobileNet_V3_Large_Weights
+
+    import models
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(models.tinynet_a().state_dict(), tmp_path / "mine.pth")
+    rows = _table("| torchvision | here |") + _table("| timm | here |")
+    assert len(rows) == 21
+    compared = 0
+    for left, right in rows:
+        base = {"models": models, "torch": torch, "timm": timm, "torchvision": torchvision,
+                "MobileNet_V3_Large_Weights": MobileNet_V3_Large_Weights, "x": torch.randn(2, 3, 64, 64)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the new-head warning; torch.jit's deprecation
+            ours = eval(right, {**base, "m": models.tinynet_a() if _USES_M.search(right) else None})
+            if _DOWNLOADS.search(left) or left.startswith("torch.jit"):  # (scripting timm's model: seconds)
+                continue
+            theirs_m = timm.create_model("tinynet_a", pretrained=False) if _USES_M.search(left) else None
+            theirs = eval(left, {**base, "m": theirs_m})
+        if getattr(ours, "features_only", False):  # the same feature maps as timm's
+            assert ours.feature_info.channels() == theirs.feature_info.channels()
+            compared += 1
+        elif left == right or left.replace("timm.", "models.", 1) == right:  # the same call on both sides
+            if isinstance(ours, torch.nn.Module):
+                assert isinstance(theirs, torch.nn.Module)
+            elif isinstance(ours, torch.Tensor):
+                assert ours.shape == theirs.shape
+            elif isinstance(ours, list):  # model names; timm's pretrained ones carry a tag: "tinynet_a.in1k"
+                assert ours == [name.split(".")[0] for name in theirs]
+            else:
+                assert ours == theirs, (right, ours, theirs)
+            compared += 1
+        if "mine.pth" in right and "timm" in left:  # timm reads our checkpoints: the same keys
+            assert all(torch.equal(v, ours.state_dict()[k]) for k, v in theirs.state_dict().items())
+            compared += 1
+    assert compared >= 9
+
+
 @pytest.mark.slow
 def test_hub_examples_run(github_checkout, published, recwarn, tmp_path, monkeypatch):
     """Every python block that uses torch.hub, in order, against this checkout in the hub
@@ -72,28 +153,35 @@ def test_hub_examples_run(github_checkout, published, recwarn, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)  # the examples write files (an ONNX export)
     blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "OWNER/REPO" in b]
     assert len(blocks) == 5
-    headline, *blocks = blocks
-    assert 'device="cuda"' in headline
-    if torch.cuda.is_available():
-        exec(compile(headline, "README.md", "exec"), {})
-    else:  # the one-liner asks for a GPU: without one, the error says so
-        with pytest.raises(ValueError, match="'cuda' cannot be used: CUDA is not available"):
-            exec(compile(headline, "README.md", "exec"), {})
     namespace = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
     assert len(namespace["categories"]) == 1000
     assert namespace["preprocess"](torch.zeros(3, 300, 300, dtype=torch.uint8)).shape == (3, 192, 192)
     assert namespace["model"].classifier.out_features == 10 and namespace["model"].training
+    assert namespace["model"].grad_checkpointing
     assert [m.shape[1] for m in namespace["maps"]] == [24, 40, 80, 160]
     assert len(namespace["fpn"](dict(enumerate(namespace["maps"])))) == 4
     assert namespace["fast"].fused
     x = torch.randn(1, 3, 224, 224)
     torch.testing.assert_close(namespace["program"].module()(x), namespace["fast"](x))
+    torch.testing.assert_close(namespace["scripted"](x), namespace["fast"](x))
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(tmp_path / "ghostnet.onnx"), providers=["CPUExecutionProvider"])
-    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    # (the served test weights are random and give logits ~1e5: compare to that scale)
-    expected = namespace["fast"](x)
-    assert (torch.from_numpy(onnx_out) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    for batch in (1, 3):  # a dynamic batch
+        x = torch.randn(batch, 3, 224, 224)
+        (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        # (the served test weights are random and give logits ~1e5: compare to that scale)
+        expected = namespace["fast"](x)
+        assert onnx_out.shape == (batch, 1000)
+        assert (torch.from_numpy(onnx_out) - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_onnx_example_names_the_extra_that_provides_it():
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "torch.onnx.export" in b)
+    assert "[export] extra" in block and "dynamic_shapes" in block
+    extra = (ROOT / "requirements-export.txt").read_text()
+    assert "onnxscript" in extra and "onnx" in extra
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'optional-dependencies.export = { file = ["requirements-export.txt"] }' in pyproject

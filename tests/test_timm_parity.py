@@ -55,7 +55,7 @@ def test_feature_maps_match_timm(name):
     with torch.no_grad():
         mine, ref = ours(x), theirs(x)
     assert len(mine) == len(ref) == 5
-    for i, (a, b) in enumerate(zip(mine, ref, strict=False)):
+    for i, (a, b) in enumerate(zip(mine, ref, strict=True)):
         assert a.shape == b.shape, i
         assert (a - b).abs().max().item() <= TOLERANCE, i
 

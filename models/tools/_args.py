@@ -1,8 +1,13 @@
-"""What every command's argument parser shares: the ``--manifest`` option and number checks."""
+"""What the commands' argument parsers share: ``--manifest``, the model's weights
+(published, or ``--checkpoint``), and number checks."""
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
+
+from .. import api
+from ..weights import Weights, get_weights
 
 
 def add_command(group, name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
@@ -20,3 +25,49 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
     return parse
+
+
+class _Renamed(argparse.Action):
+    """An option that was renamed: using it is an error naming the new one."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new} (your own checkpoint file or URL)")
+
+
+def model_source_arguments(sub: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` (any model, your weights) instead of the published weights."""
+    sub.add_argument("--checkpoint", metavar="FILE|URL",
+                     help="your checkpoint (e.g. fine-tuned) instead of the published weights; any model")
+    sub.add_argument("--checkpoint-sha256", metavar="HEX", help="the SHA-256 the --checkpoint file must have")
+    sub.add_argument("--num-classes", type=int_at_least(1), default=None,
+                     help="classes of --checkpoint (default: 1000)")
+    sub.add_argument("--weights", action=_Renamed, new="--checkpoint")
+
+
+def published_weights(args: argparse.Namespace) -> Weights | None:
+    """The published weights that ``args`` ask for: None with ``--checkpoint``; an error for
+    a model that has none, which points at ``--checkpoint``."""
+    if args.model not in api.list_models():
+        raise ValueError(f"unknown model {args.model!r}; models: {', '.join(api.list_models())}")
+    if args.checkpoint:
+        return None
+    for option, value in (("--checkpoint-sha256", args.checkpoint_sha256), ("--num-classes", args.num_classes)):
+        if value is not None:
+            raise ValueError(f"{option} applies to the file given with --checkpoint; none was given")
+    try:
+        return get_weights(args.model, args.manifest)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; pass --checkpoint FILE to use weights of your own") from None
+
+
+def build_model(args: argparse.Namespace, **options: Any):
+    """``args.model`` with ``args.checkpoint``, else with its published weights from ``args.manifest``."""
+    weights = published_weights(args)
+    if weights is not None:
+        return api.get_model(args.model, weights=weights, **options)
+    return api.get_model(args.model, checkpoint=args.checkpoint, checkpoint_sha256=args.checkpoint_sha256,
+                         num_classes=args.num_classes or 1000, **options)

@@ -156,7 +156,7 @@ def table(results: list[Result]) -> str:
         "" if r.vs_timm is None else (f"{r.vs_timm:.2f}x time" if r.batch == 1 else f"{r.vs_timm:.2f}x img/s"),
     ) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def environment(device: torch.device) -> dict:

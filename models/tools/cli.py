@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from .. import _cache_files, api, download
+from .. import __version__, _cache_files, api, download
 from .._hashing import sha256_file
 from ..cache import CacheDirError, cache_dir, default_cache_dir, verify_cached
 from ..manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
@@ -58,7 +58,7 @@ def _list(args) -> int:
                          str(model.default_input_size[0]), "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -208,7 +208,7 @@ def _cache_list(args) -> int:
           + (f"; {others} other file(s) not shown" if others else ""))
     if entries:
         for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 1 if any(e.state.startswith("corrupt") for e in entries) else 0
 
 
@@ -237,6 +237,7 @@ def _cache_clear(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m models", description="GhostNet and TinyNet weights and tools.")
+    parser.add_argument("--version", action="version", version=f"ghostnet-hub {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     add_command(commands, "list", _list,

@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from .. import api
 from ..manifest import Manifest
+from ..pretrained import transforms_for
 from ..weights import get_weights
-from ._args import add_command, int_at_least
+from ._args import add_command, int_at_least, model_source_arguments, published_weights
 from .predict import IMAGE_SUFFIXES, ImageFiles, collate_images
 
 _SYNSETS = pathlib.Path(__file__).resolve().parents[1] / "data" / "imagenet_synsets.txt"
@@ -41,12 +42,13 @@ class Report:
     top1: float
     top5: float
     correct1: int
-    correct5: int
+    correct5: int  # with top_k = min(5, classes): top-3 for a 3-class model
     images_per_s: float
     seconds: float
     world_size: int
     published_top1: float | None
     published_top5: float | None
+    top_k: int = 5
 
 
 def class_indices(data: pathlib.Path, num_classes: int, class_map: str | None) -> dict[str, int]:
@@ -97,27 +99,35 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def evaluate(model: str, data: str | os.PathLike, *, weights: str | os.PathLike | None = None,
-             num_classes: int = 1000, class_map: str | os.PathLike | None = None, batch_size: int = 64,
-             workers: int = 0, device: str | torch.device | None = None, limit: int | None = None,
-             fused: bool = False, channels_last: bool = False, amp: bool = False, progress: bool = True,
-             manifest: Manifest | str | os.PathLike | None = None) -> Report:
-    """Top-1/top-5 of ``model`` (the published weights, or your checkpoint ``weights`` with
-    ``num_classes`` outputs) on the ImageFolder tree ``data``; under torchrun, this rank's
-    share, with the counts summed over all ranks."""
+def evaluate(model: str, data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
+             checkpoint_sha256: str | None = None, num_classes: int = 1000, class_map: str | os.PathLike | None = None,
+             batch_size: int = 64, workers: int = 0, device: str | torch.device | None = None,
+             limit: int | None = None, fused: bool = False, channels_last: bool = False, amp: bool = False,
+             progress: bool = True, manifest: Manifest | str | os.PathLike | None = None, **removed) -> Report:
+    """Top-1/top-5 of ``model`` (the published weights, or your ``checkpoint`` with
+    ``num_classes`` outputs, for any model) on the ImageFolder tree ``data``; under torchrun,
+    this rank's share, with the counts summed over all ranks. With fewer than 5 classes,
+    "top-5" is top-``num_classes`` (``Report.top_k``)."""
+    if "weights" in removed:
+        raise TypeError("evaluate(weights=...) is now evaluate(checkpoint=...)")
+    if removed:
+        raise TypeError(f"evaluate() got unexpected keyword argument(s) {', '.join(map(repr, removed))}")
     rank, world = _distributed()
     if world > 1 and device in (None, "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    published = get_weights(model, manifest)
-    source = {"weights": weights, "num_classes": num_classes} if weights else {"weights": published}
+    if checkpoint:
+        source = {"checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256, "num_classes": num_classes}
+    else:
+        source = {"weights": get_weights(model, manifest)}
     # Every rank asks; the cache lock makes one download that all of them then verify and share.
     net = api.get_model(model, device=device, progress=progress and rank == 0, fuse=fused,
                         channels_last=channels_last, **source).eval()
+    top_k = min(5, net.num_classes)
     data = pathlib.Path(data)
     items = samples(data, class_indices(data, net.num_classes, class_map), limit)
     shard = items[rank::world]  # disjoint, covering: each image exactly once
     targets = torch.tensor([t for _, t in shard])
-    loader = DataLoader(ImageFiles([p for p, _ in shard], published.transforms()), batch_size=batch_size,
+    loader = DataLoader(ImageFiles([p for p, _ in shard], transforms_for(net)), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate_images)
     dev = next(net.parameters()).device
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp)
@@ -126,12 +136,12 @@ def evaluate(model: str, data: str | os.PathLike, *, weights: str | os.PathLike 
     start = time.perf_counter()
     with torch.inference_mode(), autocast:
         for indices, batch, errors in loader:
-            for i, error in errors:
-                print(f"rank {rank}: skipped {shard[i][0]}: {error}", file=sys.stderr)
+            for i, error in errors:  # tqdm.write: above the progress bar, not inside it
+                tqdm.write(f"rank {rank}: skipped {shard[i][0]}: {error}", file=sys.stderr)
             counts[3] += len(errors)
             if batch is not None:
                 logits = net(batch.to(dev, non_blocking=True)).float()
-                top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+                top5 = logits.topk(top_k, dim=1).indices.cpu()
                 truth = targets[indices].unsqueeze(1)
                 counts[0] += len(indices)
                 counts[1] += (top5[:, :1] == truth).sum()
@@ -145,22 +155,24 @@ def evaluate(model: str, data: str | os.PathLike, *, weights: str | os.PathLike 
     images, correct1, correct5, skipped = (int(c) for c in counts.tolist())
     seconds = float(elapsed)
     # Published numbers are for the published weights only.
-    top1, top5 = (None, None) if weights else (published.entry.top1, published.entry.top5)
+    published = net.pretrained_weights
+    top1, top5 = (published.entry.top1, published.entry.top5) if published is not None else (None, None)
     return Report(model, images, skipped, 100.0 * correct1 / max(images, 1), 100.0 * correct5 / max(images, 1),
-                  correct1, correct5, images / seconds if seconds else 0.0, seconds, world, top1, top5)
+                  correct1, correct5, images / seconds if seconds else 0.0, seconds, world, top1, top5, top_k)
 
 
 def _run(args) -> int:
-    report = evaluate(args.model, args.data, weights=args.weights, num_classes=args.num_classes,
-                      class_map=args.class_map, batch_size=args.batch_size, workers=args.workers,
-                      device=args.device, limit=args.limit, fused=args.fused, channels_last=args.channels_last,
-                      amp=args.amp, progress=not args.quiet, manifest=args.manifest)
+    published_weights(args)  # a model without weights and no --checkpoint: the error, before any work
+    report = evaluate(args.model, args.data, checkpoint=args.checkpoint, checkpoint_sha256=args.checkpoint_sha256,
+                      num_classes=args.num_classes or 1000, class_map=args.class_map, batch_size=args.batch_size,
+                      workers=args.workers, device=args.device, limit=args.limit, fused=args.fused,
+                      channels_last=args.channels_last, amp=args.amp, progress=not args.quiet, manifest=args.manifest)
     if not dist.is_initialized() or dist.get_rank() == 0:
         published = lambda value: f"   published {value}" if value is not None else ""  # noqa: E731
         print(f"{report.model}: {report.images} images ({report.skipped} skipped) on {report.world_size} process(es), "
               f"{report.images_per_s:.1f} images/s")
         print(f"  top-1 {report.top1:.3f} %  ({report.correct1}){published(report.published_top1)}")
-        print(f"  top-5 {report.top5:.3f} %  ({report.correct5}){published(report.published_top5)}")
+        print(f"  top-{report.top_k} {report.top5:.3f} %  ({report.correct5}){published(report.published_top5)}")
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps(asdict(report), indent=2) + "\n")
     if dist.is_initialized():
@@ -176,8 +188,7 @@ def register(commands) -> None:
                       "under torchrun, spread over processes")
     sub.add_argument("--model", required=True, choices=api.list_models(), metavar="MODEL")
     sub.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root: class folders of images")
-    sub.add_argument("--weights", help="your checkpoint (path or URL) instead of the published weights")
-    sub.add_argument("--num-classes", type=int_at_least(1), default=1000, help="classes of --weights (default: 1000)")
+    model_source_arguments(sub)
     sub.add_argument("--class-map", metavar="FILE", help="JSON object: class folder name -> class index")
     sub.add_argument("--batch-size", type=int_at_least(1), default=64, help="default: 64")
     sub.add_argument("--workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),

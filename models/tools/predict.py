@@ -17,10 +17,13 @@ from tqdm import tqdm
 
 from .. import api
 from ..download import fetch_bytes, is_url
-from ..weights import get_weights
-from ._args import add_command, int_at_least
+from ..pretrained import categories_for, released_models, transforms_for
+from ._args import add_command, build_model, int_at_least, model_source_arguments
 
-SAMPLE_IMAGE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "chelsea.jpg"
+_PACKAGE = pathlib.Path(__file__).resolve().parents[1]
+# Bundled in an installed package (setup.py), else in the clone's examples/.
+SAMPLE_IMAGE = next((p for p in (_PACKAGE / "data" / "chelsea.jpg", _PACKAGE.parent / "examples" / "chelsea.jpg")
+                     if p.is_file()), _PACKAGE.parent / "examples" / "chelsea.jpg")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 
 
@@ -104,13 +107,13 @@ class Prediction:
 def predict(model: torch.nn.Module, sources: Sequence[str], *, topk: int = 5, batch_size: int = 32,
             workers: int | None = None, progress: bool = True) -> Iterator[Prediction]:
     """Top-``topk`` classes of each image, in the order of ``sources``; unreadable images
-    come back with ``error`` set."""
-    weights = model.pretrained_weights
-    categories = weights.meta["categories"]
+    come back with ``error`` set. The preprocessing is the model's (its published weights',
+    else the recipe in its ``pretrained_cfg``)."""
+    categories = categories_for(model)
     device = next(model.parameters()).device
     if workers is None:
         workers = 0 if len(sources) <= batch_size else min(4, os.cpu_count() or 1)
-    loader = DataLoader(ImageFiles(sources, weights.transforms()), batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(ImageFiles(sources, transforms_for(model)), batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_images, pin_memory=device.type == "cuda")
     bar = tqdm(total=len(sources), unit="img", file=sys.stderr, disable=not progress or len(sources) < 2)
     model.eval()
@@ -134,14 +137,13 @@ def _run(args) -> int:
     sources = expand_sources(args.images or [str(SAMPLE_IMAGE)])
     if not sources:
         raise SystemExit("error: no images found in " + ", ".join(args.images))
-    model = api.get_model(args.model, weights=get_weights(args.model, args.manifest), device=args.device,
-                          progress=not args.quiet)
+    model = build_model(args, device=args.device, progress=not args.quiet)
     failed = 0
     for result in predict(model, sources, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                           progress=not args.quiet and not args.json):
         failed += bool(result.error)
-        if result.error:
-            print(f"{result.source}: skipped, {result.error}", file=sys.stderr)
+        if result.error:  # tqdm.write: above the progress bar, not inside it
+            tqdm.write(f"{result.source}: skipped, {result.error}", file=sys.stderr)
         if args.json:
             record = {"image": result.source, "model": args.model}
             if result.error:
@@ -151,9 +153,9 @@ def _run(args) -> int:
                                  for label, index, p in result.top]
             print(json.dumps(record), flush=True)
         elif not result.error:
-            print(result.source)
-            for rank, (label, _, p) in enumerate(result.top, 1):
-                print(f"  {rank}. {label:<32} {p * 100:6.2f}%")
+            lines = [result.source] + [f"  {rank}. {label:<32} {p * 100:6.2f}%"
+                                       for rank, (label, _, p) in enumerate(result.top, 1)]
+            tqdm.write("\n".join(lines), file=sys.stdout)
     if failed:
         print(f"{failed} of {len(sources)} image(s) could not be read", file=sys.stderr)
     return 1 if failed else 0
@@ -164,8 +166,11 @@ def register(commands) -> None:
                       "classify images with a pretrained model (default: the bundled sample)")
     sub.add_argument("images", nargs="*", metavar="IMAGE|DIR|URL",
                      help="image files, directories (searched recursively) or http(s) URLs")
-    sub.add_argument("--model", default="ghostnet_1x", choices=api.list_models(pretrained_only=False),
-                     help="model with published weights (default: ghostnet_1x)")
+    released = released_models()
+    sub.add_argument("--model", default="ghostnet_1x", metavar="{" + ",".join(released) + "}",
+                     help="a model with published weights (default: ghostnet_1x); with --checkpoint, any of "
+                          + ", ".join(api.list_models()))
+    model_source_arguments(sub)
     sub.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
     sub.add_argument("--topk", type=int_at_least(1), default=5, help="classes to show per image (default: 5)")
     sub.add_argument("--batch-size", type=int_at_least(1), default=32, help="images per forward pass (default: 32)")

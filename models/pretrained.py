@@ -1,0 +1,212 @@
+"""torchvision's weights API over the published weights: one enum per model with released
+weights (``TinyNet_A_Weights.IMAGENET1K_V1``, alias ``DEFAULT``), ``get_model_weights``,
+``get_weight``, and what ``weights=`` accepts.
+
+An enum member names a release; the files and checksums it fetches are looked up when they are
+needed, in the manifest in use then ($GHOSTNET_HUB_MANIFEST, else the repository's), as
+``pretrained=True`` always did. ``member.resolve(manifest)`` gives the ``Weights`` handle of
+another manifest (the CLI's ``--manifest``); ``weights=`` takes that handle as well.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .manifest import Manifest
+from .weights import Weights, classification_preset, get_weights, imagenet_categories
+
+__all__ = [
+    "GhostNet_1X_Weights",
+    "TinyNet_A_Weights",
+    "TinyNet_B_Weights",
+    "TinyNet_C_Weights",
+    "TinyNet_D_Weights",
+    "TinyNet_E_Weights",
+    "WeightsEnum",
+    "get_model_weights",
+    "get_weight",
+]
+
+
+@dataclass(frozen=True)
+class _Release:
+    model: str
+    tag: str = "IMAGENET1K_V1"
+
+
+class WeightsEnum(enum.Enum):
+    """The published weights of one model, in torchvision's shape: each member carries
+    ``url``, ``transforms()``, ``meta`` and ``get_state_dict()``; ``DEFAULT`` is the best
+    release. Members are hashable and compare by identity."""
+
+    @property
+    def model_name(self) -> str:
+        return self.value.model
+
+    def resolve(self, manifest: Manifest | str | os.PathLike | None = None) -> Weights:
+        """The ``Weights`` handle of this release in ``manifest`` (default: the one in use)."""
+        return get_weights(self.value.model, manifest)
+
+    @property
+    def url(self) -> str:
+        return self.resolve().url
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.resolve().meta
+
+    def transforms(self) -> nn.Module:
+        return self.resolve().transforms()
+
+    def get_state_dict(self, progress: bool = True, map_location: torch.device | str = "cpu",
+                       **fetch_options: Any) -> dict[str, torch.Tensor]:
+        return self.resolve().get_state_dict(progress=progress, map_location=map_location, **fetch_options)
+
+    @classmethod
+    def verify(cls, obj: Any) -> WeightsEnum | None:
+        """torchvision's ``verify``: ``None``, a member, its name, or "Enum.NAME" -> a member."""
+        if obj is None or isinstance(obj, cls):
+            return obj
+        if isinstance(obj, str):
+            name = obj.removeprefix(cls.__name__ + ".")
+            if name in cls.__members__:
+                return cls[name]
+            raise ValueError(f"{obj!r} is not a member of {cls.__name__}; members: {', '.join(cls.__members__)}")
+        raise TypeError(f"expected a {cls.__name__} member or its name, got {type(obj).__name__} {obj!r}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}.{self.name}"
+
+
+# One per model with released weights (a test checks them against the manifest). The names
+# follow torchvision's rule: the family, then the model's suffix upper-cased.
+class GhostNet_1X_Weights(WeightsEnum):
+    IMAGENET1K_V1 = _Release("ghostnet_1x")
+    DEFAULT = IMAGENET1K_V1
+
+
+class TinyNet_A_Weights(WeightsEnum):
+    IMAGENET1K_V1 = _Release("tinynet_a")
+    DEFAULT = IMAGENET1K_V1
+
+
+class TinyNet_B_Weights(WeightsEnum):
+    IMAGENET1K_V1 = _Release("tinynet_b")
+    DEFAULT = IMAGENET1K_V1
+
+
+class TinyNet_C_Weights(WeightsEnum):
+    IMAGENET1K_V1 = _Release("tinynet_c")
+    DEFAULT = IMAGENET1K_V1
+
+
+class TinyNet_D_Weights(WeightsEnum):
+    IMAGENET1K_V1 = _Release("tinynet_d")
+    DEFAULT = IMAGENET1K_V1
+
+
+class TinyNet_E_Weights(WeightsEnum):
+    IMAGENET1K_V1 = _Release("tinynet_e")
+    DEFAULT = IMAGENET1K_V1
+
+
+_ENUMS: dict[str, type[WeightsEnum]] = {
+    cls.DEFAULT.model_name: cls
+    for cls in (GhostNet_1X_Weights, TinyNet_A_Weights, TinyNet_B_Weights, TinyNet_C_Weights, TinyNet_D_Weights,
+                TinyNet_E_Weights)
+}
+_BY_CLASS_NAME = {cls.__name__: cls for cls in _ENUMS.values()}
+
+
+def get_model_weights(name: str | Callable) -> type[WeightsEnum]:
+    """torchvision's ``get_model_weights``: the weights enum of model ``name`` (or of its builder)."""
+    name = getattr(name, "__name__", name)
+    if name not in _ENUMS:
+        raise ValueError(f"{name!r} has no released weights; models with weights: {', '.join(_ENUMS)}")
+    return _ENUMS[name]
+
+
+def get_weight(name: str) -> WeightsEnum:
+    """torchvision's ``get_weight``: "TinyNet_A_Weights.IMAGENET1K_V1" -> that enum member."""
+    if not isinstance(name, str):
+        raise TypeError(f"get_weight takes a name such as 'TinyNet_A_Weights.IMAGENET1K_V1', got {name!r}")
+    enum_name, _, member = name.partition(".")
+    if enum_name not in _BY_CLASS_NAME or not member:
+        raise ValueError(f"{name!r} names no weights; weights are named like 'TinyNet_A_Weights.IMAGENET1K_V1' "
+                         f"(enums: {', '.join(_BY_CLASS_NAME)})")
+    return _BY_CLASS_NAME[enum_name].verify(member)
+
+
+def _checkpoint_hint(value: Any) -> str:
+    return (f"weights= names published weights, as in torchvision ('DEFAULT', 'IMAGENET1K_V1', "
+            f"TinyNet_A_Weights.DEFAULT or 'TinyNet_A_Weights.IMAGENET1K_V1'); for your own checkpoint file or URL "
+            f"pass checkpoint={os.fspath(value)!r} instead")
+
+
+def resolve_weights(model: str, weights: Any) -> Weights | None:
+    """What ``weights=`` names for ``model``, as a ``Weights`` handle (None for None).
+
+    Never a file: a path or URL is an error that names ``checkpoint=``, whether or not such a
+    file exists, so that one argument never means two things."""
+    if weights is None:
+        return None
+    if isinstance(weights, Weights):
+        handle = weights
+    elif isinstance(weights, enum.Enum) and type(weights).__name__ in _BY_CLASS_NAME:
+        # (also a member of another copy of this package: models, ghostnet_hub, torch.hub's)
+        weights = _BY_CLASS_NAME[type(weights).__name__][weights.name]
+        if weights.model_name != model:
+            raise ValueError(f"{weights!r} are the weights of {weights.model_name}, not of {model}")
+        handle = weights.resolve()
+    elif isinstance(weights, os.PathLike):
+        raise ValueError(f"weights={os.fspath(weights)!r} is a path: {_checkpoint_hint(weights)}")
+    elif not isinstance(weights, str):
+        raise TypeError(f"weights must be None, a weights enum member (e.g. TinyNet_A_Weights.DEFAULT), its name "
+                        f"or a Weights handle, got {type(weights).__name__} {weights!r}")
+    elif weights.partition(".")[0] in _BY_CLASS_NAME and "/" not in weights:
+        return resolve_weights(model, get_weight(weights))
+    elif weights in ("DEFAULT", "IMAGENET1K_V1"):
+        # The environment's manifest decides which models have weights, as for pretrained=True.
+        handle = get_weights(model)
+    else:
+        raise ValueError(f"weights={weights!r} is not the name of published weights of {model}: "
+                         f"{_checkpoint_hint(weights)}")
+    if handle.name != model:
+        raise ValueError(f"the weights of {handle.name} cannot be loaded into {model}")
+    return handle
+
+
+def transforms_for(model: nn.Module) -> nn.Module:
+    """The evaluation preprocessing of ``model``: its published weights' ``transforms()``,
+    else the same preset built from its ``pretrained_cfg`` (e.g. a GhostNet 1.3x or a
+    checkpoint of your own)."""
+    weights = getattr(model, "pretrained_weights", None)
+    if weights is not None:
+        return weights.transforms()
+    cfg = model.pretrained_cfg
+    size = cfg["input_size"][-1]
+    return classification_preset(crop_size=size, resize_size=math.floor(size / cfg["crop_pct"]),
+                                 interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"])
+
+
+def released_models() -> list[str]:
+    """The models with published weights (those with an enum), in registry order."""
+    return list(_ENUMS)
+
+
+def categories_for(model: nn.Module) -> list[str]:
+    """Class names of ``model``'s outputs: its published weights', the ImageNet-1k names for
+    any 1000-class model, else "class 0", "class 1", ..."""
+    weights = getattr(model, "pretrained_weights", None)
+    if weights is not None:
+        return weights.meta["categories"]
+    if model.num_classes == 1000:
+        return imagenet_categories()
+    return [f"class {i}" for i in range(model.num_classes)]
