@@ -130,15 +130,15 @@ def _classify(exc: requests.RequestException, url: str) -> tuple[bool, str, bool
         return False, f"cannot fetch {failed_url!r} (unsupported or invalid URL)", False
     if isinstance(exc, requests.exceptions.ContentDecodingError):
         return False, "the encoded body could not be decoded", False
-    from urllib3.exceptions import ReadTimeoutError  # (requests' own dependency; not one of hubconf's)
-
     cause = _root_cause(exc)
     if isinstance(exc, requests.exceptions.SSLError) or isinstance(cause, ssl.SSLError):
         reason = getattr(cause, "reason", None) or str(cause).split(":")[-1].strip(" )'\"") or "handshake failed"
         return False, f"{host}: TLS error ({reason})", True
     if isinstance(exc, requests.ConnectTimeout):
         return True, f"{host}: connection timed out", False
-    if isinstance(exc, requests.Timeout) or isinstance(cause, (TimeoutError, ReadTimeoutError)):
+    # (urllib3's ReadTimeoutError, by name: urllib3 is requests' dependency, not one of ours)
+    if isinstance(exc, requests.Timeout) or isinstance(cause, TimeoutError) or \
+            type(cause).__name__ == "ReadTimeoutError":
         return True, f"{host}: no data within the read timeout", False
     if isinstance(cause, socket.gaierror):
         return False, f"{host}: name does not resolve", True
