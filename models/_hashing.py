@@ -8,8 +8,9 @@ import pathlib
 import queue
 import threading
 from collections.abc import Iterable
+from typing import BinaryIO
 
-__all__ = ["Digests", "hash_file", "sha256_file"]
+__all__ = ["Digests", "hash_bytes", "hash_file", "hash_stream", "sha256_file"]
 
 
 class _HashThread:
@@ -82,13 +83,33 @@ def hash_file(path: pathlib.Path, algos: Iterable[str], start: Digests | None = 
     with open(path, "rb") as f:
         f.seek(digests.count)
         remaining = (upto if upto is not None else path.stat().st_size) - digests.count
-        while remaining > 0:
-            chunk = f.read(min(chunk_size, remaining))
-            if not chunk:
-                break
-            digests.update(chunk)
-            remaining -= len(chunk)
+        _feed(f, digests, remaining, chunk_size)
     return digests
+
+
+def hash_stream(f: BinaryIO, algos: Iterable[str], size: int, chunk_size: int = 1 << 20) -> Digests:
+    """Digests of the ``size`` bytes of an open file, read from where it stands."""
+    digests = Digests(algos, size)
+    _feed(f, digests, size, chunk_size)
+    return digests
+
+
+def hash_bytes(data: bytes, algos: Iterable[str], chunk_size: int = 1 << 20) -> dict[str, str]:
+    """Hex digests of bytes already in memory."""
+    digests = Digests(algos, len(data))
+    view = memoryview(data)
+    for i in range(0, len(data), chunk_size):
+        digests.update(view[i:i + chunk_size])
+    return digests.hexdigests()
+
+
+def _feed(f: BinaryIO, digests: Digests, remaining: int, chunk_size: int) -> None:
+    while remaining > 0:
+        chunk = f.read(min(chunk_size, remaining))
+        if not chunk:
+            break
+        digests.update(chunk)
+        remaining -= len(chunk)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -1,37 +1,56 @@
-"""Fetch -> verify -> cache. The only module of the package that touches the network.
+"""Fetch -> verify -> cache. With ``_http`` (its transfer layer and the one retry policy),
+the only part of the package that touches the network.
 
 A weight file gets its final cache name only after every checksum the manifest records,
-and its size, matched the bytes, hashed as they stream in (``_hashing``). One lock per file
-(``cache.file_lock``) makes N processes asking at once produce one download. Layers, bottom
-up: ``_append_body`` writes one response body; ``_transfer_with_retries`` repeats requests,
-resuming with Range, under the one retry policy (``_transient_status``, ``_transient_error``,
-``_retry_delay``); ``_download_verified`` checks the finished bytes; ``_fetch`` tries each
-source under the lock.
+and its size, matched the bytes, hashed as they stream in (``_hashing``). A verified cached
+file is used without a lock and without write access. Otherwise one lock per file
+(``cache.file_lock``) makes N processes asking at once produce one download, and when
+every source fails, the waiting processes read what the first one learned (a short-lived
+failure record beside the lock) instead of trying the same dead sources in turn. Errors
+name each source once, with its cause in a few words, and end with one hint.
 """
 from __future__ import annotations
 
-import contextlib
-import email.utils
 import hashlib
 import logging
 import os
 import pathlib
-import sys
+import re
 import time
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import requests
-from tqdm import tqdm
+import filelock
 
-from ._hashing import Digests, hash_file
-from .cache import Target, cache_dir, cached, file_lock, problems, target_for
+from . import _http
+from ._hashing import hash_file
+from ._http import DEADLINE_ENV, MAX_BYTES_ENV, DownloadOptions, SourceFailed, WriteFailed
+from .cache import (
+    CacheDirError,
+    Target,
+    cache_dir,
+    cached,
+    discard_partial,
+    entry_path,
+    file_lock,
+    forget_failures,
+    partial_path,
+    problems,
+    recent_failures,
+    record_failures,
+    remember,
+    target_for,
+    verify_file,
+)
 from .manifest import CHECKSUM_LENGTHS, WeightFile
 
 __all__ = [
-    "OFFLINE_ENV",
+    "DEADLINE_ENV",
+    "HF_OFFLINE_ENV",
+    "MAX_BYTES_ENV",
     "MIRROR_ENV",
+    "OFFLINE_ENV",
+    "CacheWriteError",
     "DownloadError",
     "DownloadOptions",
     "OfflineError",
@@ -44,45 +63,40 @@ __all__ = [
 
 OFFLINE_ENV = "GHOSTNET_HUB_OFFLINE"
 MIRROR_ENV = "GHOSTNET_HUB_MIRROR"
+HF_OFFLINE_ENV = "HF_HUB_OFFLINE"  # Hugging Face's own switch, honoured for its URLs
+_HF_HOSTS = ("huggingface.co", "hf.co")
 _TRUE = {"1", "true", "yes", "on"}
 _log = logging.getLogger(__name__)
 
 
 class DownloadError(RuntimeError):
-    """No source gave verified bytes. ``failures`` holds (url, reason) for each try."""
+    """No source gave verified bytes. ``failures`` holds (url, reason) for each source,
+    each printed once; ``hint`` is the one closing suggestion."""
 
-    def __init__(self, message: str, failures: Sequence[tuple[str, str]] = ()):
+    def __init__(self, message: str, failures: Sequence[tuple[str, str]] = (), hint: str = ""):
         self.failures = list(failures)
+        self.hint = hint
         lines = "".join(f"\n  - {url}: {reason}" for url, reason in self.failures)
-        super().__init__(message + lines)
+        super().__init__(message + lines + (f"\nhint: {hint}" if hint else ""))
 
 
 class OfflineError(DownloadError):
     """Offline mode is on and the file is not in the cache."""
 
 
-@dataclass(frozen=True)
-class DownloadOptions:
-    """How hard to try. ``timeout`` is (connect, read) in seconds; a read timeout is the
-    longest silence tolerated between two pieces of the body."""
-
-    timeout: tuple[float, float] = (10.0, 60.0)
-    retries: int = 4  # per URL, after the first attempt
-    backoff: float = 1.0  # first wait in seconds, doubled each retry
-    max_wait: float = 60.0  # cap on any wait, Retry-After included
-    chunk_size: int = 1 << 20
-
-
-class _SourceFailed(Exception):
-    """This URL cannot give the file; the next one may."""
+class CacheWriteError(DownloadError):
+    """The cache cannot take the file (full disk, file size limit, read-only): a property
+    of the machine, so no other source is tried into the same disk."""
 
 
 # -- configuration ------------------------------------------------------------------------
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
 def offline_requested(offline: bool | None = None) -> bool:
-    if offline is not None:
-        return offline
-    return os.environ.get(OFFLINE_ENV, "").strip().lower() in _TRUE
+    return offline if offline is not None else _flag(OFFLINE_ENV)
 
 
 def _mirror_base(mirror: str | None) -> str | None:
@@ -93,208 +107,186 @@ def _mirror_base(mirror: str | None) -> str | None:
     parts = urllib.parse.urlsplit(base)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"mirror {base!r} (from {MIRROR_ENV} or mirror=) must be an http(s) URL")
-    return base.rstrip("/")
+    return base
+
+
+def _mirror_url(base: str, name: str) -> str:
+    """``name`` inside the mirror's directory; a query (a token) stays a query."""
+    parts = urllib.parse.urlsplit(base)
+    path = parts.path.rstrip("/") + "/" + urllib.parse.quote(name)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
 def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-# -- the retry policy (every HTTP call) -----------------------------------------------------
-
-def _transient_status(status: int) -> bool:
-    """An answer worth asking again for: timeout, rate limit, server trouble."""
-    return status in (408, 429) or status >= 500
+def _urls(target: Target, mirror: str | None) -> list[str]:
+    # A mirror is a copy of the cache directory served over http(s): same file names.
+    return ([_mirror_url(mirror, target.cache_name)] if mirror else []) + list(target.urls)
 
 
-def _transient_error(exc: requests.RequestException) -> bool:
-    """A connection that failed or went silent may work on the next try; a malformed URL,
-    a scheme requests cannot fetch or a redirect loop will not."""
-    return isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError))
-
-
-def _retry_delay(options: DownloadOptions, attempt: int, response: requests.Response | None = None) -> float:
-    """Seconds to wait before retry number ``attempt`` (1-based): the Retry-After the server
-    sent with ``response`` (seconds or an HTTP date), else exponential backoff; capped by
-    ``options.max_wait``."""
-    wait = options.backoff * 2 ** (attempt - 1)
-    value = response.headers.get("Retry-After", "").strip() if response is not None else ""
-    if value.isdigit():
-        wait = float(value)
-    elif value:
-        with contextlib.suppress(TypeError, ValueError):
-            wait = max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    return min(options.max_wait, wait)
-
-
-# -- one URL ------------------------------------------------------------------------------
-
-def _content_total(response: requests.Response, offset: int) -> tuple[int | None, int]:
-    """(full file length if the server says, first byte of this body)."""
-    if response.status_code == 206:
-        spec = response.headers.get("Content-Range", "")
-        try:
-            unit, rest = spec.split(" ", 1)
-            span, total = rest.split("/")
-            start = int(span.split("-")[0])
-            return (None if total == "*" else int(total)), start
-        except ValueError:
-            raise _SourceFailed(f"206 answer with an unreadable Content-Range {spec!r}") from None
-    length = response.headers.get("Content-Length")
-    return (int(length) if length and length.isdigit() else None), 0
-
-
-def _download_verified(session: requests.Session, url: str, partial: pathlib.Path, target: Target,
-                       options: DownloadOptions, progress: bool) -> None:
-    """Bring ``partial`` to the complete, verified content of ``target`` from ``url``."""
-    digests: Digests | None = None
-    try:
-        digests = _transfer_with_retries(session, url, partial, target, options, progress)
-        found = digests.hexdigests()
-    finally:
-        if digests is not None:
-            digests.close()
-    if digests.deferred:
-        found.update(hash_file(partial, digests.deferred).hexdigests())
-    wrong = problems(target, found, partial.stat().st_size)
-    if wrong:
-        partial.unlink()
-        raise _SourceFailed("content does not match the manifest: " + "; ".join(wrong))
-    if target.sidecar:
-        (partial.parent / (target.cache_name + ".sha256")).write_text(found["sha256"] + "\n")
-
-
-def _transfer_with_retries(session: requests.Session, url: str, partial: pathlib.Path, target: Target,
-                           options: DownloadOptions, progress: bool) -> Digests:
-    """Download into ``partial``, retrying what the retry policy calls transient and
-    resuming with Range; the digests of all its bytes."""
-    digests: Digests | None = None
-    attempt = 0
-    try:
-        while True:
-            offset = partial.stat().st_size if partial.exists() else 0
-            if target.size is not None and offset > target.size:
-                partial.unlink()
-                offset = 0
-            headers = {"Range": f"bytes={offset}-"} if offset else {}
-            answer: requests.Response | None = None  # a transient answer, for its Retry-After
-            try:
-                with session.get(url, headers=headers, stream=True, timeout=options.timeout) as response:
-                    status = response.status_code
-                    if status == 416 and offset:
-                        # Our partial file is not a prefix the server recognises: start over.
-                        partial.unlink()
-                        error = "HTTP 416 for the resumed range; restarting from byte 0"
-                    elif _transient_status(status):
-                        answer = response
-                        error = f"HTTP {status} {response.reason}"
-                    elif status not in (200, 206):
-                        raise _SourceFailed(f"HTTP {status} {response.reason}")
-                    else:
-                        total, start = _content_total(response, offset)
-                        if total is not None and target.size is not None and total != target.size:
-                            raise _SourceFailed(
-                                f"the server announces {total} bytes, the manifest records {target.size}")
-                        if status == 200 and offset:
-                            _log.info("%s ignored the Range request; downloading %s from the start", url, target.label)
-                            offset = 0
-                        if status == 206 and start != offset:
-                            partial.unlink(missing_ok=True)
-                            error = f"asked to resume at byte {offset}, the server sent from byte {start}; restarting"
-                        else:
-                            if digests is None or digests.count != offset:
-                                if digests is not None:
-                                    digests.close()
-                                digests = Digests(target.algos, total if total is not None else target.size)
-                                if offset:
-                                    hash_file(partial, (), start=digests, upto=offset)
-                            error = _append_body(response, partial, offset, total, digests, target, options, progress)
-                            if error is None:
-                                return digests
-            except requests.RequestException as exc:
-                if not _transient_error(exc):
-                    raise _SourceFailed(f"{type(exc).__name__}: {exc}") from None
-                error = f"{type(exc).__name__}: {exc}"
-            attempt += 1
-            if attempt > options.retries:
-                raise _SourceFailed(f"gave up after {attempt} attempts; last: {error}")
-            delay = _retry_delay(options, attempt, answer)
-            _log.info("%s: %s; retry %d/%d in %.1f s", url, error, attempt, options.retries, delay)
-            time.sleep(delay)
-    except BaseException:
-        if digests is not None:
-            digests.close()
-        raise
-
-
-def _append_body(response, partial, offset, total, digests, target, options, progress) -> str | None:
-    """Append the body to ``partial``; None when complete, else why it stopped short."""
-    expected_end = total if total is not None else target.size
-    bar = tqdm(total=expected_end, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-               desc=target.cache_name, file=sys.stderr, disable=not progress, leave=False)
-    received = offset
-    try:
-        with open(partial, "ab" if offset else "wb") as f:
-            try:
-                for chunk in response.iter_content(options.chunk_size):
-                    received += len(chunk)
-                    if target.size is not None and received > target.size:
-                        f.close()
-                        partial.unlink()
-                        raise _SourceFailed(f"more than the {target.size} bytes the manifest records")
-                    f.write(chunk)
-                    digests.update(chunk)
-                    bar.update(len(chunk))
-            except requests.RequestException as exc:
-                return f"transfer broke at byte {received}: {type(exc).__name__}: {exc}"
-    finally:
-        bar.close()
-    if total is not None and received != total:
-        return f"body ended at byte {received} of {total}"
+def _skip_reason(url: str, dead_hosts: dict[str, str]) -> str | None:
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if _flag(HF_OFFLINE_ENV) and any(host == h or host.endswith("." + h) for h in _HF_HOSTS):
+        return f"not tried ({HF_OFFLINE_ENV}=1)"
+    if parts.netloc.lower() in dead_hosts:
+        return f"{dead_hosts[parts.netloc.lower()]} (not tried again)"
     return None
 
 
-# -- sources, under the cache lock ----------------------------------------------------------
-
-def _urls(target: Target, mirror: str | None) -> list[str]:
-    urls = list(target.urls)
-    if mirror:
-        # A mirror is a copy of the cache directory served over http(s): same file names.
-        urls.insert(0, f"{mirror}/{target.cache_name}")
-    return urls
+def _hint(model: str) -> str:
+    return (f"to work without the network, set {OFFLINE_ENV}=1 and use a cache filled by "
+            f"`python -m models prefetch {model}` on a machine with network (same TORCH_HOME), "
+            f"set {MIRROR_ENV} to a copy inside your network, or load a local file with checkpoint=PATH")
 
 
-def _fetch(target: Target, *, progress: bool, options: DownloadOptions | None, cache: pathlib.Path,
-           offline: bool, mirror: str | None) -> pathlib.Path:
+def _write_error(target: Target, exc: WriteFailed) -> CacheWriteError:
+    def size(n):
+        return "unknown" if n is None else f"{n:,}"
+    cause = f" ({exc.error})" if exc.error else ""
+    return CacheWriteError(
+        f"{target.label}: cannot write {target.cache_name} into the cache {exc.directory}{cause}: it needs "
+        f"{size(exc.needed)} bytes and {size(exc.free)} bytes are free there. Nothing was kept; other sources "
+        "were not tried into the same disk. Free space there (`python -m models cache prune`) or set TORCH_HOME "
+        "to a disk with room."
+    )
+
+
+# -- one file, under its lock ------------------------------------------------------------------
+
+def _download_verified(http, url: str, partial: pathlib.Path, target: Target, options: DownloadOptions,
+                       progress: bool, deadline_at: float) -> None:
+    """Bring ``partial`` to the complete, verified content of ``target`` from ``url``. Bytes
+    resumed from an earlier attempt that do not verify are discarded and downloaded again."""
+    for fresh in (False, True):
+        digests, resumed = _http.transfer(http, url, partial, target, options, progress, deadline_at)
+        found = digests.hexdigests()
+        if digests.deferred:
+            found.update(hash_file(partial, digests.deferred).hexdigests())
+        wrong = problems(target, found, partial.stat().st_size)
+        if not wrong:
+            break
+        discard_partial(partial)
+        if fresh or not resumed:
+            raise SourceFailed("content does not match the recorded checksums: " + "; ".join(wrong))
+        _log.info("%s: bytes resumed from an earlier download did not verify (%s); starting again from byte 0",
+                  url, "; ".join(wrong))
+    if target.sidecar:
+        try:
+            (partial.parent / (target.cache_name + ".sha256")).write_text(found["sha256"] + "\n")
+        except OSError as exc:
+            raise WriteFailed(partial.parent, None, exc) from None
+
+
+def _publish(partial: pathlib.Path, final: pathlib.Path, target: Target) -> None:
+    """Give the verified ``partial`` its final name, remembering the inode (see cache.load_bytes)."""
+    os.replace(partial, final)
+    remember(final, os.stat(final), target)  # (under the lock: only an outsider could swap it between)
+    discard_partial(partial)  # its resume record
+    for leftover in final.parent.glob(f"{final.name}.*.partial"):  # from sources that failed
+        discard_partial(leftover)
+    forget_failures(final)
+
+
+def _offline_error(target: Target, final: pathlib.Path, urls: Sequence[str]) -> OfflineError:
+    return OfflineError(
+        f"{target.label}: offline mode ({OFFLINE_ENV}) is on and {final.name} is not in the cache "
+        f"{final.parent}. Fetch it on a machine with network access{target.prefetch_hint}, or copy it "
+        "there; its sources:",
+        [(url, "not tried (offline)") for url in urls],
+    )
+
+
+def _fetch(target: Target, *, progress: bool, options: DownloadOptions | None, cache: str | os.PathLike | None,
+           offline: bool, mirror: str | None, dead_hosts: dict[str, str] | None = None,
+           found: list[str] | None | bool = False, hint: str = "") -> tuple[pathlib.Path, list[tuple[str, str]]]:
+    """(verified local copy of ``target``, failures of sources tried before the one that
+    worked). ``found``: what ``verify_file`` already said about the cached copy, if asked."""
     options = options or DownloadOptions()
-    final = cache / target.cache_name
-    with file_lock(final):
+    dead_hosts = {} if dead_hosts is None else dead_hosts
+    directory = cache_dir(cache, writable=False)
+    final = entry_path(directory, target.cache_name)
+    if found is False:
+        found = verify_file(final, target)  # no lock and no write access needed
+    if found == []:
+        return final, []
+    urls = _urls(target, mirror)
+    if offline and found is None:
+        raise _offline_error(target, final, urls)
+    deadline, _ = options.limits()  # (a bad setting does not stand in the way of a cache hit)
+    try:
+        cache_dir(cache)
+    except CacheDirError as exc:
+        if found:
+            raise CacheDirError(f"the cached {final} failed verification ({'; '.join(found)}) and cannot be "
+                                f"replaced: {exc}") from None
+        raise
+    waiting_since = time.time()
+    lock = file_lock(final)
+    try:
+        lock.acquire(timeout=deadline + 60)
+    except filelock.Timeout:
+        raise DownloadError(f"{target.label}: another process has held {lock.lock_file} for over {deadline + 60:g} s "
+                            f"({DEADLINE_ENV} bounds its download); try again later") from None
+    try:
         if cached(final, target):
-            return final
-        urls = _urls(target, mirror)
+            return final, []
         if offline:
-            raise OfflineError(
-                f"{target.label}: offline mode ({OFFLINE_ENV}) is on and {final.name} is not in the cache "
-                f"{cache}. Fetch it on a machine with network access{target.prefetch_hint}, or copy it "
-                f"there; its sources:",
-                [(url, "not tried (offline)") for url in urls],
-            )
-        failures = []
-        with requests.Session() as session:
-            for url in urls:
-                partial = final.with_name(f"{final.name}.{hashlib.sha256(url.encode()).hexdigest()[:8]}.partial")
-                try:
-                    _download_verified(session, url, partial, target, options, progress)
-                except _SourceFailed as exc:
-                    failures.append((url, str(exc)))
-                    _log.warning("%s: could not use %s: %s", target.label, url, exc)
-                    continue
-                os.replace(partial, final)
-                for leftover in cache.glob(f"{final.name}.*.partial"):  # from sources that failed
-                    leftover.unlink(missing_ok=True)
-                return final
-        raise DownloadError(f"{target.label}: no source gave verified bytes for {final.name}", failures)
+            raise _offline_error(target, final, urls)
+        earlier = recent_failures(final, urls, waiting_since)
+        if earlier is not None:
+            raise DownloadError(f"{target.label}: no source gave verified bytes for {final.name}", earlier, hint)
+        if target.size is not None:  # before any request, as huggingface_hub does
+            have = max((p.stat().st_size for u in urls if (p := partial_path(final, u)).is_file()), default=0)
+            failed = WriteFailed(directory, target.size - have)
+            if failed.free is not None and failed.needed > failed.free:
+                raise _write_error(target, failed)
+        return final, _try_sources(target, final, urls, options, progress, dead_hosts, hint)
+    finally:
+        lock.release()
 
+
+def _try_sources(target: Target, final: pathlib.Path, urls: list[str], options: DownloadOptions, progress: bool,
+                 dead_hosts: dict[str, str], hint: str) -> list[tuple[str, str]]:
+    deadline, _ = options.limits()
+    deadline_at = time.monotonic() + deadline
+    failures: list[tuple[str, str]] = []
+    with _http.session() as http:
+        for url in urls:
+            skip = _skip_reason(url, dead_hosts)
+            if skip is None and time.monotonic() >= deadline_at:
+                skip = "not tried: " + _http.deadline_reason(deadline)
+            if skip:
+                failures.append((url, skip))
+                continue
+            partial = partial_path(final, url)
+            try:
+                _download_verified(http, url, partial, target, options, progress, deadline_at)
+                _publish(partial, final, target)
+            except SourceFailed as exc:
+                failures.append((url, str(exc)))
+                if exc.host_down:
+                    dead_hosts[urllib.parse.urlsplit(url).netloc.lower()] = str(exc)
+                _log.info("%s: could not use %s: %s", target.label, url, exc)
+                continue
+            except WriteFailed as exc:
+                raise _write_error(target, exc) from None
+            except OSError as exc:
+                raise _write_error(target, WriteFailed(final.parent, target.size, exc)) from None
+            return failures
+    record_failures(final, urls, failures)
+    raise DownloadError(f"{target.label}: no source gave verified bytes for {final.name}", failures, hint)
+
+
+def _warn_recovered(label: str, path: pathlib.Path, failures: Sequence[tuple[str, str]]) -> None:
+    if failures:
+        _log.warning("%s: using %s after %d source(s) failed:%s", label, path.name, len(failures),
+                     "".join(f"\n  - {url}: {reason}" for url, reason in failures))
+
+
+# -- public ---------------------------------------------------------------------------------
 
 def fetch(file: WeightFile, *, progress: bool = True, options: DownloadOptions | None = None,
           cache: str | os.PathLike | None = None, offline: bool | None = None,
@@ -304,8 +296,11 @@ def fetch(file: WeightFile, *, progress: bool = True, options: DownloadOptions |
     ``offline`` and ``mirror`` default to ``$GHOSTNET_HUB_OFFLINE`` and
     ``$GHOSTNET_HUB_MIRROR``; ``cache`` to ``torch.hub.get_dir()/checkpoints``.
     """
-    return _fetch(target_for(file), progress=progress, options=options, cache=cache_dir(cache),
-                  offline=offline_requested(offline), mirror=_mirror_base(mirror))
+    target = target_for(file)
+    path, failures = _fetch(target, progress=progress, options=options, cache=cache,
+                            offline=offline_requested(offline), mirror=_mirror_base(mirror))
+    _warn_recovered(target.label, path, failures)
+    return path
 
 
 def fetch_first(files: Sequence[WeightFile], *, progress: bool = True, options: DownloadOptions | None = None,
@@ -313,64 +308,56 @@ def fetch_first(files: Sequence[WeightFile], *, progress: bool = True, options: 
                 mirror: str | None = None) -> tuple[pathlib.Path, WeightFile]:
     """The first of ``files`` (same model, in manifest order) that is cached or can be
     downloaded and verified; a cached later file beats downloading an earlier one."""
-    cache = cache_dir(cache)
+    directory = cache_dir(cache, writable=False)
     offline = offline_requested(offline)
     mirror = _mirror_base(mirror)
+    checked = {}
+    for file in files:
+        checked[file.index] = verify_file(entry_path(directory, file.cache_name), target_for(file))
+        if checked[file.index] == []:
+            return directory / file.cache_name, file
+    failures: list[tuple[str, str]] = []
+    dead_hosts: dict[str, str] = {}
     for file in files:
         target = target_for(file)
-        final = cache / target.cache_name
-        if final.exists():
-            with file_lock(final):
-                if cached(final, target):
-                    return final, file
-    failures: list[tuple[str, str]] = []
-    for file in files:
         try:
-            path = _fetch(target_for(file), progress=progress, options=options, cache=cache, offline=offline,
-                          mirror=mirror)
-            return path, file
+            path, earlier = _fetch(target, progress=progress, options=options, cache=cache, offline=offline,
+                                   mirror=mirror, dead_hosts=dead_hosts, found=checked.get(file.index, False))
+        except CacheWriteError:
+            raise
         except DownloadError as exc:
             failures += exc.failures
-    kind = OfflineError if offline else DownloadError
+            continue
+        _warn_recovered(target.label, path, failures + earlier)
+        return path, file
     model = files[0].model
     if offline:
-        message = (f"{model}: offline mode ({OFFLINE_ENV}) is on and no weight file of it is in the cache {cache}; "
-                   f"run `python -m models prefetch {model}` where there is network access (with the same TORCH_HOME), "
-                   "or unset the variable. Its sources:")
-    else:
-        message = f"{model}: every source failed:"
-    raise kind(message, failures)
+        raise OfflineError(
+            f"{model}: offline mode ({OFFLINE_ENV}) is on and no weight file of it is in the cache {directory}; "
+            f"run `python -m models prefetch {model}` where there is network access (with the same TORCH_HOME), "
+            "or unset the variable. Its sources:", failures)
+    raise DownloadError(f"{model}: every source failed:", failures, _hint(model))
 
 
 def fetch_bytes(url: str, *, options: DownloadOptions | None = None, max_bytes: int = 64 << 20) -> bytes:
     """A small file (an image to classify) into memory, under the same retry policy as
     weight downloads; nothing is cached or verified, so never use it for weights."""
-    options = options or DownloadOptions()
     if offline_requested():
         raise OfflineError(f"offline mode ({OFFLINE_ENV}) is on; not fetching {url}")
-    attempt = 0
-    while True:
-        answer = None
-        try:
-            with requests.get(url, stream=True, timeout=options.timeout) as response:
-                if _transient_status(response.status_code):
-                    answer, error = response, f"HTTP {response.status_code}"
-                else:
-                    response.raise_for_status()
-                    body = bytearray()
-                    for chunk in response.iter_content(options.chunk_size):
-                        body += chunk
-                        if len(body) > max_bytes:
-                            raise ValueError(f"{url} is larger than {max_bytes} bytes")
-                    return bytes(body)
-        except requests.RequestException as exc:
-            if not _transient_error(exc):
-                raise
-            error = f"{type(exc).__name__}: {exc}"
-        attempt += 1
-        if attempt > options.retries:
-            raise DownloadError(f"could not fetch {url} after {attempt} attempts; last: {error}")
-        time.sleep(_retry_delay(options, attempt, answer))
+    try:
+        return _http.get_bytes(url, options or DownloadOptions(), max_bytes)
+    except SourceFailed as exc:
+        raise DownloadError(f"could not fetch {url}: {exc}") from None
+
+
+def _portable_name(url_path: str) -> str:
+    """The last path segment of a URL as a short file name any OS accepts."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", pathlib.PurePosixPath(urllib.parse.unquote(url_path)).name)
+    name = name.strip("._-") or "weights"
+    if len(name) > 64:
+        suffix = pathlib.PurePosixPath(name).suffix[:16]
+        name = name[: 64 - len(suffix)] + suffix
+    return name
 
 
 def fetch_url(url: str, *, sha256: str | None = None, progress: bool = True,
@@ -380,19 +367,22 @@ def fetch_url(url: str, *, sha256: str | None = None, progress: bool = True,
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"not an http(s) URL: {url!r}")
-    basename = pathlib.PurePosixPath(urllib.parse.unquote(parts.path)).name or "weights"
-    url_key = hashlib.sha256(url.encode()).hexdigest()[:16]
     if sha256 is not None:
         sha256 = sha256.lower()
         if len(sha256) != CHECKSUM_LENGTHS["sha256"] or any(c not in "0123456789abcdef" for c in sha256):
             raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    url_key = hashlib.sha256(url.encode()).hexdigest()[:16]
     target = Target(
         label=f"weights from {url}",
         urls=(url,),
         checksums={"sha256": sha256} if sha256 else {},
         size=None,
-        cache_name=f"url-{url_key}-{(sha256 or 'unverified')[:16]}-{basename}",
+        cache_name=f"url-{url_key}-{(sha256 or 'unverified')[:16]}-{_portable_name(parts.path)}",
         sidecar=sha256 is None,
     )
-    return _fetch(target, progress=progress, options=options, cache=cache_dir(cache),
-                  offline=offline_requested(offline), mirror=None)
+    path, failures = _fetch(target, progress=progress, options=options, cache=cache,
+                            offline=offline_requested(offline), mirror=None,
+                            hint="download it another way and pass its local path as checkpoint=PATH")
+    _warn_recovered(target.label, path, failures)
+    return path
+

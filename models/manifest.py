@@ -6,11 +6,12 @@ every field and reports every problem at once, each with its JSON path.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ CHECKSUM_LENGTHS = {"sha256": 64, "git_blob_sha1": 40, "md5": 32}
 FORMATS = {"torch": ".pth", "safetensors": ".safetensors"}
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# A model name becomes part of file names in the cache: nothing but these, bounded.
+_MODEL_NAME = re.compile(r"[a-z0-9_]{1,64}")
 
 
 class ManifestError(ValueError):
@@ -113,7 +116,46 @@ class Manifest:
 # -- validation ---------------------------------------------------------------------------
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        isinstance(value, int) or math.isfinite(value))
+
+
+class _Object(dict):
+    """A JSON object that remembers the keys it was given more than once."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+class _NonFinite(str):
+    """NaN, Infinity or a number too large for a float: not JSON, refused."""
+
+
+def _parse(text: str) -> Any:
+    def pairs(items):
+        obj = _Object(items)
+        keys = [k for k, _ in items]
+        obj.duplicates = tuple(sorted({k for k in keys if keys.count(k) > 1}))
+        return obj
+
+    def number(literal: str):
+        value = float(literal)
+        return value if math.isfinite(value) else _NonFinite(literal)
+
+    return json.loads(text, object_pairs_hook=pairs, parse_constant=_NonFinite, parse_float=number)
+
+
+def _json_problems(value: Any, path: str, problems: list[str]) -> None:
+    """Duplicate keys and non-finite numbers anywhere in ``value``."""
+    if isinstance(value, dict):
+        for key in getattr(value, "duplicates", ()):
+            problems.append(f"{path}.{key}: the key appears more than once (JSON would keep only the last)")
+        for key, item in value.items():
+            _json_problems(item, f"{path}.{key}", problems)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _json_problems(item, f"{path}[{i}]", problems)
+    elif isinstance(value, _NonFinite) or (isinstance(value, float) and not math.isfinite(value)):
+        problems.append(f"{path}: {value} is not a finite number; NaN and Infinity are not allowed")
 
 
 def _is_int(value: Any) -> bool:
@@ -229,9 +271,11 @@ def _validate_model(entry: Any, path: str, problems: list[str]) -> None:
                 _validate_file(item, f"{path}.files[{i}]", problems)
 
 
-def validate_manifest(data: Any) -> list[str]:
-    """Every problem in ``data`` (parsed JSON), each as ``"$.json.path: what is wrong"``."""
+def validate_manifest(data: Any, architectures: Sequence[str] | None = None) -> list[str]:
+    """Every problem in ``data`` (parsed JSON), each as ``"$.json.path: what is wrong"``.
+    With ``architectures`` (the package's model names), a model without one is a problem."""
     problems: list[str] = []
+    _json_problems(data, "$", problems)
     if not _check_object(data, "$", {"schema_version", "models"}, {"comment"}, problems):
         return problems
     version = data.get("schema_version")
@@ -243,6 +287,12 @@ def validate_manifest(data: Any) -> list[str]:
             problems.append("$.models: expected a non-empty object of model entries")
         else:
             for name, entry in models.items():
+                if not _MODEL_NAME.fullmatch(name):
+                    problems.append(f"$.models[{json.dumps(name)}]: a model name must be 1 to 64 lowercase "
+                                    "letters, digits and underscores (it becomes part of cache file names)")
+                elif architectures is not None and name not in architectures:
+                    problems.append(f"$.models.{name}: no model of that name in this package; models: "
+                                    f"{', '.join(architectures)}")
                 _validate_model(entry, f"$.models.{name}", problems)
     return problems
 
@@ -287,9 +337,9 @@ def _build(source: str, data: dict) -> Manifest:
     return Manifest(source=source, models=models, raw=data)
 
 
-def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
+def load_manifest(path: str | os.PathLike | None = None, *, architectures: Sequence[str] | None = None) -> Manifest:
     """Read and validate a manifest: ``path``, else ``$GHOSTNET_HUB_MANIFEST``, else the
-    repository's ``weights_manifest.json``."""
+    repository's ``weights_manifest.json``. ``architectures``: see ``validate_manifest``."""
     if path is None:
         path = os.environ.get(MANIFEST_ENV) or DEFAULT_MANIFEST
     path = pathlib.Path(path)
@@ -298,10 +348,10 @@ def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
     except OSError as exc:
         raise ManifestError(str(path), [f"cannot read the file: {exc}"]) from None
     try:
-        data = json.loads(text)
+        data = _parse(text)
     except json.JSONDecodeError as exc:
         raise ManifestError(str(path), [f"not valid JSON: {exc}"]) from None
-    problems = validate_manifest(data)
+    problems = validate_manifest(data, architectures)
     if problems:
         raise ManifestError(str(path), problems)
     return _build(str(path), data)

@@ -2,10 +2,16 @@
 code from the file. ``Weights.get_state_dict`` is the only path from a model name to tensors."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib
+import io
 import os
 import pathlib
 import pickle
+import re
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -15,7 +21,7 @@ import torch
 from torch import nn
 
 from . import download
-from ._hashing import sha256_file
+from .cache import load_bytes
 from .manifest import Manifest, ModelEntry, load_manifest
 
 __all__ = [
@@ -40,46 +46,106 @@ class UnsafeCheckpointError(CheckpointError):
     """The file holds pickled objects beyond tensors and plain containers: refused unread."""
 
 
-def _sniff_format(path: pathlib.Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(9)
+def _sniff_format(data: bytes, path: pathlib.Path) -> str:
+    head = data[:9]
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive, or a legacy pickle
         return "torch"
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < len(data):
         return "safetensors"  # 8-byte header length, then a JSON header
     raise CheckpointError(f"{path} is neither a torch checkpoint nor a safetensors file")
+
+
+@lru_cache(maxsize=1)
+def _harmless_globals() -> list:
+    """What training scripts put beside the weights and may be read: timm's and torchvision's
+    ``args`` (argparse.Namespace) and numpy scalars in metrics (scalar, dtype, numeric
+    dtype classes). Nothing here can run code when unpickled."""
+    import argparse
+
+    allowed: list = [argparse.Namespace]
+    with contextlib.suppress(ImportError, AttributeError):
+        # numpy is optional (not one of our requirements): without it no such checkpoint can exist.
+        np = importlib.import_module("numpy")
+        core = getattr(np, "_core", None) or np.core
+        allowed += [core.multiarray.scalar, np.dtype]
+        allowed += [(core.multiarray.scalar, "numpy.core.multiarray.scalar")]
+        allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType") and not
+                    name.startswith(("Object", "Void", "Str", "Bytes", "StringD"))]
+    return allowed
+
+
+def _safe_globals():
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    if allow is None:
+        return contextlib.nullcontext()
+    try:
+        return allow(_harmless_globals())
+    except TypeError:  # a torch that takes no (object, name) pairs
+        return allow([g for g in _harmless_globals() if not isinstance(g, tuple)])
+
+
+def _is_module_class(name: str) -> bool:
+    """Whether ``name`` is an nn.Module class, judged without importing anything."""
+    module, _, attr = name.rpartition(".")
+    cls = getattr(sys.modules.get(module), attr, None)
+    return name.startswith("torch.nn.modules.") or (isinstance(cls, type) and issubclass(cls, nn.Module))
+
+
+def _refusal(path: pathlib.Path, exc: Exception) -> str:
+    """One plain paragraph: what was found, why it is refused, how to convert the file."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    match = re.search(r"GLOBAL ([\w.]+)", text)
+    found = match[1] if match else (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+    if match and _is_module_class(found):
+        what, how = f"a whole pickled model ({found})", "`model = torch.load(path, weights_only=False)`, then " \
+            "`torch.save(model.state_dict(), \"weights.pth\")`"
+    else:
+        what, how = f"a pickled Python object ({found})", "`ckpt = torch.load(path, weights_only=False)`, then " \
+            "`torch.save(ckpt[\"state_dict\"], \"weights.pth\")` (with the key that holds the weights)"
+    return (f"refused to load {path}: it holds {what}, where only tensors, plain containers, argparse.Namespace "
+            "and numpy scalars are read; unpickling anything else can run arbitrary code, so nothing from it was "
+            f"executed. If you trust the file, convert it once with {how}, and load that file.")
+
+
+def _deserialize(data: bytes, path: pathlib.Path, format: str | None, device: torch.device) -> Any:
+    """Tensors from ``data``, the bytes that were checked: nothing is read from disk again."""
+    format = format or _sniff_format(data, path)
+    if format == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            tensors = load(data)
+        except (SafetensorError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+        return {k: v.to(device) for k, v in tensors.items()} if device.type != "cpu" else tensors
+    try:
+        with _safe_globals():
+            return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(_refusal(path, exc)) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        # A truncated or garbled file surfaces here; the checksums normally stop it earlier.
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from None
 
 
 def read_state_dict(path: str | os.PathLike, *, format: str | None = None,
                     map_location: torch.device | str = "cpu") -> Any:
     """Tensors of a checkpoint file, placed on ``map_location`` as they are read.
 
-    Pickle files go through ``torch.load(weights_only=True)``, whose unpickler builds only
-    tensors and plain containers, so a file crafted to run code is refused before any of
-    it runs. safetensors files hold no code at all.
+    The file is read once into memory and those bytes are deserialized: a cached file this
+    process verified must still be the verified one (else its bytes are checked again), so
+    what is loaded is what was verified. Pickle files go through
+    ``torch.load(weights_only=True)``, whose unpickler builds only tensors and plain
+    containers (plus training scripts' ``argparse.Namespace`` and numpy scalars), so a file
+    crafted to run code is refused before any of it runs. safetensors files hold no code.
     """
     path = pathlib.Path(path)
-    format = format or _sniff_format(path)
-    device = torch.device(map_location)
-    if format == "safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device=str(device))
-        except SafetensorError as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsafeCheckpointError(
-            f"refused to load {path}: it holds Python objects other than tensors and plain containers, "
-            f"which could run code when unpickled; nothing from it was executed. ({reason})"
-        ) from None
-    except (RuntimeError, OSError, EOFError) as exc:
-        # A truncated or garbled file surfaces here; the checksums normally stop it earlier.
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from None
+    data, wrong = load_bytes(path)
+    if wrong:
+        raise CheckpointError(f"{path} changed on disk after it was verified ({'; '.join(wrong)}); it was not "
+                              "loaded. Load again to set it aside and fetch a verified copy.")
+    return _deserialize(data, path, format, torch.device(map_location))
 
 
 def _as_state_dict(obj: Any, path: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -222,22 +288,25 @@ def user_state_dict(weights: str | os.PathLike, *, sha256: str | None = None, pr
                     map_location: torch.device | str = "cpu", **fetch_options: Any) -> dict[str, torch.Tensor]:
     """A user's checkpoint (local path or http(s) URL), e.g. a fine-tuned model.
 
-    With ``sha256`` the file must match it. A training checkpoint is unwrapped: the state
-    dict nested under ``state_dict``/``model_state_dict``/``model``, and DDP's ``module.``
-    prefix removed.
+    With ``sha256`` the file must match it: the bytes hashed are the bytes loaded. A
+    training checkpoint is unwrapped: the state dict nested under ``state_dict``/
+    ``model_state_dict``/``model``, and DDP's ``module.`` prefix removed.
     """
     source = os.fspath(weights)
     if download.is_url(source):
         path = download.fetch_url(source, sha256=sha256, progress=progress, **fetch_options)
+        obj = read_state_dict(path, map_location=map_location)
     else:
         path = pathlib.Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} does not exist")
+        data, _ = load_bytes(path)
         if sha256 is not None:
-            actual = sha256_file(path)
+            actual = hashlib.sha256(data).hexdigest()
             if actual != sha256.lower():
                 raise CheckpointError(
                     f"{path} does not match the expected checksum: sha256 expected {sha256.lower()}, "
                     f"got {actual}; it was not loaded"
                 )
-    return _as_state_dict(_unwrap(read_state_dict(path, map_location=map_location)), path)
+        obj = _deserialize(data, path, None, torch.device(map_location))
+    return _as_state_dict(_unwrap(obj), path)

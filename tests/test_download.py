@@ -11,6 +11,7 @@ from models.cache import CacheDirError, cache_dir, verify_cached
 from models.download import DownloadError, DownloadOptions, OfflineError
 from models.manifest import WeightFile
 
+from faults import fault
 from weights_server import checksums
 
 # Short timeouts and waits so that every fault resolves in well under a second.
@@ -43,10 +44,13 @@ def assert_cache_holds_only_verified(cache, file, expect_final=True):
         assert checksums(final.read_bytes())["sha256"] == checksums(DATA)["sha256"]
     for path in cache.iterdir():
         if path != final:
-            assert path.name.endswith((".lock", ".partial", ".sha256")) or ".corrupt-" in path.name, path.name
+            assert path.name.endswith((".lock", ".partial", ".partial.json", ".sha256", ".failures")) \
+                or ".corrupt-" in path.name, path.name
 
 
 # 1 ----------------------------------------------------------------------------------------
+@fault("A source answers 404",
+       "not retried; the next source is used, and a warning lists the sources that failed")
 def test_404_on_first_source_uses_the_next(server, cache, caplog):
     file = weight_file([server.add("/gone", b""), server.add("/w.pth", DATA)])
     server.files.pop("/gone")
@@ -68,6 +72,8 @@ def test_all_sources_404_lists_every_url(server, cache):
 
 
 # 2 ----------------------------------------------------------------------------------------
+@fault("A server answers 429 or 5xx",
+       "retried with exponential backoff, honouring `Retry-After`")
 def test_500_and_503_are_retried(server, cache):
     file = weight_file([server.add("/w.pth", DATA, ("status", 500), ("status", 503), ("status", 500))])
     assert fetch(file, cache).read_bytes() == DATA
@@ -92,6 +98,8 @@ def test_retries_are_bounded(server, cache):
 
 
 # 3, 4 -------------------------------------------------------------------------------------
+@fault("The connection drops mid-body",
+       "resumed with `Range` where the kept bytes end; at most one read buffer is fetched twice")
 def test_dropped_connection_resumes_with_range(server, cache):
     file = weight_file([server.add("/w.pth", DATA, ("drop", 100_000), ("drop", 50_000))],
                        algos=("git_blob_sha1", "md5"))
@@ -107,6 +115,8 @@ def test_dropped_connection_resumes_with_range(server, cache):
     assert_cache_holds_only_verified(cache, file)
 
 
+@fault("A server ignores `Range`",
+       "its whole body is taken, from byte 0")
 def test_server_ignoring_range_restarts_cleanly(server, cache):
     file = weight_file([server.add("/w.pth", DATA, ("drop", 100_000), ("ignore_range",))])
     assert fetch(file, cache).read_bytes() == DATA
@@ -114,6 +124,8 @@ def test_server_ignoring_range_restarts_cleanly(server, cache):
     assert_cache_holds_only_verified(cache, file)
 
 
+@fault("A process is killed mid-download",
+       "the next run resumes the partial file")
 def test_partial_file_left_by_a_killed_process_is_resumed(server, cache):
     file = weight_file([server.add("/w.pth", DATA, ("drop", 120_000))], size=False)
     with pytest.raises(DownloadError):
@@ -126,6 +138,8 @@ def test_partial_file_left_by_a_killed_process_is_resumed(server, cache):
 
 
 # 5 ----------------------------------------------------------------------------------------
+@fault("A source serves wrong bytes",
+       "refused with the expected and actual digests; the next source is used; nothing unverified is kept")
 def test_wrong_bytes_name_both_digests_and_next_source_is_used(server, cache, caplog):
     file = weight_file([server.add("/bad.pth", DATA, ("corrupt",)), server.add("/good.pth", DATA)])
     assert fetch(file, cache).read_bytes() == DATA
@@ -194,6 +208,8 @@ def test_redirect_chain_is_followed(server, cache):
 
 # 9 ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
+@fault("A cached file is damaged",
+       "set aside as `*.corrupt-*` (not deleted), downloaded again, with a warning")
 def test_tampered_cache_is_set_aside_and_downloaded_again(server, cache, caplog, damage):
     file = weight_file([server.add("/w.pth", DATA)])
     final = fetch(file, cache)
@@ -258,6 +274,8 @@ def test_read_only_cache_directory(tmp_path):
 
 
 # 13 ---------------------------------------------------------------------------------------
+@fault("`GHOSTNET_HUB_OFFLINE=1` and the file is not cached",
+       "no request; the error names the file, its URLs and the `prefetch` command")
 def test_offline_without_cache_names_file_urls_and_prefetch_command(server, cache):
     file = weight_file([server.add("/w.pth", DATA)])
     with pytest.raises(OfflineError) as err:

@@ -1,14 +1,18 @@
 """From manifest to loaded model: verified files only, never code from a file."""
+import argparse
 import io
+import os
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 
-from models import weights
+from models import download, weights
 from models.download import DownloadError, OfflineError
 from models.weights import CheckpointError, UnsafeCheckpointError
 
+from faults import fault
 from reference import build, checkpoint_bytes
 from weights_server import checksums, weight_entry, write_manifest
 
@@ -118,6 +122,8 @@ def _malicious_checkpoint(marker) -> bytes:
     return buffer.getvalue()
 
 
+@fault("A checkpoint is crafted to run code when unpickled, and the manifest vouches for its bytes",
+       "refused before any of it runs (`torch.load(weights_only=True)`), whatever the checksums say")
 def test_malicious_pickle_is_refused_and_never_runs(server, cache, tmp_path):
     marker = tmp_path / "code-ran"
     data = _malicious_checkpoint(marker)
@@ -134,6 +140,62 @@ def test_malicious_pickle_is_refused_and_never_runs(server, cache, tmp_path):
     # The file really is an exploit: a plain unpickling runs it.
     torch.load(local, weights_only=False)
     assert marker.exists()
+
+
+# verify, then load the same bytes ---------------------------------------------------------------
+def _swap_after_fetch(monkeypatch, replace):
+    """Between verification (fetch_first) and loading, ``replace(path)`` changes the cached file."""
+    original = download.fetch_first
+
+    def fetch_then_change(*args, **kwargs):
+        path, file = original(*args, **kwargs)
+        replace(path)
+        return path, file
+
+    monkeypatch.setattr(download, "fetch_first", fetch_then_change)
+
+
+@fault("The cached file is replaced between its verification and its loading",
+       "what is loaded is what was verified: a changed file (other inode, size, mtime or ctime) is hashed again "
+       "as read and refused if it no longer matches")
+def test_file_changed_between_verification_and_load_is_not_loaded(server, cache, tmp_path, monkeypatch):
+    data, other = checkpoint_bytes("tinynet_e"), checkpoint_bytes("tinynet_e", seed=1)
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [weight_entry([server.add("/e", data)], data)]})
+
+    def swap(path):
+        path.with_name("swap").write_bytes(other)
+        os.replace(path.with_name("swap"), path)
+
+    _swap_after_fetch(monkeypatch, swap)
+    with pytest.raises(CheckpointError, match="changed on disk after it was verified .*sha256: expected"):
+        weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False)
+
+
+def test_file_changed_in_place_after_verification_is_not_loaded(server, cache, tmp_path, monkeypatch):
+    data, other = checkpoint_bytes("tinynet_e"), checkpoint_bytes("tinynet_e", seed=1)
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [weight_entry([server.add("/e", data)], data)]})
+
+    def overwrite(path):
+        stamp = path.stat().st_mtime_ns
+        with open(path, "r+b") as f:
+            f.write(other[:len(data)])
+        os.utime(path, ns=(stamp, stamp + 10**9))  # a write a moment later
+
+    _swap_after_fetch(monkeypatch, overwrite)
+    with pytest.raises(CheckpointError, match="changed on disk after it was verified"):
+        weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False)
+
+
+def test_same_bytes_under_a_new_inode_still_load(server, cache, tmp_path, monkeypatch):
+    data = checkpoint_bytes("tinynet_e")
+    manifest = write_manifest(tmp_path / "m.json", {"tinynet_e": [weight_entry([server.add("/e", data)], data)]})
+
+    def copy(path):
+        path.with_name("copy").write_bytes(path.read_bytes())
+        os.replace(path.with_name("copy"), path)
+
+    _swap_after_fetch(monkeypatch, copy)
+    build("tinynet_e").load_state_dict(weights.pretrained_state_dict("tinynet_e", manifest=manifest, progress=False))
 
 
 # weights=: a user's own checkpoint -------------------------------------------------------------
@@ -194,3 +256,58 @@ def test_tensors_are_placed_on_the_requested_gpu(tmp_path, fmt):
     path.write_bytes(checkpoint_bytes("tinynet_e", fmt))
     state = weights.user_state_dict(path, map_location="cuda:0")
     assert all(t.device == torch.device("cuda:0") for t in state.values())
+
+
+# training checkpoints from common scripts ------------------------------------------------------------
+def _args(**extra):
+    return argparse.Namespace(model="tinynet_e", lr=0.1, epochs=3, batch_size=128, opt="sgd", momentum=0.9,
+                              data_path="/data/imagenet", amp=True, resume="", milestones=[30, 60], **extra)
+
+
+def _timm_checkpoint(path, state):
+    """As timm's train.py (CheckpointSaver) saves one."""
+    model = build("tinynet_e", num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.save({"epoch": 7, "arch": "tinynet_e", "state_dict": state, "optimizer": optimizer.state_dict(),
+                "version": 2, "args": _args(), "metric": np.float64(71.25), "state_dict_ema": state}, path)
+
+
+def _torchvision_checkpoint(path, state):
+    """As torchvision's references/classification/train.py saves one."""
+    model = build("tinynet_e", num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30)
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "optimizer": optimizer.state_dict(),
+                "lr_scheduler": scheduler.state_dict(), "epoch": np.int64(7), "args": _args(world_size=8),
+                "best_acc1": np.float32(71.5)}, path)
+
+
+@pytest.mark.parametrize("script", ["timm", "torchvision"])
+@fault("A training checkpoint from timm's or torchvision's scripts (`argparse.Namespace` args, numpy scalars)",
+       "loaded: exactly these harmless types are allowed through `safe_globals`; the weights are unwrapped")
+def test_training_checkpoints_of_common_scripts_load(tmp_path, script):
+    state = build("tinynet_e", num_classes=10).state_dict()
+    path = tmp_path / f"{script}.pth"
+    (_timm_checkpoint if script == "timm" else _torchvision_checkpoint)(path, state)
+    loaded = weights.user_state_dict(path)
+    assert _equal(loaded, state)
+    build("tinynet_e", num_classes=10).load_state_dict(loaded, strict=True)
+
+
+@pytest.mark.parametrize("what", ["model", "object"])
+@fault("A checkpoint holds a whole pickled `nn.Module`, or another Python object",
+       "refused, in one plain paragraph: what was found, why, and how to convert it (save its `state_dict`)")
+def test_other_pickled_objects_are_refused_in_one_plain_paragraph(tmp_path, what):
+    path = tmp_path / "ckpt.pth"
+    state = build("tinynet_e").state_dict()
+    torch.save(build("tinynet_e") if what == "model" else {"state_dict": state, "root": pathlib.PurePosixPath("/x")},
+               path)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        weights.user_state_dict(path)
+    message = str(err.value)
+    assert "\x1b" not in message and "\n" not in message and len(message) < 800, message
+    assert "nothing from it was executed" in message and "weights_only=False" in message
+    if what == "model":
+        assert "a whole pickled model (models.tinynet.TinyNet)" in message and "model.state_dict()" in message
+    else:
+        assert "pathlib.PurePosixPath" in message and 'ckpt["state_dict"]' in message

@@ -7,6 +7,8 @@ import pytest
 
 from models.manifest import DEFAULT_MANIFEST, ManifestError, load_manifest, validate_manifest
 
+from faults import fault
+from helpers import cli
 from reference import KNOWN_CHECKSUMS, METRICS, PRETRAINED, measure
 
 RAW = json.loads(DEFAULT_MANIFEST.read_text())
@@ -139,3 +141,72 @@ def test_loopback_http_is_accepted_for_local_servers():
     data = copy.deepcopy(RAW)
     data["models"]["tinynet_e"]["files"][0]["urls"] = ["http://127.0.0.1:8000/e.pth", "http://localhost/e.pth"]
     assert validate_manifest(data) == []
+
+
+# D7: names that reach paths, JSON that parsers disagree on ------------------------------------------
+@pytest.mark.parametrize("name", ["../../../escaped", "Tinynet_A", "a/b", "tinynet a", "x" * 65, ""])
+@fault("A manifest names a model `../../../escaped` (or anything but `[a-z0-9_]`, up to 64 characters)",
+       "`manifest check` and every load refuse it, naming the key")
+def test_model_names_that_could_leave_the_cache_are_refused(tmp_path, name):
+    data = copy.deepcopy(RAW)
+    data["models"][name] = data["models"]["tinynet_e"]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert f"$.models[{json.dumps(name)}]: a model name must be" in str(err.value)
+    result = cli("manifest", "check", "--manifest", str(path))
+    assert result.returncode == 2 and "a model name must be" in result.stderr
+
+
+ALGO = next(iter(RAW["models"]["tinynet_e"]["files"][0]["checksums"]))
+
+
+def _with_duplicate(kind, bad_first):
+    """The manifest's text with one key given twice, the broken value first or last."""
+    text = json.dumps(RAW)
+    if kind == "model":
+        old = f'"tinynet_e": {json.dumps(RAW["models"]["tinynet_e"])}'
+        pair = [f'"tinynet_e": {json.dumps(dict(RAW["models"]["tinynet_e"], num_params=1))}', old]
+    else:
+        digest = RAW["models"]["tinynet_e"]["files"][0]["checksums"][ALGO]
+        old = f'"{ALGO}": "{digest}"'
+        pair = [f'"{ALGO}": "{"0" * len(digest)}"', old]  # well-formed: only the duplicate gives it away
+    assert text.count(old) == 1
+    return text.replace(old, ", ".join(pair if bad_first else pair[::-1]))
+
+
+@pytest.mark.parametrize("bad_first", [True, False], ids=["bad-first", "bad-last"])
+@pytest.mark.parametrize("kind", ["model", "checksum"])
+@fault("A manifest gives a model or a checksum twice (JSON keeps only the last)",
+       "refused in either order, naming the key")
+def test_duplicate_keys_are_refused(tmp_path, kind, bad_first):
+    path = tmp_path / "m.json"
+    path.write_text(_with_duplicate(kind, bad_first))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    key = "$.models.tinynet_e" if kind == "model" else f"$.models.tinynet_e.files[0].checksums.{ALGO}"
+    assert f"{key}: the key appears more than once" in str(err.value)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+@fault("A manifest holds `NaN` or `Infinity` (which Python's json accepts)", "refused, with the JSON path")
+def test_non_finite_numbers_are_refused(tmp_path, literal):
+    text = json.dumps(RAW).replace('"top1": 77.7', f'"top1": {literal}', 1)
+    assert literal in text
+    path = tmp_path / "m.json"
+    path.write_text(text)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert "$.models.tinynet_a.metrics.top1: " in str(err.value) and "not a finite number" in str(err.value)
+
+
+@fault("A manifest has a model key for which the package has no architecture",
+       "`python -m models manifest check` reports it")
+def test_manifest_check_refuses_a_model_without_architecture(tmp_path):
+    data = copy.deepcopy(RAW)
+    data["models"]["tinynet_z"] = data["models"]["tinynet_e"]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(data))
+    result = cli("manifest", "check", "--manifest", str(path))
+    assert result.returncode == 2 and "$.models.tinynet_z: no model of that name in this package" in result.stderr

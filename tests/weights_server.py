@@ -1,11 +1,15 @@
 """A real HTTP server on 127.0.0.1 that serves weight files and misbehaves on request.
 
 Each path has the bytes to serve and a script: one behaviour per request, in order, then
-plain service. Every request is logged (Range header, status, bytes sent) so tests can
-check what the client really did.
+plain service. Every request is logged (its headers, status, bytes sent) so tests can check
+what the client really did. Files carry an ETag and a Last-Modified date, and a Range
+request with an If-Range that names neither gets the whole new file (RFC 9110), as real
+servers do.
 """
 from __future__ import annotations
 
+import email.utils
+import gzip
 import hashlib
 import http.server
 import socket
@@ -20,12 +24,24 @@ class Hit:
     range: str | None
     status: int = 0
     sent: int = 0
+    headers: dict = field(default_factory=dict)
+    query: str = ""
 
 
 @dataclass
 class _File:
     data: bytes
     script: list = field(default_factory=list)
+    validators: tuple = ("etag", "last_modified")
+    modified: float = field(default_factory=lambda: time.time() - 3600)
+
+    @property
+    def etag(self) -> str:
+        return '"' + hashlib.sha256(self.data).hexdigest()[:16] + '"'
+
+    @property
+    def last_modified(self) -> str:
+        return email.utils.formatdate(self.modified, usegmt=True)
 
 
 def checksums(data: bytes) -> dict[str, str]:
@@ -38,15 +54,19 @@ def checksums(data: bytes) -> dict[str, str]:
 
 class WeightsServer:
     """Behaviours (tuples):
-    ("ok",)                    serve, honouring Range
+    ("ok",)                    serve, honouring Range and If-Range
     ("status", code[, headers]) answer with that status and no body
-    ("redirect", path)         302 to another path on this server
+    ("redirect", location)     302 to another path on this server (or any Location)
     ("drop", n)                announce the full body, send n bytes, cut the connection
     ("ignore_range",)          answer 200 with the whole file even to a Range request
     ("corrupt",)               the right length, wrong bytes
     ("short", n)               announce and send only the first n bytes
     ("stall", seconds)         say nothing for that long, then hang up
     ("slow", seconds)          serve normally, spread over that many seconds
+    ("gzip",)                  gzip the body and say so, whatever the client accepts
+    ("gzip_drop", n)           the same, cut after n bytes of the encoded body
+    ("endless",)               200 without a length, random bytes until the client hangs up
+    ("length", n)              announce Content-Length n, then send the file and hang up
     """
 
     def __init__(self):
@@ -69,9 +89,15 @@ class WeightsServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     # -- set-up -----------------------------------------------------------------------
-    def add(self, path: str, data: bytes, *script: tuple) -> str:
-        self.files[path] = _File(data, list(script))
+    def add(self, path: str, data: bytes, *script: tuple, validators=("etag", "last_modified")) -> str:
+        self.files[path] = _File(data, list(script), tuple(validators))
         return self.url(path)
+
+    def replace(self, path: str, data: bytes) -> None:
+        """The file at ``path`` changes: new bytes, new ETag, a later Last-Modified."""
+        entry = self.files[path]
+        entry.data = data
+        entry.modified += 86400
 
     def url(self, path: str) -> str:
         host, port = self._httpd.server_address[:2]
@@ -91,8 +117,8 @@ class WeightsServer:
 
     # -- serving ----------------------------------------------------------------------
     def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
-        path = handler.path.split("?")[0]
-        hit = Hit(path, handler.headers.get("Range"))
+        path, _, query = handler.path.partition("?")
+        hit = Hit(path, handler.headers.get("Range"), headers=dict(handler.headers.items()), query=query)
         with self._lock:
             self.hits.append(hit)
             entry = self.files.get(path)
@@ -104,32 +130,39 @@ class WeightsServer:
         if kind == "status":
             return self._status(handler, hit, args[0], args[1] if len(args) > 1 else {})
         if kind == "redirect":
-            hit.status = 302
-            handler.send_response(302)
-            handler.send_header("Location", args[0])
-            handler.send_header("Content-Length", "0")
-            handler.end_headers()
-            return
+            return self._status(handler, hit, 302, {"Location": args[0]})
         if kind == "stall":
             time.sleep(args[0])
             handler.close_connection = True
             return
+        if kind == "endless":
+            return self._endless(handler, hit)
         if kind == "corrupt":
             data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
         start = 0
-        if hit.range and kind != "ignore_range":
+        if_range = handler.headers.get("If-Range")
+        same = if_range is None or if_range in (entry.etag, entry.last_modified)
+        if hit.range and kind not in ("ignore_range", "gzip", "gzip_drop") and same:
             start = int(hit.range.split("=")[1].split("-")[0])
         body = data[start:]
         if kind == "short":
             body = data[: args[0]]
+        if kind in ("gzip", "gzip_drop"):
+            body = gzip.compress(body)
         hit.status = 206 if start else 200
         handler.send_response(hit.status)
         handler.send_header("Content-Type", "application/octet-stream")
-        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("Content-Length", str(args[0] if kind == "length" else len(body)))
+        if "etag" in entry.validators:
+            handler.send_header("ETag", entry.etag)
+        if "last_modified" in entry.validators:
+            handler.send_header("Last-Modified", entry.last_modified)
+        if kind in ("gzip", "gzip_drop"):
+            handler.send_header("Content-Encoding", "gzip")
         if start:
             handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         handler.end_headers()
-        if kind == "drop":
+        if kind in ("drop", "gzip_drop"):
             body = body[: args[0]]
         pieces = 20 if kind == "slow" else 1
         step = max(1, -(-len(body) // pieces))
@@ -146,9 +179,24 @@ class WeightsServer:
         except (BrokenPipeError, ConnectionResetError):
             handler.close_connection = True
             return
-        if kind == "drop":
+        if kind in ("drop", "gzip_drop", "length"):
             handler.connection.shutdown(socket.SHUT_RDWR)
             handler.close_connection = True
+
+    def _endless(self, handler, hit: Hit) -> None:
+        hit.status = 200
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/octet-stream")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        chunk = hashlib.sha256(b"endless").digest() * 2048  # 64 KiB
+        handler.close_connection = True
+        try:
+            while hit.sent < 1 << 34:  # 16 GiB: "forever" for any test
+                hit.sent += len(chunk)
+                handler.wfile.write(chunk)
+        except OSError:
+            pass
 
     def _status(self, handler, hit: Hit, code: int, headers: dict | None = None) -> None:
         hit.status = code

@@ -11,9 +11,9 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from .. import __version__, api, download
+from .. import __version__, _cache_files, api, download
 from .._hashing import sha256_file
-from ..cache import CacheDirError, default_cache_dir, verify_cached
+from ..cache import CacheDirError, cache_dir, default_cache_dir, verify_cached
 from ..manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
 from ..weights import get_weights
 from . import benchmark, evaluate, predict
@@ -100,6 +100,9 @@ def _prefetch(args) -> int:
     for name in _selected(manifest, args.models, args.all):
         try:
             path, file = download.fetch_first(manifest[name].files, progress=not args.quiet)
+        except download.CacheWriteError as exc:  # the disk, not the sources: the next model would fail too
+            print(f"{name}: FAILED\n{exc}", file=sys.stderr)
+            return 1
         except download.DownloadError as exc:
             print(f"{name}: FAILED\n{exc}", file=sys.stderr)
             failed += 1
@@ -173,10 +176,63 @@ def _pin(args) -> int:
 
 
 def _check(args) -> int:
-    manifest = load_manifest(args.manifest)
+    manifest = load_manifest(args.manifest, architectures=api.list_models())
     files = sum(len(e.files) for e in manifest.models.values())
     print(f"{manifest.source}: valid ({len(manifest.models)} models, {files} weight files)")
     return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _cache_models(args) -> tuple[list[str], list]:
+    manifest = load_manifest(args.manifest)
+    names = list(dict.fromkeys([*api.list_models(), *manifest.models]))
+    return names, [f for e in manifest.models.values() for f in e.files]
+
+
+def _cache_list(args) -> int:
+    directory = cache_dir(writable=False)
+    names, files = _cache_models(args)
+    entries, others = _cache_files.scan(directory, files, names, verify=not args.no_verify)
+    rows = [("model", "kind", "size", "age", "state", "file")]
+    rows += [(e.model, e.kind, _size(e.size), f"{e.age_days:.0f} d" if e.age_days >= 1 else "today", e.state,
+              e.path.name) for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print(f"{directory}: {len(entries)} file(s) of this package, {_size(sum(e.size for e in entries))}"
+          + (f"; {others} other file(s) not shown" if others else ""))
+    if entries:
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 1 if any(e.state.startswith("corrupt") for e in entries) else 0
+
+
+def _cache_prune(args) -> int:
+    names, _ = _cache_models(args)
+    removed = _cache_files.prune(cache_dir(), names, args.days)
+    for entry in removed:
+        print(f"removed {entry.kind} {entry.path.name} ({_size(entry.size)}, {entry.age_days:.1f} days old)")
+    print(f"pruned {len(removed)} file(s), {_size(sum(e.size for e in removed))}")
+    return 0
+
+
+def _cache_clear(args) -> int:
+    names, _ = _cache_models(args)
+    unknown = [m for m in args.models if m not in names]
+    if unknown:
+        raise SystemExit(f"error: unknown model {', '.join(unknown)}; models: {', '.join(names)}")
+    removed, busy = _cache_files.clear(cache_dir(), names, args.models)
+    for entry in removed:
+        print(f"removed {entry.path.name} ({_size(entry.size)})")
+    for final in busy:
+        print(f"skipped {final}: another process holds its lock (downloading?)", file=sys.stderr)
+    print(f"cleared {len(removed)} file(s), {_size(sum(e.size for e in removed))}")
+    return 1 if busy else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add_command(commands, "verify", _verify, "re-check every cached weight file against the manifest")
     sub.add_argument("models", nargs="*", metavar="MODEL", help="models to check (default: all)")
 
+    cache = commands.add_parser("cache", help="what is in the weights cache; remove leftovers or weights")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
+    sub = add_command(cache_commands, "list", _cache_list,
+                      "every file of this package in the cache: model, kind, size, age, verified or not")
+    sub.add_argument("--no-verify", action="store_true", help="do not hash the weight files")
+    sub = add_command(cache_commands, "prune", _cache_prune,
+                      "remove partial downloads, quarantined files and failure records older than --days, "
+                      "and locks nobody holds")
+    sub.add_argument("--days", type=float, default=7.0, help="minimum age in days (default: 7)")
+    sub = add_command(cache_commands, "clear", _cache_clear,
+                      "remove the cached files of MODEL (default: of every model and user URL)")
+    sub.add_argument("models", nargs="*", metavar="MODEL")
+
     manifest = commands.add_parser("manifest", help="maintainer commands on the weights manifest")
     manifest_commands = manifest.add_subparsers(dest="manifest_command", required=True, metavar="COMMAND")
     sub = add_command(manifest_commands, "pin", _pin,
@@ -215,6 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ManifestError, CacheDirError, download.DownloadError, ValueError) as exc:
+    # Expected failures (a full disk, no network, a bad file) are reported, never a traceback.
+    except (ManifestError, CacheDirError, download.DownloadError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
