@@ -23,6 +23,7 @@ from .. import api
 from ..manifest import Manifest
 from ..weights import get_weights
 from ._args import add_command, int_at_least
+from ._finetuned import read_finetuned
 from .predict import IMAGE_SUFFIXES, ImageFiles, collate_images
 
 _SYNSETS = pathlib.Path(__file__).resolve().parents[1] / "data" / "imagenet_synsets.txt"
@@ -97,7 +98,7 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def evaluate(model: str, data: str | os.PathLike, *, weights: str | os.PathLike | None = None,
+def evaluate(model: str | None, data: str | os.PathLike, *, weights: str | os.PathLike | None = None,
              num_classes: int = 1000, class_map: str | os.PathLike | None = None, batch_size: int = 64,
              workers: int = 0, device: str | torch.device | None = None, limit: int | None = None,
              fused: bool = False, channels_last: bool = False, amp: bool = False, progress: bool = True,
@@ -108,16 +109,27 @@ def evaluate(model: str, data: str | os.PathLike, *, weights: str | os.PathLike 
     rank, world = _distributed()
     if world > 1 and device in (None, "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    published = get_weights(model, manifest)
-    source = {"weights": weights, "num_classes": num_classes} if weights else {"weights": published}
-    # Every rank asks; the cache lock makes one download that all of them then verify and share.
-    net = api.get_model(model, device=device, progress=progress and rank == 0, fuse=fused,
-                        channels_last=channels_last, **source).eval()
     data = pathlib.Path(data)
-    items = samples(data, class_indices(data, net.num_classes, class_map), limit)
+    finetuned = read_finetuned(weights) if weights else None
+    if finetuned is not None:  # written by finetune: it knows its model, classes and preprocessing
+        model = finetuned.check_model(model)
+        net = finetuned.load(device=device, progress=progress and rank == 0, fuse=fused, channels_last=channels_last)
+        published, preprocess = None, finetuned.transforms()
+        indices = class_indices(data, net.num_classes, class_map) if class_map else finetuned.class_indices(data)
+    else:
+        if model is None:
+            raise EvaluationError("--model is needed (only a checkpoint written by finetune names its model)")
+        published = get_weights(model, manifest)
+        preprocess = published.transforms()
+        source = {"weights": weights, "num_classes": num_classes} if weights else {"weights": published}
+        # Every rank asks; the cache lock makes one download that all of them then verify and share.
+        net = api.get_model(model, device=device, progress=progress and rank == 0, fuse=fused,
+                            channels_last=channels_last, **source).eval()
+        indices = class_indices(data, net.num_classes, class_map)
+    items = samples(data, indices, limit)
     shard = items[rank::world]  # disjoint, covering: each image exactly once
     targets = torch.tensor([t for _, t in shard])
-    loader = DataLoader(ImageFiles([p for p, _ in shard], published.transforms()), batch_size=batch_size,
+    loader = DataLoader(ImageFiles([p for p, _ in shard], preprocess), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate_images)
     dev = next(net.parameters()).device
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp)
@@ -174,7 +186,8 @@ def _run(args) -> int:
 def register(commands) -> None:
     sub = add_command(commands, "evaluate", _run, "top-1/top-5 on an ImageFolder tree (one folder per class); "
                       "under torchrun, spread over processes")
-    sub.add_argument("--model", required=True, choices=api.list_models(), metavar="MODEL")
+    sub.add_argument("--model", choices=api.list_models(), metavar="MODEL",
+                     help="the model (not needed with a --weights checkpoint written by finetune)")
     sub.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root: class folders of images")
     sub.add_argument("--weights", help="your checkpoint (path or URL) instead of the published weights")
     sub.add_argument("--num-classes", type=int_at_least(1), default=1000, help="classes of --weights (default: 1000)")

@@ -19,6 +19,7 @@ from .. import api
 from ..download import fetch_bytes, is_url
 from ..weights import get_weights
 from ._args import add_command, int_at_least
+from ._finetuned import read_finetuned
 
 SAMPLE_IMAGE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "chelsea.jpg"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -134,8 +135,17 @@ def _run(args) -> int:
     sources = expand_sources(args.images or [str(SAMPLE_IMAGE)])
     if not sources:
         raise SystemExit("error: no images found in " + ", ".join(args.images))
-    model = api.get_model(args.model, weights=get_weights(args.model, args.manifest), device=args.device,
-                          progress=not args.quiet)
+    if args.weights:  # a checkpoint written by finetune: its model, class names and preprocessing
+        finetuned = read_finetuned(args.weights)
+        if finetuned is None:
+            raise SystemExit(f"error: {args.weights} was not written by `python -m models finetune`, so it has no "
+                             "class names or preprocessing to predict with")
+        args.model = finetuned.check_model(args.model)
+        model = finetuned.load(device=args.device, progress=not args.quiet)
+    else:
+        args.model = args.model or "ghostnet_1x"
+        model = api.get_model(args.model, weights=get_weights(args.model, args.manifest), device=args.device,
+                              progress=not args.quiet)
     failed = 0
     for result in predict(model, sources, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                           progress=not args.quiet and not args.json):
@@ -164,8 +174,9 @@ def register(commands) -> None:
                       "classify images with a pretrained model (default: the bundled sample)")
     sub.add_argument("images", nargs="*", metavar="IMAGE|DIR|URL",
                      help="image files, directories (searched recursively) or http(s) URLs")
-    sub.add_argument("--model", default="ghostnet_1x", choices=api.list_models(pretrained_only=False),
+    sub.add_argument("--model", choices=api.list_models(pretrained_only=False),
                      help="model with published weights (default: ghostnet_1x)")
+    sub.add_argument("--weights", metavar="FILE", help="a best.pth/last.pth written by finetune: your classes")
     sub.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
     sub.add_argument("--topk", type=int_at_least(1), default=5, help="classes to show per image (default: 5)")
     sub.add_argument("--batch-size", type=int_at_least(1), default=32, help="images per forward pass (default: 32)")
