@@ -42,11 +42,13 @@ def plot_curves(records: list[dict], path: pathlib.Path) -> bool:
     fig.savefig(path, dpi=100)
     return True
 
-def _report_unreadable(errors, items, reported: set[int], world) -> None:
+def report_unreadable(errors, items, reported: set[str], world) -> None:
+    """Each unreadable file once per run, not once per epoch."""
     for index, error in errors:
-        if index not in reported:
-            reported.add(index)
-            print(f"rank {world.rank}: skipped {items[index][0]}: {error}", file=sys.stderr)
+        path = items[index][0]
+        if path not in reported:
+            reported.add(path)
+            print(f"rank {world.rank}: skipped {path}: {error}", file=sys.stderr)
 
 
 def train_epoch(net, loader, optimizer, scheduler, scaler, autocast, cfg, world, epoch, steps, items,
@@ -61,7 +63,7 @@ def train_epoch(net, loader, optimizer, scheduler, scaler, autocast, cfg, world,
     for _ in range(steps):
         for micro in range(accum):
             _, images, targets, errors = next(batches)
-            _report_unreadable(errors, items, reported, world)
+            report_unreadable(errors, items, reported, world)
             sums[3] += len(errors)
             if images is None:
                 if world.size > 1:
@@ -90,13 +92,12 @@ def train_epoch(net, loader, optimizer, scheduler, scaler, autocast, cfg, world,
             "train_images": int(images), "train_skipped": int(skipped)}
 
 
-def validate(net, loader, targets, autocast, world, shard) -> dict:
+def validate(net, loader, targets, autocast, world, shard, reported) -> dict:
     net.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss x images, correct, images, skipped
     with torch.inference_mode(), autocast:
         for indices, images, errors in loader:
-            for index, error in errors:
-                print(f"rank {world.rank}: skipped {shard[index][0]}: {error}", file=sys.stderr)
+            report_unreadable(errors, shard, reported, world)
             sums[3] += len(errors)
             if images is None:
                 continue

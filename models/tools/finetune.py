@@ -46,11 +46,11 @@ from .predict import ImageFiles, collate_images
 
 # Every option, with its default: the one table the Python API and the command line share.
 DEFAULTS: dict[str, Any] = {
-    "epochs": 10, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 1.0, "min_lr": 1e-6,
-    "label_smoothing": 0.1, "input_size": None, "min_scale": 0.08, "hflip": 0.5, "amp": False, "amp_dtype": None,
-    "accum_steps": 1, "drop_rate": None, "drop_path_rate": 0.0, "seed": 0, "val_split": None, "pretrained": True,
-    "checkpoint": None, "freeze_backbone": False, "sync_bn": False, "workers": None, "device": None,
-    "progress": True, "manifest": None,
+    "epochs": 10, "batch_size": 32, "opt": "adamw", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.05,
+    "warmup_epochs": 1.0, "min_lr": 1e-6, "label_smoothing": 0.1, "input_size": None, "min_scale": 0.08, "hflip": 0.5,
+    "amp": False, "amp_dtype": None, "accum_steps": 1, "drop_rate": None, "drop_path_rate": 0.0, "seed": 0,
+    "val_split": None, "pretrained": True, "checkpoint": None, "freeze_backbone": False, "sync_bn": False,
+    "workers": None, "device": None, "progress": True, "manifest": None,
 }
 # What a resumed run may change: where it runs and how it shows progress; the data may have moved.
 _RESUME_MAY_CHANGE = {"data", "workers", "device", "progress", "epochs"}
@@ -148,7 +148,12 @@ def _optimizer(net: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     decay = [p for n, p in trainable if p.ndim > 1]
     no_decay = [p for n, p in trainable if p.ndim <= 1]  # biases and norm weights, as timm
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg["lr"])
+    groups = [g for g in groups if g["params"]]
+    if cfg["opt"] == "sgd":  # torchvision's reference recipe: SGD with Nesterov momentum
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["momentum"] > 0)
+    if cfg["opt"] != "adamw":
+        raise ValueError(f"--opt must be adamw or sgd, got {cfg['opt']!r}")
+    return torch.optim.AdamW(groups, lr=cfg["lr"])
 
 
 def _schedule(cfg: dict, steps_per_epoch: int):
@@ -231,8 +236,10 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
     train_set = TrainImages(splits.train, train_transform(pre["input_size"], pre["mean"], pre["std"],
                                                           pre["interpolation"], cfg["min_scale"], cfg["hflip"]),
                             cfg["seed"])
+    # Their own generator: starting an epoch's loader must not draw from the global RNG (dropout's),
+    # which it would do once per epoch without persistent workers and once per run with them.
     loader_options = {"num_workers": workers, "persistent_workers": workers > 0,
-                      "pin_memory": world.device.type == "cuda"}
+                      "pin_memory": world.device.type == "cuda", "generator": torch.Generator().manual_seed(0)}
     train_loader = DataLoader(train_set, batch_size=micro, sampler=sampler, drop_last=True,
                               collate_fn=collate_train, **loader_options)
     shard = splits.val[world.rank::size]  # each validation image on exactly one rank
@@ -250,14 +257,14 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
                 f"{', ' + dtype + ' autocast' if cfg['amp'] else ''}")
     architecture = {"name": cfg["model"], "num_classes": len(splits.classes)}
     architecture.update({k: cfg[k] for k in ("drop_rate", "drop_path_rate") if cfg[k]})
-    reported: set[int] = set()
+    reported: set[str] = set()
     for epoch in range(start + 1, cfg["epochs"] + 1):
         started = time.perf_counter()
         sampler.set_epoch(epoch)
         torch.manual_seed(sample_seed(cfg["seed"], epoch, -1 - world.rank))  # dropout: per epoch and rank
         train = _finetune_loop.train_epoch(net, train_loader, optimizer, scheduler, scaler, autocast, cfg, world,
                                            epoch, steps_per_epoch, splits.train, reported)
-        val = _finetune_loop.validate(module, val_loader, val_targets, autocast, world, shard)
+        val = _finetune_loop.validate(module, val_loader, val_targets, autocast, world, shard, reported)
         seconds = time.perf_counter() - started
         record = {"epoch": epoch, **train, **val, "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
                   "images_per_s": round(train["train_images"] / seconds, 2)}
@@ -318,8 +325,10 @@ def register(commands) -> None:
     add("--epochs", type=int_at_least(1), help=f"default: {d['epochs']}")
     add("--batch-size", type=int_at_least(1), help=f"global batch per optimizer step, over all processes and "
                                                     f"accumulation steps (default: {d['batch_size']})")
-    add("--lr", type=float, help=f"AdamW peak learning rate (default: {d['lr']})")
-    add("--weight-decay", type=float, help=f"AdamW weight decay, not on biases and norms (default: "
+    add("--opt", choices=("adamw", "sgd"), help=f"optimizer (default: {d['opt']}; sgd has Nesterov momentum)")
+    add("--lr", type=float, help=f"peak learning rate (default: {d['lr']})")
+    add("--momentum", type=float, help=f"SGD momentum (default: {d['momentum']})")
+    add("--weight-decay", type=float, help=f"weight decay, not on biases and norms (default: "
                                            f"{d['weight_decay']})")
     add("--warmup-epochs", type=float, help=f"linear warmup, then cosine decay per step (default: "
                                             f"{d['warmup_epochs']})")
