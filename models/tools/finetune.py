@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -230,7 +231,7 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
         history, best, start = list(state["resume"]["history"]), dict(state["resume"]["best"]), int(state["epoch"])
         source = f"{out / 'last.pth'}, resuming after epoch {start}"
 
-    workers = cfg["workers"] if cfg["workers"] is not None else min(4, torch.get_num_threads())
+    workers = cfg["workers"] if cfg["workers"] is not None else min(4, (os.cpu_count() or 1) // 2)
     sampler = EpochSampler(DistributedSampler(range(len(splits.train)), num_replicas=size, rank=world.rank,
                                               shuffle=True, seed=cfg["seed"], drop_last=True))
     train_set = TrainImages(splits.train, train_transform(pre["input_size"], pre["mean"], pre["std"],
@@ -352,6 +353,7 @@ def register(commands) -> None:
     add("--checkpoint", metavar="FILE", help="start from your own checkpoint (a state dict, or a best.pth)")
     add("--freeze-backbone", action="store_true", help="train only the new head (a linear probe)")
     add("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over the global batch")
-    add("--workers", type=int_at_least(0), help="DataLoader worker processes per rank (default: up to 4)")
+    add("--workers", type=int_at_least(0), help="DataLoader worker processes per rank (default: half the CPUs, "
+                                                     "at most 4)")
     add("--device", help="cpu, cuda, cuda:1, mps (default: this rank's GPU if there is one, else cpu)")
     add("--quiet", action="store_true", help="no progress bars")
