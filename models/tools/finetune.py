@@ -82,6 +82,9 @@ def _configure(model, data, out, resume, options) -> tuple[dict, dict | None]:
     if resume is None:
         if model is None or data is None or out is None:
             raise ValueError("finetune needs model, data and out (or resume=OUT to continue a run)")
+        if (pathlib.Path(out) / "last.pth").exists():
+            raise ValueError(f"{out} already holds a run (last.pth): continue it with --resume {out}, or choose "
+                             "another --out")
         config = {**DEFAULTS, **given, "out": str(out)}
         state = None
     else:
@@ -89,7 +92,7 @@ def _configure(model, data, out, resume, options) -> tuple[dict, dict | None]:
         if not last.is_file():
             raise FileNotFoundError(f"nothing to resume: {last} does not exist")
         state = torch.load(last, map_location="cpu", weights_only=True)
-        config = dict(state["args"], out=str(resume))
+        config = {**DEFAULTS, **state["args"], "out": str(resume)}
         changed = [k for k, v in given.items() if k not in _RESUME_MAY_CHANGE and v != config.get(k)]
         if changed:
             raise ValueError(f"resuming {resume} with other settings ({', '.join(changed)}) would not continue the "
