@@ -299,10 +299,11 @@ def test_unreadable_images_are_reported_and_skipped(small_data, tmp_path):
     ({"batch_size": 64}, "32 training images do not fill one batch of 64"),
     ({"checkpoint": "x.pth", "pretrained": False}, "contradict"),
     ({"lr_max": 1.0}, "unexpected option"),
+    ({"model": "ghostnet_1_3x"}, "ghostnet_1_3x has no published weights to start from: train it from scratch"),
 ])
 def test_bad_options_are_clear_errors(small_data, tmp_path, options, message):
     with pytest.raises((ValueError, TypeError), match=message):
-        finetune(model="tinynet_e", data=small_data, out=tmp_path, **{**TINY, **options})
+        finetune(**{"model": "tinynet_e", "data": small_data, "out": tmp_path, **TINY, **options})
 
 
 def test_drop_path_rate(small_data, tmp_path):

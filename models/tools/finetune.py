@@ -98,6 +98,9 @@ def _configure(model, data, out, resume, options) -> tuple[dict, dict | None]:
             raise ValueError(f"resuming {resume} with other settings ({', '.join(changed)}) would not continue the "
                              f"same run; only {', '.join(sorted(_RESUME_MAY_CHANGE))} may change")
         config.update({k: v for k, v in given.items() if k in _RESUME_MAY_CHANGE})
+        config["progress"] = given.get("progress", True)  # how it shows, not what it computes
+        if out is not None and pathlib.Path(out).resolve() != pathlib.Path(resume).resolve():
+            raise ValueError(f"a resumed run writes where it was: drop --out {out} (the run is in {resume})")
     if config["model"] not in api.list_models():
         raise ValueError(f"unknown model {config['model']!r}; models: {', '.join(api.list_models())}")
     if config["checkpoint"] and not config["pretrained"]:
@@ -140,6 +143,9 @@ def _start_model(cfg: dict, classes: list[str], world) -> tuple[nn.Module, str]:
             net.reset_classifier(n)
         return net, f"your checkpoint {path}" + ("" if same else f", new {n}-class head")
     if cfg["pretrained"]:
+        if cfg["manifest"] is None and name not in api.list_models(pretrained_only=True):
+            raise ValueError(f"{name} has no published weights to start from: train it from scratch with "
+                             "--no-pretrained, or start from your own with --checkpoint FILE")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*classifier for num_classes=.* is new")
             net = _published(name, n, cfg["manifest"], **options)
@@ -308,7 +314,8 @@ def _command(args) -> int:
         result = finetune(**given)
     except (FileNotFoundError, TypeError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    skipped = sum(r["train_skipped"] for r in result.epochs[-1:]) + sum(r["val_skipped"] for r in result.epochs[-1:])
+    last = result.epochs[-1] if result.epochs else {}
+    skipped = last.get("train_skipped", 0) + last.get("val_skipped", 0)
     if skipped:
         print(f"{skipped} unreadable image(s) were skipped (listed above)", file=sys.stderr)
     return 0
