@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import api
 from ..weights import Weights, get_weights
+from ._finetuned import read_finetuned
 
 
 def add_command(group, name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
@@ -51,10 +52,10 @@ def model_source_arguments(sub: argparse.ArgumentParser) -> None:
 def published_weights(args: argparse.Namespace) -> Weights | None:
     """The published weights that ``args`` ask for: None with ``--checkpoint``; an error for
     a model that has none, which points at ``--checkpoint``."""
+    if args.checkpoint:
+        return None  # the model is checked where the file is read (finetune's files name their own)
     if args.model not in api.list_models():
         raise ValueError(f"unknown model {args.model!r}; models: {', '.join(api.list_models())}")
-    if args.checkpoint:
-        return None
     for option, value in (("--checkpoint-sha256", args.checkpoint_sha256), ("--num-classes", args.num_classes)):
         if value is not None:
             raise ValueError(f"{option} applies to the file given with --checkpoint; none was given")
@@ -65,7 +66,15 @@ def published_weights(args: argparse.Namespace) -> Weights | None:
 
 
 def build_model(args: argparse.Namespace, **options: Any):
-    """``args.model`` with ``args.checkpoint``, else with its published weights from ``args.manifest``."""
+    """``args.model`` with ``args.checkpoint``, else with its published weights from
+    ``args.manifest``. A checkpoint written by ``finetune`` brings its own model (``args.model``
+    is set from it), class names and preprocessing."""
+    finetuned = read_finetuned(args.checkpoint) if args.checkpoint else None
+    if finetuned is not None:
+        args.model = finetuned.check_model(args.model)
+        return finetuned.load(**options)
+    if args.model is None:
+        raise ValueError("--model is needed (only a checkpoint written by finetune names its model)")
     weights = published_weights(args)
     if weights is not None:
         return api.get_model(args.model, weights=weights, **options)

@@ -16,7 +16,7 @@ from .._hashing import sha256_file
 from ..cache import CacheDirError, cache_dir, default_cache_dir, verify_cached
 from ..manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
 from ..weights import get_weights
-from . import benchmark, evaluate, predict
+from . import benchmark, evaluate, finetune, predict
 from ._args import add_command
 
 
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add_command(commands, "info", _info,
                       "everything known about one model: architecture, weights, preprocessing, files")
     sub.add_argument("model", metavar="MODEL")
-    for tool in (predict, evaluate, benchmark):
+    for tool in (predict, evaluate, benchmark, finetune):
         tool.register(commands)
 
     sub = add_command(commands, "prefetch", _prefetch,

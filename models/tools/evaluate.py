@@ -24,6 +24,7 @@ from ..manifest import Manifest
 from ..pretrained import transforms_for
 from ..weights import get_weights
 from ._args import add_command, int_at_least, model_source_arguments, published_weights
+from ._finetuned import read_finetuned
 from .predict import IMAGE_SUFFIXES, ImageFiles, collate_images
 
 _SYNSETS = pathlib.Path(__file__).resolve().parents[1] / "data" / "imagenet_synsets.txt"
@@ -99,7 +100,7 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def evaluate(model: str, data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
+def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
              checkpoint_sha256: str | None = None, num_classes: int = 1000, class_map: str | os.PathLike | None = None,
              batch_size: int = 64, workers: int = 0, device: str | torch.device | None = None,
              limit: int | None = None, fused: bool = False, channels_last: bool = False, amp: bool = False,
@@ -107,7 +108,8 @@ def evaluate(model: str, data: str | os.PathLike, *, checkpoint: str | os.PathLi
     """Top-1/top-5 of ``model`` (the published weights, or your ``checkpoint`` with
     ``num_classes`` outputs, for any model) on the ImageFolder tree ``data``; under torchrun,
     this rank's share, with the counts summed over all ranks. With fewer than 5 classes,
-    "top-5" is top-``num_classes`` (``Report.top_k``)."""
+    "top-5" is top-``num_classes`` (``Report.top_k``). A checkpoint written by ``finetune``
+    names its model, classes and preprocessing itself (``model`` may be None)."""
     if "weights" in removed:
         raise TypeError("evaluate(weights=...) is now evaluate(checkpoint=...)")
     if removed:
@@ -115,16 +117,25 @@ def evaluate(model: str, data: str | os.PathLike, *, checkpoint: str | os.PathLi
     rank, world = _distributed()
     if world > 1 and device in (None, "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    if checkpoint:
-        source = {"checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256, "num_classes": num_classes}
-    else:
-        source = {"weights": get_weights(model, manifest)}
-    # Every rank asks; the cache lock makes one download that all of them then verify and share.
-    net = api.get_model(model, device=device, progress=progress and rank == 0, fuse=fused,
-                        channels_last=channels_last, **source).eval()
-    top_k = min(5, net.num_classes)
     data = pathlib.Path(data)
-    items = samples(data, class_indices(data, net.num_classes, class_map), limit)
+    finetuned = read_finetuned(checkpoint) if checkpoint else None
+    # Every rank asks; the cache lock makes one download that all of them then verify and share.
+    options = dict(device=device, progress=progress and rank == 0, fuse=fused, channels_last=channels_last)
+    if finetuned is not None:
+        model = finetuned.check_model(model)
+        net = finetuned.load(**options)
+        indices = class_indices(data, net.num_classes, class_map) if class_map else finetuned.class_indices(data)
+    else:
+        if model is None:
+            raise EvaluationError("--model is needed (only a checkpoint written by finetune names its model)")
+        if checkpoint:
+            source = {"checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256, "num_classes": num_classes}
+        else:
+            source = {"weights": get_weights(model, manifest)}
+        net = api.get_model(model, **options, **source).eval()
+        indices = class_indices(data, net.num_classes, class_map)
+    top_k = min(5, net.num_classes)
+    items = samples(data, indices, limit)
     shard = items[rank::world]  # disjoint, covering: each image exactly once
     targets = torch.tensor([t for _, t in shard])
     loader = DataLoader(ImageFiles([p for p, _ in shard], transforms_for(net)), batch_size=batch_size,
@@ -155,8 +166,8 @@ def evaluate(model: str, data: str | os.PathLike, *, checkpoint: str | os.PathLi
     images, correct1, correct5, skipped = (int(c) for c in counts.tolist())
     seconds = float(elapsed)
     # Published numbers are for the published weights only.
-    published = net.pretrained_weights
-    top1, top5 = (published.entry.top1, published.entry.top5) if published is not None else (None, None)
+    published = getattr(net.pretrained_weights, "entry", None)  # (a finetune checkpoint has none)
+    top1, top5 = (published.top1, published.top5) if published is not None else (None, None)
     return Report(model, images, skipped, 100.0 * correct1 / max(images, 1), 100.0 * correct5 / max(images, 1),
                   correct1, correct5, images / seconds if seconds else 0.0, seconds, world, top1, top5, top_k)
 
@@ -186,7 +197,8 @@ def _run(args) -> int:
 def register(commands) -> None:
     sub = add_command(commands, "evaluate", _run, "top-1/top-5 on an ImageFolder tree (one folder per class); "
                       "under torchrun, spread over processes")
-    sub.add_argument("--model", required=True, choices=api.list_models(), metavar="MODEL")
+    sub.add_argument("--model", choices=api.list_models(), metavar="MODEL",
+                     help="the model (not needed with a --checkpoint written by finetune)")
     sub.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root: class folders of images")
     model_source_arguments(sub)
     sub.add_argument("--class-map", metavar="FILE", help="JSON object: class folder name -> class index")

@@ -137,6 +137,8 @@ def _run(args) -> int:
     sources = expand_sources(args.images or [str(SAMPLE_IMAGE)])
     if not sources:
         raise SystemExit("error: no images found in " + ", ".join(args.images))
+    if not args.checkpoint:
+        args.model = args.model or "ghostnet_1x"
     model = build_model(args, device=args.device, progress=not args.quiet)
     failed = 0
     for result in predict(model, sources, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
@@ -167,9 +169,9 @@ def register(commands) -> None:
     sub.add_argument("images", nargs="*", metavar="IMAGE|DIR|URL",
                      help="image files, directories (searched recursively) or http(s) URLs")
     released = released_models()
-    sub.add_argument("--model", default="ghostnet_1x", metavar="{" + ",".join(released) + "}",
+    sub.add_argument("--model", default=None, metavar="{" + ",".join(released) + "}",
                      help="a model with published weights (default: ghostnet_1x); with --checkpoint, any of "
-                          + ", ".join(api.list_models()))
+                          + ", ".join(api.list_models()) + " (a checkpoint written by finetune names its own)")
     model_source_arguments(sub)
     sub.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
     sub.add_argument("--topk", type=int_at_least(1), default=5, help="classes to show per image (default: 5)")
