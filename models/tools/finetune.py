@@ -143,7 +143,7 @@ def _start_model(cfg: dict, classes: list[str], world) -> tuple[nn.Module, str]:
             net.reset_classifier(n)
         return net, f"your checkpoint {path}" + ("" if same else f", new {n}-class head")
     if cfg["pretrained"]:
-        if cfg["manifest"] is None and name not in api.list_models(pretrained_only=True):
+        if cfg["manifest"] is None and name not in api.list_models(pretrained=True):
             raise ValueError(f"{name} has no published weights to start from: train it from scratch with "
                              "--no-pretrained, or start from your own with --checkpoint FILE")
         with warnings.catch_warnings():
