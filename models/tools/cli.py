@@ -16,7 +16,7 @@ from .._hashing import sha256_file
 from ..cache import CacheDirError, default_cache_dir, verify_cached
 from ..manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
 from ..weights import get_weights
-from . import benchmark, evaluate, predict
+from . import backends, benchmark, evaluate, export, predict
 from ._args import add_command
 
 
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add_command(commands, "info", _info,
                       "everything known about one model: architecture, weights, preprocessing, files")
     sub.add_argument("model", metavar="MODEL")
-    for tool in (predict, evaluate, benchmark):
+    for tool in (predict, evaluate, benchmark, export):
         tool.register(commands)
 
     sub = add_command(commands, "prefetch", _prefetch,
@@ -214,6 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ManifestError, CacheDirError, download.DownloadError, ValueError) as exc:
+    except (ManifestError, CacheDirError, download.DownloadError, ValueError, backends.MissingRuntime) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .. import api
 from ..manifest import Manifest
 from ..weights import get_weights
+from . import backends
 from ._args import add_command, int_at_least
 from .predict import IMAGE_SUFFIXES, ImageFiles, collate_images
 
@@ -101,10 +102,13 @@ def evaluate(model: str, data: str | os.PathLike, *, weights: str | os.PathLike 
              num_classes: int = 1000, class_map: str | os.PathLike | None = None, batch_size: int = 64,
              workers: int = 0, device: str | torch.device | None = None, limit: int | None = None,
              fused: bool = False, channels_last: bool = False, amp: bool = False, progress: bool = True,
-             manifest: Manifest | str | os.PathLike | None = None) -> Report:
+             manifest: Manifest | str | os.PathLike | None = None, backend: str = "eager",
+             model_file: str | os.PathLike | None = None, int8: bool = False, float_depthwise: bool = False,
+             calibration: str | os.PathLike | None = None) -> Report:
     """Top-1/top-5 of ``model`` (the published weights, or your checkpoint ``weights`` with
     ``num_classes`` outputs) on the ImageFolder tree ``data``; under torchrun, this rank's
-    share, with the counts summed over all ranks."""
+    share, with the counts summed over all ranks. ``backend`` and the options after it run
+    the model in a runtime (see ``backends.wrap``), e.g. ``backend="onnxruntime", int8=True``."""
     rank, world = _distributed()
     if world > 1 and device in (None, "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
@@ -117,9 +121,11 @@ def evaluate(model: str, data: str | os.PathLike, *, weights: str | os.PathLike 
     items = samples(data, class_indices(data, net.num_classes, class_map), limit)
     shard = items[rank::world]  # disjoint, covering: each image exactly once
     targets = torch.tensor([t for _, t in shard])
+    net = backends.wrap(net, backend, file=model_file, int8=int8, float_depthwise=float_depthwise,
+                        calibration=calibration, name=model)
     loader = DataLoader(ImageFiles([p for p, _ in shard], published.transforms()), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate_images)
-    dev = next(net.parameters()).device
+    dev = backends.device_of(net)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp)
     counts = torch.zeros(4, dtype=torch.float64)  # images, top-1 correct, top-5 correct, skipped
     bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=rank != 0 or not progress)
@@ -154,7 +160,8 @@ def _run(args) -> int:
     report = evaluate(args.model, args.data, weights=args.weights, num_classes=args.num_classes,
                       class_map=args.class_map, batch_size=args.batch_size, workers=args.workers,
                       device=args.device, limit=args.limit, fused=args.fused, channels_last=args.channels_last,
-                      amp=args.amp, progress=not args.quiet, manifest=args.manifest)
+                      amp=args.amp, progress=not args.quiet, manifest=args.manifest,
+                      **backends.options_from_args(args))
     if not dist.is_initialized() or dist.get_rank() == 0:
         published = lambda value: f"   published {value}" if value is not None else ""  # noqa: E731
         print(f"{report.model}: {report.images} images ({report.skipped} skipped) on {report.world_size} process(es), "
@@ -189,3 +196,4 @@ def register(commands) -> None:
     sub.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     sub.add_argument("--json", metavar="OUT", help="write the report as JSON (rank 0)")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    backends.add_arguments(sub)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .. import api
 from ..download import fetch_bytes, is_url
 from ..weights import get_weights
+from . import backends
 from ._args import add_command, int_at_least
 
 SAMPLE_IMAGE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "chelsea.jpg"
@@ -107,7 +108,7 @@ def predict(model: torch.nn.Module, sources: Sequence[str], *, topk: int = 5, ba
     come back with ``error`` set."""
     weights = model.pretrained_weights
     categories = weights.meta["categories"]
-    device = next(model.parameters()).device
+    device = backends.device_of(model)  # (a runtime backend takes CPU tensors)
     if workers is None:
         workers = 0 if len(sources) <= batch_size else min(4, os.cpu_count() or 1)
     loader = DataLoader(ImageFiles(sources, weights.transforms()), batch_size=batch_size, num_workers=workers,
@@ -136,6 +137,7 @@ def _run(args) -> int:
         raise SystemExit("error: no images found in " + ", ".join(args.images))
     model = api.get_model(args.model, weights=get_weights(args.model, args.manifest), device=args.device,
                           progress=not args.quiet)
+    model = backends.from_args(args, model, name=args.model)
     failed = 0
     for result in predict(model, sources, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                           progress=not args.quiet and not args.json):
@@ -173,3 +175,4 @@ def register(commands) -> None:
                      help="DataLoader worker processes (default: 0 for a few images, up to 4 for many)")
     sub.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     sub.add_argument("--quiet", action="store_true", help="no progress bars")
+    backends.add_arguments(sub)
