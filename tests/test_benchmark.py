@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 def test_benchmark_command_writes_table_csv_json_and_figure(tmp_path):
     out = {ext: tmp_path / f"bench.{ext}" for ext in ("csv", "json", "png")}
     result = run_models(
-        "benchmark", "--models", "tinynet_e", "ghostnet_0_5x", "--batch-sizes", "1", "3", "--repeats", "2",
+        "benchmark", "--models", "tinynet_e", "ghostnet_0_5x", "--modes", "eager", "fused", "fused_cl",
+        "--batch-sizes", "1", "3", "--repeats", "2",
         "--warmup", "1", "--threads", "1", "--quiet", "--references", "timm", "--csv", str(out["csv"]),
         "--json", str(out["json"]), "--plot", str(out["png"]), timeout=600)
     assert result.returncode == 0, result.stderr

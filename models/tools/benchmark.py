@@ -1,6 +1,7 @@
 """``python -m models benchmark``: latency and throughput of each model in each inference
-mode, against timm's implementation of the same model and torchvision's mobile networks,
-measured in the same run and interleaved, and the published-top-1-vs-latency figure.
+mode (eager, fused, channels_last, compiled; ONNX Runtime and ExecuTorch, fp32 and INT8),
+against timm's implementation of the same model and torchvision's mobile networks, measured
+in the same run and interleaved, and the published-top-1-vs-latency figure.
 (``benchmarks/`` holds the maintainers' measurements of start-up and verification cost.)"""
 from __future__ import annotations
 
@@ -19,9 +20,23 @@ from torch import nn
 
 from .. import api
 from ..manifest import Manifest, load_manifest
+from . import backends
 from ._args import add_command, int_at_least
+from ._plot import plot
 
-MODES = ("eager", "fused", "fused_cl", "compiled")
+# Our model run eagerly (as built, fused, fused + channels_last), compiled, or exported to a
+# runtime: fp32, INT8, INT8 with depthwise convolutions kept in float ("fdw").
+EAGER_MODES = ("eager", "fused", "fused_cl", "compiled")
+RUNTIME_MODES = {  # mode: (backend, int8, float_depthwise)
+    "onnxruntime": ("onnxruntime", False, False),
+    "onnxruntime_int8": ("onnxruntime", True, False),
+    "onnxruntime_int8_fdw": ("onnxruntime", True, True),
+    "executorch": ("executorch", False, False),
+    "executorch_int8": ("executorch", True, False),
+    "executorch_int8_fdw": ("executorch", True, True),
+}
+MODES = EAGER_MODES + tuple(RUNTIME_MODES)
+DEFAULT_MODES = ("eager", "fused", "fused_cl", "onnxruntime", "onnxruntime_int8", "executorch", "executorch_int8")
 # torchvision references: builder name -> (weights enum, input size)
 TORCHVISION = {
     "mobilenet_v3_large": ("MobileNet_V3_Large_Weights", 224),
@@ -55,21 +70,28 @@ class _Candidate:
     times: dict
 
 
-def _ours(name: str, mode: str, device: torch.device) -> nn.Module:
+def _ours(name: str, mode: str, device: torch.device, progress: Callable[[str], None]) -> Callable:
+    torch.manual_seed(0)  # the same random weights every run: exports made on the fly are reused from the cache
     model = api.get_model(name, device=device).eval()
+    if mode in RUNTIME_MODES:
+        backend, int8, float_depthwise = RUNTIME_MODES[mode]
+        if device.type != "cpu":
+            raise ValueError(f"mode {mode} runs on the CPU; measure it without --device {device}")
+        return backends.wrap(model, backend, int8=int8, float_depthwise=float_depthwise, name=name,
+                             threads=torch.get_num_threads(), progress=progress)
     if mode == "eager":
         return model
     model.fuse(channels_last=mode in ("fused_cl", "compiled"))
     return torch.compile(model) if mode == "compiled" else model
 
 
-def _candidates(names, modes, device, references, manifest: Manifest) -> list[_Candidate]:
+def _candidates(names, modes, device, references, manifest: Manifest, progress) -> list[_Candidate]:
     out = []
     for name in names:
         size = api.get_model(name).default_input_size[0]
         top1 = manifest[name].top1 if name in manifest.models else None
         for mode in modes:
-            out.append(_Candidate(name, "ours", mode, size, top1, _ours(name, mode, device), {}))
+            out.append(_Candidate(name, "ours", mode, size, top1, _ours(name, mode, device, progress), {}))
         if "timm" in references:
             with contextlib.suppress(ImportError):
                 import timm
@@ -109,13 +131,14 @@ def run(models: Sequence[str] | None = None, *, modes: Sequence[str] = ("eager",
     device = api.resolve_device(device)
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     names = list(models) if models else [n for n in api.list_models() if n in manifest.models]
-    candidates = _candidates(names, modes, device, set(references), manifest)
+    candidates = _candidates(names, modes, device, set(references), manifest, progress)
     batches = list(batch_sizes)
     now = _timer(device)
     autocast = (torch.autocast(device.type, dtype=getattr(torch, amp)) if amp else contextlib.nullcontext())
     results = []
     for batch in batches:
         inputs = {c.input_size: torch.randn(batch, 3, c.input_size, c.input_size, device=device) for c in candidates}
+        # Runtimes use torch's thread count (set above); every candidate gets the same.
         with torch.inference_mode(), autocast:
             for c in candidates:
                 progress(f"warm-up {c.implementation} {c.model} {c.mode} batch {batch}")
@@ -179,39 +202,6 @@ def write(results: list[Result], env: dict, csv_path=None, json_path=None) -> No
             json.dump({"environment": env, "results": [asdict(r) for r in results]}, f, indent=2)
 
 
-def plot(results: list[Result], env: dict, path) -> None:
-    """Published top-1 against measured latency at the smallest batch: the authors' figure,
-    redrawn on this machine."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: --plot needs matplotlib (pip install matplotlib)") from None
-    batch = min(r.batch for r in results)
-    points = [r for r in results if r.batch == batch and r.top1 is not None]
-    styles = {("ours", "eager"): ("o", "#ee4c2c"), ("ours", "fused"): ("s", "#c0392b"),
-              ("ours", "fused_cl"): ("D", "#7b241c"), ("ours", "compiled"): ("*", "#4a235a"),
-              ("timm", "eager"): ("^", "#1f4e79"), ("torchvision", "eager"): ("v", "#2e8b57")}
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for (impl, mode), (marker, color) in styles.items():
-        group = [r for r in points if (r.implementation, r.mode) == (impl, mode)]
-        if group:
-            ax.scatter([r.median_ms for r in group], [r.top1 for r in group], marker=marker, color=color,
-                       label=f"{impl} {mode}", s=40)
-            for r in group:
-                if impl != "ours" or mode == "fused_cl":
-                    ax.annotate(r.model, (r.median_ms, r.top1), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    ax.set_xlabel(f"latency at batch {batch} (ms, median), {env['device']}, {env['threads']} threads")
-    ax.set_ylabel("published ImageNet top-1 (%)")
-    ax.set_title(f"accuracy vs latency, torch {env['torch']}, {env['date']}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 def _run(args) -> int:
     device = api.resolve_device(args.device)
     if args.threads:
@@ -219,6 +209,13 @@ def _run(args) -> int:
     modes = [m for m in args.modes if m != "compiled" or args.compile]
     if args.compile and "compiled" not in modes:
         modes.append("compiled")
+    if args.modes is DEFAULT_MODES:  # the defaults measure the runtimes that are installed
+        for runtime in ("onnxruntime", "executorch"):
+            try:
+                backends.require(runtime)
+            except backends.MissingRuntime as exc:
+                print(f"{exc}: no {runtime} modes", file=sys.stderr)
+                modes = [m for m in modes if not m.startswith(runtime)]
     references = set(args.references)
     if "timm" in references:
         try:
@@ -245,9 +242,10 @@ def register(commands) -> None:
                       "accuracy-latency figure (maintainers' start-up and verification benchmarks: benchmarks/)")
     sub.add_argument("--models", nargs="+", choices=api.list_models(), metavar="MODEL",
                      help="models to measure (default: the six with weights)")
-    sub.add_argument("--modes", nargs="+", choices=("eager", "fused", "fused_cl"),
-                     default=["eager", "fused", "fused_cl"],
-                     help="eager, fused (BatchNorm folded), fused_cl (fused + channels_last)")
+    sub.add_argument("--modes", nargs="+", choices=MODES, default=DEFAULT_MODES, metavar="MODE",
+                     help="eager, fused (BatchNorm folded), fused_cl (fused + channels_last), compiled; onnxruntime, "
+                          "executorch (exported on the fly, cached), each also _int8 and _int8_fdw (INT8, depthwise "
+                          f"in float) (default: {' '.join(DEFAULT_MODES)}, the runtimes if installed)")
     sub.add_argument("--compile", action="store_true",
                      help="also torch.compile the fused channels_last model (slow to start)")
     sub.add_argument("--batch-sizes", nargs="+", type=int_at_least(1), default=[1, 32], metavar="N",

@@ -16,7 +16,7 @@ from .._hashing import sha256_file
 from ..cache import CacheDirError, cache_dir, default_cache_dir, verify_cached
 from ..manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
 from ..weights import get_weights
-from . import benchmark, evaluate, finetune, predict
+from . import backends, benchmark, evaluate, export, finetune, predict
 from ._args import add_command
 
 
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add_command(commands, "info", _info,
                       "everything known about one model: architecture, weights, preprocessing, files")
     sub.add_argument("model", metavar="MODEL")
-    for tool in (predict, evaluate, benchmark, finetune):
+    for tool in (predict, evaluate, benchmark, finetune, export):
         tool.register(commands)
 
     sub = add_command(commands, "prefetch", _prefetch,
@@ -284,8 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    # Expected failures (a full disk, no network, a bad file) are reported, never a traceback.
-    except (ManifestError, CacheDirError, download.DownloadError, ValueError, OSError) as exc:
+    # Expected failures (a full disk, no network, a bad file, a missing runtime) are reported, never a traceback.
+    except (ManifestError, CacheDirError, download.DownloadError, ValueError, OSError,
+            backends.MissingRuntime) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from .. import api
 from ..manifest import Manifest
 from ..pretrained import transforms_for
 from ..weights import get_weights
+from . import backends
 from ._args import add_command, int_at_least, model_source_arguments, published_weights
 from ._finetuned import read_finetuned
 from .predict import IMAGE_SUFFIXES, ImageFiles, collate_images
@@ -104,12 +105,16 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
              checkpoint_sha256: str | None = None, num_classes: int = 1000, class_map: str | os.PathLike | None = None,
              batch_size: int = 64, workers: int = 0, device: str | torch.device | None = None,
              limit: int | None = None, fused: bool = False, channels_last: bool = False, amp: bool = False,
-             progress: bool = True, manifest: Manifest | str | os.PathLike | None = None, **removed) -> Report:
+             progress: bool = True, manifest: Manifest | str | os.PathLike | None = None, backend: str = "eager",
+             model_file: str | os.PathLike | None = None, int8: bool = False, float_depthwise: bool = False,
+             calibration: str | os.PathLike | None = None, **removed) -> Report:
     """Top-1/top-5 of ``model`` (the published weights, or your ``checkpoint`` with
     ``num_classes`` outputs, for any model) on the ImageFolder tree ``data``; under torchrun,
     this rank's share, with the counts summed over all ranks. With fewer than 5 classes,
     "top-5" is top-``num_classes`` (``Report.top_k``). A checkpoint written by ``finetune``
-    names its model, classes and preprocessing itself (``model`` may be None)."""
+    names its model, classes and preprocessing itself (``model`` may be None). ``backend`` and
+    the options after it run the model in a runtime (see ``backends.wrap``), e.g.
+    ``backend="onnxruntime", int8=True``."""
     if "weights" in removed:
         raise TypeError("evaluate(weights=...) is now evaluate(checkpoint=...)")
     if removed:
@@ -138,9 +143,12 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
     items = samples(data, indices, limit)
     shard = items[rank::world]  # disjoint, covering: each image exactly once
     targets = torch.tensor([t for _, t in shard])
-    loader = DataLoader(ImageFiles([p for p, _ in shard], transforms_for(net)), batch_size=batch_size,
+    preprocess, published = transforms_for(net), getattr(net.pretrained_weights, "entry", None)
+    net = backends.wrap(net, backend, file=model_file, int8=int8, float_depthwise=float_depthwise,
+                        calibration=calibration, name=model)
+    loader = DataLoader(ImageFiles([p for p, _ in shard], preprocess), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate_images)
-    dev = next(net.parameters()).device
+    dev = backends.device_of(net)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp)
     counts = torch.zeros(4, dtype=torch.float64)  # images, top-1 correct, top-5 correct, skipped
     bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=rank != 0 or not progress)
@@ -165,8 +173,7 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     images, correct1, correct5, skipped = (int(c) for c in counts.tolist())
     seconds = float(elapsed)
-    # Published numbers are for the published weights only.
-    published = getattr(net.pretrained_weights, "entry", None)  # (a finetune checkpoint has none)
+    # Published numbers are for the published weights only (a finetune checkpoint has none).
     top1, top5 = (published.top1, published.top5) if published is not None else (None, None)
     return Report(model, images, skipped, 100.0 * correct1 / max(images, 1), 100.0 * correct5 / max(images, 1),
                   correct1, correct5, images / seconds if seconds else 0.0, seconds, world, top1, top5, top_k)
@@ -177,7 +184,8 @@ def _run(args) -> int:
     report = evaluate(args.model, args.data, checkpoint=args.checkpoint, checkpoint_sha256=args.checkpoint_sha256,
                       num_classes=args.num_classes or 1000, class_map=args.class_map, batch_size=args.batch_size,
                       workers=args.workers, device=args.device, limit=args.limit, fused=args.fused,
-                      channels_last=args.channels_last, amp=args.amp, progress=not args.quiet, manifest=args.manifest)
+                      channels_last=args.channels_last, amp=args.amp, progress=not args.quiet, manifest=args.manifest,
+                      **backends.options_from_args(args))
     if not dist.is_initialized() or dist.get_rank() == 0:
         published = lambda value: f"   published {value}" if value is not None else ""  # noqa: E731
         print(f"{report.model}: {report.images} images ({report.skipped} skipped) on {report.world_size} process(es), "
@@ -212,3 +220,4 @@ def register(commands) -> None:
     sub.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     sub.add_argument("--json", metavar="OUT", help="write the report as JSON (rank 0)")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    backends.add_arguments(sub)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .. import api
 from ..download import fetch_bytes, is_url
 from ..pretrained import categories_for, released_models, transforms_for
+from . import backends
 from ._args import add_command, build_model, int_at_least, model_source_arguments
 
 _PACKAGE = pathlib.Path(__file__).resolve().parents[1]
@@ -108,9 +109,9 @@ def predict(model: torch.nn.Module, sources: Sequence[str], *, topk: int = 5, ba
             workers: int | None = None, progress: bool = True) -> Iterator[Prediction]:
     """Top-``topk`` classes of each image, in the order of ``sources``; unreadable images
     come back with ``error`` set. The preprocessing is the model's (its published weights',
-    else the recipe in its ``pretrained_cfg``)."""
+    else the recipe in its ``pretrained_cfg``); ``model`` may be a runtime backend's runner."""
     categories = categories_for(model)
-    device = next(model.parameters()).device
+    device = backends.device_of(model)  # (a runtime backend takes CPU tensors)
     if workers is None:
         workers = 0 if len(sources) <= batch_size else min(4, os.cpu_count() or 1)
     loader = DataLoader(ImageFiles(sources, transforms_for(model)), batch_size=batch_size, num_workers=workers,
@@ -140,6 +141,7 @@ def _run(args) -> int:
     if not args.checkpoint:
         args.model = args.model or "ghostnet_1x"
     model = build_model(args, device=args.device, progress=not args.quiet)
+    model = backends.from_args(args, model, name=args.model)
     failed = 0
     for result in predict(model, sources, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                           progress=not args.quiet and not args.json):
@@ -180,3 +182,4 @@ def register(commands) -> None:
                      help="DataLoader worker processes (default: 0 for a few images, up to 4 for many)")
     sub.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     sub.add_argument("--quiet", action="store_true", help="no progress bars")
+    backends.add_arguments(sub)
