@@ -154,14 +154,20 @@ def _onnx_int8(fp32: pathlib.Path, out: pathlib.Path, float_depthwise: bool, bat
             batch = next(self.items, None)
             return None if batch is None else {input_name: batch.numpy()}
 
-    with backends.quiet_native_output():
-        # Activation ranges from the 99.999th percentile, not min/max: one outlier in calibration
-        # no longer widens a range for every input (on the model of tests/test_export.py, top-1
-        # agreement with fp32 rose from 0.86 to 0.93).
+    # Activation ranges from the 99.999th percentile, not min/max: one outlier in calibration no
+    # longer widens a range for every input (on the model of tests/test_export.py, top-1 agreement
+    # with fp32 rose from 0.86 to 0.93). Its histograms need some spread in every tensor; a model
+    # whose activations are (nearly) constant, e.g. freshly initialised, falls back to min/max.
+    def quantize(method):
         quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.Percentile,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
                         nodes_to_exclude=depthwise if float_depthwise else None)
+
+    with backends.quiet_native_output():
+        try:
+            quantize(CalibrationMethod.Percentile)
+        except ValueError:  # "Too many bins for data range"
+            quantize(CalibrationMethod.MinMax)
 
 
 def _to_executorch(net: nn.Module, path: pathlib.Path, size: tuple[int, int], int8: bool, float_depthwise: bool,
