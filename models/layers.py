@@ -55,6 +55,9 @@ class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation: a per-channel gate computed from the globally pooled input."""
 
     _POOLED_1X1 = ("conv_reduce", "conv_expand")  # see fuse.py
+    # XNNPACK averages a whole map in one float32 sum, which on the large early maps is ~1e-5
+    # off; exports for it set this to average each row first (tools/export.py).
+    mean_by_rows = False
 
     def __init__(
         self,
@@ -70,7 +73,7 @@ class SqueezeExcite(nn.Module):
         self.gate = gate_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = x.mean((2, 3), keepdim=True)
+        scale = x.mean(3, keepdim=True).mean(2, keepdim=True) if self.mean_by_rows else x.mean((2, 3), keepdim=True)
         scale = self.conv_expand(self.act1(self.conv_reduce(scale)))
         return x * self.gate(scale)
 

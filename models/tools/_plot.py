@@ -55,6 +55,7 @@ def plot(results, env: dict, path) -> list:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.lines import Line2D
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         raise SystemExit("error: --plot needs matplotlib (pip install matplotlib)") from None
     batch = min(r.batch for r in results)
@@ -75,6 +76,9 @@ def plot(results, env: dict, path) -> list:
     for r in sorted(points, key=lambda r: ("int8" in r.mode, r.median_ms)):
         labels.setdefault(r.model, (r.model, r.median_ms, r.top1))
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     ax.set_xlabel(f"latency at batch {batch} (ms, median, log scale), {env['device']}, {env['threads']} threads")
     ax.set_ylabel("published ImageNet top-1 (%)")
     ax.set_title(f"accuracy vs latency, torch {env['torch']}, {env['date']}", fontsize=10)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import api
+from ..layers import SqueezeExcite
 from ..weights import get_weights
 from . import backends
 from ._args import add_command, int_at_least
@@ -67,7 +68,7 @@ class ExportReport:
                 f"top-1 the same on {round(self.top1_agreement * self.images)}/{self.images}")
 
 
-def _inference_copy(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def _inference_copy(model: nn.Module, format: str = "onnx") -> tuple[nn.Module, nn.Module]:
     """(eager fp32 reference, fused contiguous copy to export); ``model`` is left as it is."""
     if getattr(model, "features_only", False):
         raise ValueError("export takes a classifier; a features_only model returns a list of maps")
@@ -78,6 +79,10 @@ def _inference_copy(model: nn.Module) -> tuple[nn.Module, nn.Module]:
         net.channels_last = False
     if not getattr(net, "fused", False):
         net.fuse()
+    if format == "executorch":  # squeeze-excitation means row by row: XNNPACK's one-sum mean is ~1e-5 off
+        for module in net.modules():
+            if isinstance(module, SqueezeExcite):
+                module.mean_by_rows = True
     return reference, net
 
 
@@ -216,7 +221,7 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
         backends.require(module, f"to export to {format} and check it")
     start = time.perf_counter()
     out = pathlib.Path(out)
-    reference, net = _inference_copy(model)
+    reference, net = _inference_copy(model, format)
     transforms = transforms or default_transforms(model)
     images = check_images(transforms)
     size = tuple(images.shape[-2:])
