@@ -55,9 +55,6 @@ class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation: a per-channel gate computed from the globally pooled input."""
 
     _POOLED_1X1 = ("conv_reduce", "conv_expand")  # see fuse.py
-    # XNNPACK averages a whole map in one float32 sum, which on the large early maps is ~1e-5
-    # off; exports for it set this to average each row first (tools/export.py).
-    mean_by_rows = False
 
     def __init__(
         self,
@@ -71,6 +68,10 @@ class SqueezeExcite(nn.Module):
         self.act1 = act_layer()
         self.conv_expand = nn.Conv2d(reduced_channels, channels, 1, bias=True)
         self.gate = gate_layer()
+        # XNNPACK averages a whole map in one float32 sum, which on the large early maps is ~1e-5
+        # off; exports for it set this to average each row first (tools/export.py). An instance
+        # attribute, so that TorchScript sees it.
+        self.mean_by_rows = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = x.mean(3, keepdim=True).mean(2, keepdim=True) if self.mean_by_rows else x.mean((2, 3), keepdim=True)
