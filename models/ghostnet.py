@@ -14,7 +14,7 @@ from torch import nn
 from ._base import FeatureInfo, ImageClassifier, Variant, check_positive_float
 from .layers import SqueezeExcite, drop_path, drop_path_rates, init_weights, make_divisible
 
-__all__ = ["VARIANTS", "GhostNet"]
+__all__ = ["VARIANTS", "GhostNet", "pad_ghost_halves"]
 
 # One list per stage of (kernel, expansion channels, out channels, SE ratio, stride),
 # for width 1.0; from the paper's Table 1 as the released code lays it out in stages.
@@ -188,6 +188,109 @@ class GhostNet(ImageClassifier):
 
     def _pre_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.act2(self.conv_head(self._pool(x))).flatten(1)
+
+
+# Where each real channel of a map sits, and the map's padded width.
+_Layout = tuple[torch.Tensor, int]
+
+
+def _plain(channels: int) -> _Layout:
+    return torch.arange(channels), channels
+
+
+def _ghost_layout(out_chs: int, multiple: int) -> _Layout:
+    """A ghost module's output with both halves padded to ``multiple``: [0, h) and [p, p + h)."""
+    half = math.ceil(out_chs / 2)
+    padded = math.ceil(half / multiple) * multiple
+    return torch.cat([torch.arange(half), padded + torch.arange(half)])[:out_chs], 2 * padded
+
+
+def _scatter(values: torch.Tensor, rows: _Layout, cols: _Layout | None = None) -> torch.Tensor:
+    """``values`` (out[, in, ...]) placed into zeros at the rows (and columns) of the layouts."""
+    shape = (rows[1],) + ((cols[1],) if cols else ()) + tuple(values.shape[1 + bool(cols):])
+    out = values.new_zeros(shape)
+    if cols:
+        out[rows[0][:, None], cols[0][None, :]] = values
+    else:
+        out[rows[0]] = values
+    return out
+
+
+def _padded_conv(conv: nn.Conv2d, rows: _Layout | None = None, cols: _Layout | None = None) -> nn.Conv2d:
+    """``conv`` with its outputs at ``rows`` and (unless depthwise) inputs at ``cols``; zero elsewhere."""
+    depthwise = conv.groups > 1
+    rows = rows or _plain(conv.out_channels)
+    weight = _scatter(conv.weight, rows) if depthwise else _scatter(conv.weight, rows, cols or _plain(conv.in_channels))
+    bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+    new = nn.Conv2d(rows[1] if depthwise else weight.shape[1], rows[1], conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, rows[1] if depthwise else 1, bias=True, device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    new.bias.data.copy_(_scatter(bias.detach(), rows))
+    return new.requires_grad_(conv.weight.requires_grad)
+
+
+def _pad_ghost(ghost: GhostModule, inputs: _Layout, multiple: int) -> _Layout:
+    primary, cheap = ghost.primary_conv[0], ghost.cheap_operation[0]
+    half = primary.out_channels
+    layout = _ghost_layout(ghost.out_chs, multiple)
+    own = (torch.arange(half), layout[1] // 2)
+    if 2 * half > ghost.out_chs:  # forward cut the cheap half's last channel; it now stays: make it zero
+        cheap.weight.data[-1] = 0
+        cheap.bias.data[-1] = 0
+    ghost.primary_conv[0] = _padded_conv(primary, own, inputs)
+    ghost.cheap_operation[0] = _padded_conv(cheap, own)
+    ghost.out_chs = layout[1]
+    return layout
+
+
+def _pad_pooled(linear: nn.Module, rows: _Layout | None, cols: _Layout | None) -> None:
+    """The same for a squeeze-excitation matrix product (fuse.PooledLinear: weight (out, in), bias)."""
+    rows = rows or _plain(linear.weight.shape[0])
+    linear.weight.data = _scatter(linear.weight.data, rows, cols or _plain(linear.weight.shape[1]))
+    linear.bias.data = _scatter(linear.bias.data, rows)
+
+
+def pad_ghost_halves(model: GhostNet, multiple: int = 16) -> GhostNet:
+    """Pad every ghost half of a fused GhostNet to a multiple of ``multiple`` channels, in place.
+
+    The outputs are the same: padded channels get zero filters and every consumer (the next
+    convolutions, squeeze-excitation, shortcuts, the residual stream, the last 1x1 conv) zero
+    weights for them, so they stay exactly zero. What changes is the layout a runtime sees:
+    ONNX Runtime's CPU provider runs convolutions in blocks of 16 channels (8 with AVX2) and
+    keeps a Concat in that layout only when every input is a multiple of the block. GhostNet's
+    halves (8, 12, 20, 36, 60, ...) mostly are not, so each of its 32 ghost concatenations was
+    reordered out of the blocked layout and back: a quarter of the model's time there. Eager
+    PyTorch and XNNPACK (channels-last, no blocks) only pay for the extra zeros, so export.py
+    pads the fp32 ONNX export alone.
+    """
+    if model.features_only:
+        raise ValueError("pad_ghost_halves takes a classifier, not a features_only model")
+    if not getattr(model, "fused", False) or not isinstance(model.bn1, nn.Identity):
+        raise ValueError("pad_ghost_halves takes a fused GhostNet (model.fuse() first)")
+    blocks = [m for m in model.blocks.modules() if isinstance(m, GhostBottleneck)]
+    # The stem feeds the first block's identity shortcut, so it writes that block's output layout.
+    first = blocks[0]
+    stream = _ghost_layout(first.ghost2.out_chs, multiple) if len(first.shortcut) == 0 else _plain(
+        model.conv_stem.out_channels)
+    model.conv_stem = _padded_conv(model.conv_stem, stream)
+    for block in blocks:
+        mid = _pad_ghost(block.ghost1, stream, multiple)
+        if block.conv_dw is not None:
+            block.conv_dw = _padded_conv(block.conv_dw, mid)
+        if block.se is not None:
+            _pad_pooled(block.se.conv_reduce, None, mid)
+            _pad_pooled(block.se.conv_expand, mid, None)
+        out = _pad_ghost(block.ghost2, mid, multiple)
+        if len(block.shortcut) == 0:  # identity: the input already has the output's layout
+            if stream[1] != out[1] or not torch.equal(stream[0], out[0]):
+                raise RuntimeError("identity shortcut between different layouts")
+        else:
+            block.shortcut[0] = _padded_conv(block.shortcut[0], stream)
+            block.shortcut[2] = _padded_conv(block.shortcut[2], out, stream)
+        stream = out
+    last = model.blocks[-1][0]
+    last.conv = _padded_conv(last.conv, None, stream)
+    return model
 
 
 # The published widths. Adding one: a row here, its entry point lines in api.py and hubconf.py,

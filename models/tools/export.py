@@ -7,7 +7,8 @@
   iOS, Linux and macOS; ``--int8``: PT2E with ``XNNPACKQuantizer`` (per-channel symmetric).
 - ``pt2``: a ``torch.export`` archive (``torch.export.load(path).module()``).
 
-The exported model is the fused one (BatchNorm folded). Before the file is written, its
+The exported model is the fused one (BatchNorm folded); a GhostNet's fp32 ONNX export also has
+its ghost halves padded to 16 channels for ONNX Runtime (``ghostnet.pad_ghost_halves``). Before the file is written, its
 output is compared with the eager fp32 model on the bundled photo and generated images: an
 fp32 export must be within 1e-4 of the largest logit, an INT8 one is reported (its error and
 top-1 agreement). ``--float-depthwise`` keeps depthwise convolutions in float in INT8 exports,
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import api
+from ..ghostnet import GhostNet, pad_ghost_halves
 from ..layers import SqueezeExcite
 from ..weights import get_weights
 from . import backends
@@ -68,7 +70,7 @@ class ExportReport:
                 f"top-1 the same on {round(self.top1_agreement * self.images)}/{self.images}")
 
 
-def _inference_copy(model: nn.Module, format: str = "onnx") -> tuple[nn.Module, nn.Module]:
+def _inference_copy(model: nn.Module, format: str = "onnx", int8: bool = False) -> tuple[nn.Module, nn.Module]:
     """(eager fp32 reference, fused contiguous copy to export); ``model`` is left as it is."""
     if getattr(model, "features_only", False):
         raise ValueError("export takes a classifier; a features_only model returns a list of maps")
@@ -83,6 +85,10 @@ def _inference_copy(model: nn.Module, format: str = "onnx") -> tuple[nn.Module, 
         for module in net.modules():
             if isinstance(module, SqueezeExcite):
                 module.mean_by_rows = True
+    if format == "onnx" and not int8 and isinstance(net, GhostNet):
+        # ONNX Runtime keeps the ghost concatenations in its blocked layout only with halves a
+        # multiple of 16 (see pad_ghost_halves); measured slower for INT8 (QLinear ops), so fp32 only.
+        pad_ghost_halves(net)
     return reference, net
 
 
@@ -221,7 +227,7 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
         backends.require(module, f"to export to {format} and check it")
     start = time.perf_counter()
     out = pathlib.Path(out)
-    reference, net = _inference_copy(model, format)
+    reference, net = _inference_copy(model, format, int8)
     transforms = transforms or default_transforms(model)
     images = check_images(transforms)
     size = tuple(images.shape[-2:])
