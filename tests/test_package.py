@@ -95,8 +95,9 @@ def test_installed_under_its_own_name_beside_the_users_models(installed):
     for bundled in ("weights_manifest.json", "data/chelsea.jpg", "data/imagenet_synsets.txt", "tools/cli.py"):
         assert f"ghostnet_hub/{bundled}" in report["files"], bundled
     requirements = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line[:1].isalpha()]
-    export = [line for line in (ROOT / "requirements-export.txt").read_text().splitlines() if line[:1].isalpha()]
-    assert report["requires"] == requirements + [f'{r}; extra == "export"' for r in export]
+    extras = {extra: [line for line in (ROOT / f"requirements-{extra}.txt").read_text().splitlines()
+                      if line[:1].isalpha()] for extra in ("export", "deploy")}
+    assert report["requires"] == requirements + [f'{r}; extra == "{e}"' for e, rs in extras.items() for r in rs]
     init = (ROOT / "models" / "__init__.py").read_text()
     assert re.search(r'^__version__ = "(.*)"$', init, re.M)[1] == report["version"]
 
