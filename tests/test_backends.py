@@ -230,4 +230,7 @@ def test_benchmark_measures_the_runtimes_fp32_and_int8_beside_timm(tmp_path):
         [("ours", m, b) for m in modes for b in ("1", "2")] + [("timm", "eager", "1"), ("timm", "eager", "2")])
     for r in rows:
         assert float(r["median_ms"]) > 0 and (r["implementation"] == "timm") == (r["vs_timm"] == "")
+        assert (r["file_mb"] != "") == (r["mode"] in modes[1:])  # the size of the file a runtime runs
+    size = {r["mode"]: float(r["file_mb"]) for r in rows if r["file_mb"]}
+    assert size["onnxruntime_int8"] < 0.35 * size["onnxruntime"]
     assert any("onnxruntime_int8" in line and "x time" in line for line in result.stdout.splitlines())

@@ -57,6 +57,7 @@ class Result:
     images_per_s: float
     top1: float | None
     vs_timm: float | None = None  # ours/timm: latency ratio at batch 1, throughput ratio otherwise
+    file_mb: float | None = None  # runtime modes: the size of the exported file they run
 
 
 @dataclass
@@ -157,8 +158,10 @@ def run(models: Sequence[str] | None = None, *, modes: Sequence[str] = ("eager",
             times = sorted(c.times[batch])
             median = statistics.median(times)
             p10, p90 = times[int(0.1 * (len(times) - 1))], times[int(round(0.9 * (len(times) - 1)))]
+            path = getattr(c.module, "path", None)  # a backends.Runner's file
             results.append(Result(c.model, c.implementation, c.mode, batch, c.input_size, median * 1e3,
-                                  (p90 - p10) / median * 100, batch / median, c.top1))
+                                  (p90 - p10) / median * 100, batch / median, c.top1,
+                                  file_mb=path.stat().st_size / 1e6 if path else None))
     _ratios(results)
     return results
 
