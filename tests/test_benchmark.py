@@ -40,3 +40,20 @@ def test_benchmark_command_writes_table_csv_json_and_figure(tmp_path):
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = result.stdout.splitlines()
     assert any("tinynet_e" in line and "fused_cl" in line and "x time" in line for line in table)
+
+
+def test_every_timed_cpu_call_starts_after_the_thread_pools_settle(monkeypatch):
+    """Runtimes' thread pools spin on after a call (ONNX Runtime's slowed the next candidate 2x);
+    each timed call waits SETTLE_S first, so no candidate inherits another's spinning threads."""
+    from models.tools import benchmark
+
+    events = []
+    monkeypatch.setattr(benchmark.time, "sleep", lambda s: events.append(("sleep", s)))
+    real = benchmark.time.perf_counter
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: events.append(("clock",)) or real())
+    results = benchmark.run(["tinynet_e"], modes=["eager", "fused"], batch_sizes=[1], warmup=0, repeats=3,
+                            references=["timm"])
+    assert len(results) == 3
+    timed = [i for i, e in enumerate(events) if e == ("clock",)][::2]  # each timed call reads the clock twice
+    assert len(timed) == 3 * 3  # rounds x candidates
+    assert all(events[i - 1] == ("sleep", benchmark.SETTLE_S) for i in timed)

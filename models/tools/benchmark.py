@@ -37,6 +37,11 @@ RUNTIME_MODES = {  # mode: (backend, int8, float_depthwise)
 }
 MODES = EAGER_MODES + tuple(RUNTIME_MODES)
 DEFAULT_MODES = ("eager", "fused", "fused_cl", "onnxruntime", "onnxruntime_int8", "executorch", "executorch_int8")
+# Idle time before each timed CPU call. Thread pools keep spinning after a call returns (ONNX
+# Runtime's for 10-30 ms): timm's ghostnet right after an ONNX Runtime call took 50-62 ms, after a
+# 30 ms pause 23.6 ms, as after a long sleep. Every candidate starts from the same idle machine.
+SETTLE_S = 0.05
+
 # torchvision references: builder name -> (weights enum, input size)
 TORCHVISION = {
     "mobilenet_v3_large": ("MobileNet_V3_Large_Weights", 224),
@@ -151,6 +156,8 @@ def run(models: Sequence[str] | None = None, *, modes: Sequence[str] = ("eager",
                 progress(f"round {r + 1}/{repeats}, batch {batch}")
                 for c in candidates:
                     x = inputs[c.input_size]
+                    if device.type == "cpu":
+                        time.sleep(SETTLE_S)
                     start = now()
                     c.module(x)
                     c.times.setdefault(batch, []).append(now() - start)
