@@ -285,3 +285,35 @@ def test_readme_deploy_python_example_runs(published, user_folder):
     assert namespace["top5"].indices.shape == (1, 5)
     assert isinstance(namespace["int8"], backends.Runner) and namespace["int8"].path.suffix == ".onnx"
     assert namespace["report"].max_error <= export.TOLERANCE
+
+
+def _option(args, flag):
+    """The values after ``flag`` up to the next option."""
+    start = args.index(flag) + 1
+    end = next((i for i in range(start, len(args)) if args[i].startswith("--")), len(args))
+    return args[start:end]
+
+
+@pytest.mark.slow
+def test_readme_benchmark_command_is_the_committed_run(tmp_path):
+    """The README's tables come from docs/benchmark-cpu-2threads.json; the command printed above
+    them is the one that made it (modes, batch sizes, threads), and it runs: here with the
+    options repeated at the end to measure one model once instead of all of them 30 times."""
+    command = shlex.split(_readme_block("<!-- deploy:benchmark -->", "bash").replace("\\\n", " "))
+    assert command[:4] == ["python", "-m", "models", "benchmark"]
+    args = command[4:]
+    run = json.loads((ROOT / "docs" / "benchmark-cpu-2threads.json").read_text())
+    assert {r["mode"] for r in run["results"] if r["implementation"] == "ours"} == set(_option(args, "--modes"))
+    assert {r["batch"] for r in run["results"]} == {int(b) for b in _option(args, "--batch-sizes")}
+    assert run["environment"]["threads"] == int(_option(args, "--threads")[0])
+    out = {"--json": tmp_path / "run.json", "--csv": tmp_path / "run.csv", "--plot": tmp_path / "run.png"}
+    threads = torch.get_num_threads()  # --threads sets this process's (cli runs in process)
+    result = cli(*command[3:], "--models", "tinynet_e", "--modes", "fused_cl", "onnxruntime", "--batch-sizes", "1",
+                 "--repeats", "1", "--warmup", "0", "--references", "timm", "--quiet",
+                 *(x for option, path in out.items() for x in (option, str(path))))
+    torch.set_num_threads(threads)
+    assert result.returncode == 0, result.stderr
+    assert all(path.stat().st_size > 0 for path in out.values())
+    mine = json.loads(out["--json"].read_text())["results"]
+    assert sorted((r["implementation"], r["mode"]) for r in mine) == [
+        ("ours", "fused_cl"), ("ours", "onnxruntime"), ("timm", "eager")]

@@ -187,3 +187,16 @@ def test_onnx_example_names_the_extra_that_provides_it():
     assert "onnxscript" in extra and "onnx" in extra
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'optional-dependencies.export = { file = ["requirements-export.txt"] }' in pyproject
+
+
+def test_speed_tables_are_the_committed_benchmark_run():
+    """Every speed figure in the README comes from one committed run of ``benchmark --json``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
+    readme_tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme_tables)
+    tables = readme_tables.tables(ROOT / "docs" / "benchmark-cpu-2threads.json")
+    assert set(tables) == {"speed", "deploy", "files"}
+    for name, text in tables.items():
+        assert f"<!-- {name}-table -->\n{text}\n" in README, f"README's {name} table is not the committed run's"
