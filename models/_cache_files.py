@@ -61,12 +61,17 @@ def _held(lock: pathlib.Path) -> bool:
         return False
 
 
+def _url_digest(name: str) -> str:
+    """What a user-URL file's name (``url-<host>-<digest>-<file>``) says to check: the first 16
+    digits of the SHA-256 it was asked to match, or ``unverified`` (then the SHA-256 kept beside
+    it). A name without those parts, which no download wrote, counts as unverified."""
+    return name.split("-")[2] if name.count("-") >= 3 else "unverified"
+
+
 def _url_target(path: pathlib.Path) -> Target:
-    """How to check a user-URL file: its name carries the first 16 digits of the SHA-256
-    it was asked to match, or says ``unverified`` (then the SHA-256 kept beside it)."""
-    digest = path.name.split("-")[2] if path.name.count("-") >= 3 else "unverified"
+    """How to check a user-URL file (see ``_url_digest``)."""
     return Target(label=path.name, urls=(), checksums={}, size=None, cache_name=path.name,
-                  sidecar=digest == "unverified")
+                  sidecar=_url_digest(path.name) == "unverified")
 
 
 def _state(path: pathlib.Path, known: dict[str, WeightFile]) -> str:
@@ -74,7 +79,7 @@ def _state(path: pathlib.Path, known: dict[str, WeightFile]) -> str:
         found = verify_file(path, target_for(known[path.name]))
     elif path.name.startswith("url-"):
         found = verify_file(path, _url_target(path))
-        digest = path.name.split("-")[2]
+        digest = _url_digest(path.name)
         if found == [] and digest != "unverified":
             from ._hashing import sha256_file
 

@@ -106,6 +106,15 @@ def test_cache_clear_removes_a_model_or_everything_of_ours(filled):
     assert cli("cache", "clear", "tinynet_z", "--manifest", manifest, env=env).returncode != 0
 
 
+def test_cache_list_reports_a_user_url_file_no_download_named(tmp_path):
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / "url-foo").write_bytes(b"x" * 10)  # not url-<host>-<digest>-<file>: it raised IndexError
+    result = cli("cache", "list", env={"TORCH_HOME": str(tmp_path)})
+    assert result.returncode == 1, result.stderr
+    assert "url-foo" in result.stdout and "corrupt: " in result.stdout
+
+
 def test_cache_list_works_on_a_missing_cache(tmp_path):
     result = cli("cache", "list", env={"TORCH_HOME": str(tmp_path / "nothing")})
     assert result.returncode == 0 and "0 file(s) of this package" in result.stdout
