@@ -13,6 +13,7 @@ import email.utils
 import errno
 import json
 import logging
+import math
 import os
 import pathlib
 import shutil
@@ -66,8 +67,9 @@ def _setting(value, env: str, default, kind):
             value = kind(text) if text else default
         except ValueError:
             raise ValueError(f"{env}={text!r} is not a number") from None
-    if value <= 0:
-        raise ValueError(f"{env} (or the option) must be positive, got {value}")
+    # NaN would pass "<= 0" and then make every deadline comparison false: no deadline at all.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{env} (or the option) must be a positive finite number, got {value!r}")
     return value
 
 

@@ -343,3 +343,18 @@ def test_progress_bar_goes_to_stderr_and_can_be_turned_off(server, cache, capfd)
     (cache / file.cache_name).unlink()
     download.fetch(file, progress=False, cache=cache, offline=False, mirror="", options=FAST)
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("env, text", [("GHOSTNET_HUB_DEADLINE", "nan"), ("GHOSTNET_HUB_DEADLINE", "inf"),
+                                       ("GHOSTNET_HUB_DEADLINE", "-1"), ("GHOSTNET_HUB_MAX_BYTES", "0")])
+def test_limits_that_are_not_positive_finite_numbers_are_refused(monkeypatch, env, text):
+    """A NaN deadline passed the old "<= 0" check and then turned the deadline off."""
+    monkeypatch.setenv(env, text)
+    with pytest.raises(ValueError, match=rf"{env} \(or the option\) must be a positive finite number, got"):
+        DownloadOptions().limits()
+
+
+@pytest.mark.parametrize("option", [{"deadline": float("nan")}, {"max_bytes": True}])
+def test_limit_options_that_are_not_positive_finite_numbers_are_refused(option):
+    with pytest.raises(ValueError, match="must be a positive finite number"):
+        DownloadOptions(**option).limits()
