@@ -1,6 +1,7 @@
 """Runtimes as backends of predict and evaluate: the same labels whatever runs the model (a
 file from ``export`` or an export made on the fly and cached), one line for a missing
 runtime, and the runtimes imported only by the commands that use them."""
+import copy
 import io
 import json
 import subprocess
@@ -107,6 +108,19 @@ def test_missing_runtime_is_one_line_naming_the_extra(moderate_weights, monkeypa
 def test_int8_options_need_int8(moderate_weights):
     result = cli("predict", "--model", "tinynet_e", "--backend", "onnxruntime", "--float-depthwise")
     assert result.returncode == 1 and "--float-depthwise and --calibration apply to --int8" in result.stderr
+
+
+
+def test_int8_options_with_an_exported_file_are_refused_not_ignored(moderate_weights, tmp_path):
+    result = cli("predict", "--model", "tinynet_e", "--model-file", str(tmp_path / "m.onnx"), "--int8")
+    assert result.returncode != 0 and "m.onnx is already one" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cache_key_of_bfloat16_weights_is_their_float32_export(moderate_weights):
+    half = build("tinynet_e").eval().to(torch.bfloat16)  # (numpy has no bfloat16: cache_key raised)
+    same_as_export = copy.deepcopy(half).float()
+    assert backends.cache_key(half, "onnx", {}) == backends.cache_key(same_as_export, "onnx", {})
 
 
 # -- slow: real runtimes -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ command.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import io
@@ -197,6 +198,7 @@ def export_cache_dir() -> pathlib.Path:
     return pathlib.Path(torch.hub.get_dir()) / "exports"
 
 
+@functools.cache
 def _source_digest() -> str:
     """The library's code: an export made by another version of the models is not reused."""
     digest = hashlib.sha256()
@@ -206,6 +208,7 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
+@functools.cache
 def _versions(fmt: str) -> dict:
     import importlib.metadata as metadata
 
@@ -222,7 +225,9 @@ def cache_key(model: nn.Module, fmt: str, options: dict) -> str:
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode() + str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+        # (as float32, which is what export computes in: numpy has no bfloat16)
+        digest.update(tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else None)
+                      .contiguous().numpy().tobytes())
     digest.update(json.dumps({"class": type(model).__name__, "format": fmt, "options": options,
                               "versions": _versions(fmt), "code": _source_digest()}, sort_keys=True,
                              default=str).encode())
@@ -242,6 +247,9 @@ def wrap(model: nn.Module, backend: str = "eager", *, file: str | os.PathLike | 
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
     weights = getattr(model, "pretrained_weights", None)
     if file is not None:
+        if int8 or float_depthwise or calibration:  # the file is what it is: these would be ignored
+            raise ValueError(f"--int8, --float-depthwise and --calibration make an export; {file} is already one "
+                             "(export it with those options, or drop the file to export on the fly)")
         return _lend(load_file(file, backend, threads=threads, pretrained_weights=weights), model)
     if int8 and backend in ("eager", "compile"):
         raise ValueError(f"--int8 needs an exported model: use --backend onnxruntime or executorch, not {backend}")
