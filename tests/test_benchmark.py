@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from helpers import run_models
+from helpers import cli, run_models
 
 pytestmark = pytest.mark.slow
 
@@ -57,3 +57,25 @@ def test_every_timed_cpu_call_starts_after_the_thread_pools_settle(monkeypatch):
     timed = [i for i, e in enumerate(events) if e == ("clock",)][::2]  # each timed call reads the clock twice
     assert len(timed) == 3 * 3  # rounds x candidates
     assert all(events[i - 1] == ("sleep", benchmark.SETTLE_S) for i in timed)
+
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("options", [["--modes", "eager", "compiled"], ["--modes", "eager", "--compile"]])
+def test_compiled_is_measured_when_asked_for(monkeypatch, options):
+    """``--modes eager compiled`` measured eager alone, silently, unless --compile was also given."""
+    from models.tools import benchmark
+
+    asked = []
+
+    def record(models, *, modes, **kwargs):
+        asked.append(list(modes))
+        raise _Stop  # before measuring anything
+
+    monkeypatch.setattr(benchmark, "run", record)
+    with pytest.raises(_Stop):
+        cli("benchmark", "--models", "tinynet_e", "--references", "timm", "--quiet", *options)
+    assert asked == [["eager", "compiled"]]
