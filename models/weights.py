@@ -130,7 +130,7 @@ def _deserialize(data: bytes, path: pathlib.Path, format: str | None, device: to
 
 
 def read_state_dict(path: str | os.PathLike, *, format: str | None = None,
-                    map_location: torch.device | str = "cpu") -> Any:
+                    map_location: torch.device | str = "cpu", sha256: str | None = None) -> Any:
     """Tensors of a checkpoint file, placed on ``map_location`` as they are read.
 
     The file is read once into memory and those bytes are deserialized: a cached file this
@@ -139,12 +139,18 @@ def read_state_dict(path: str | os.PathLike, *, format: str | None = None,
     ``torch.load(weights_only=True)``, whose unpickler builds only tensors and plain
     containers (plus training scripts' ``argparse.Namespace`` and numpy scalars), so a file
     crafted to run code is refused before any of it runs. safetensors files hold no code.
+    With ``sha256`` those bytes must have it, checked before they are deserialized.
     """
     path = pathlib.Path(path)
     data, wrong = load_bytes(path)
     if wrong:
         raise CheckpointError(f"{path} changed on disk after it was verified ({'; '.join(wrong)}); it was not "
                               "loaded. Load again to set it aside and fetch a verified copy.")
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256.lower():
+            raise CheckpointError(f"{path} does not match the expected checksum: sha256 expected {sha256.lower()}, "
+                                  f"got {actual}; it was not loaded")
     return _deserialize(data, path, format, torch.device(map_location))
 
 
@@ -300,13 +306,5 @@ def user_state_dict(weights: str | os.PathLike, *, sha256: str | None = None, pr
         path = pathlib.Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} does not exist")
-        data, _ = load_bytes(path)
-        if sha256 is not None:
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != sha256.lower():
-                raise CheckpointError(
-                    f"{path} does not match the expected checksum: sha256 expected {sha256.lower()}, "
-                    f"got {actual}; it was not loaded"
-                )
-        obj = _deserialize(data, path, None, torch.device(map_location))
+        obj = read_state_dict(path, map_location=map_location, sha256=sha256)
     return _as_state_dict(_unwrap(obj), path)

@@ -485,3 +485,27 @@ def test_tinynet_e_learns_from_scratch_and_predict_agrees(tmp_path, monkeypatch)
     records = [json.loads(line) for line in predicted.stdout.splitlines()]
     correct = sum(r["top"][0]["label"] == r["image"].split("/")[-2] for r in records)
     assert len(records) == 48 and 100.0 * correct / 48 == pytest.approx(metrics["best_val_top1"])
+
+
+def test_checkpoint_sha256_is_checked_for_a_finetune_checkpoint_too(tmp_path):
+    """--checkpoint-sha256 was ignored when the file was one finetune wrote (the file was read,
+    unpickled and loaded whatever its checksum)."""
+    import hashlib
+
+    from models.tools._finetuned import FORMAT, preprocessing, save_checkpoint
+    from models.weights import CheckpointError
+
+    path = tmp_path / "best.pth"
+    net = build("tinynet_e", num_classes=2)
+    save_checkpoint(path, {"architecture": {"name": "tinynet_e", "num_classes": 2}, "classes": ["a", "b"],
+                           "preprocessing": preprocessing("tinynet_e"), "epoch": 1, "val_top1": None,
+                           "state_dict": net.state_dict()})
+    assert torch.load(path, weights_only=True)["format"] == FORMAT
+    right = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert read_finetuned(path, right).load().num_classes == 2
+    with pytest.raises(CheckpointError, match="does not match the expected checksum"):
+        read_finetuned(path, "0" * 64)
+    result = cli("predict", str(ROOT / "examples" / "chelsea.jpg"), "--checkpoint", str(path),
+                 "--checkpoint-sha256", "0" * 64)
+    assert result.returncode != 0 and "does not match the expected checksum" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -69,7 +69,7 @@ def build_model(args: argparse.Namespace, **options: Any):
     """``args.model`` with ``args.checkpoint``, else with its published weights from
     ``args.manifest``. A checkpoint written by ``finetune`` brings its own model (``args.model``
     is set from it), class names and preprocessing."""
-    finetuned = read_finetuned(args.checkpoint) if args.checkpoint else None
+    finetuned = read_finetuned(args.checkpoint, args.checkpoint_sha256) if args.checkpoint else None
     if finetuned is not None:
         args.model = finetuned.check_model(args.model)
         return finetuned.load(**options)

@@ -74,6 +74,7 @@ class Finetuned:
     architecture: dict[str, Any]
     epoch: int
     val_top1: float | None
+    sha256: str | None = None  # what the file was checked against when read
 
     def transforms(self):
         return eval_transform(self.preprocessing)
@@ -94,7 +95,8 @@ class Finetuned:
         """The model with these weights, in eval mode; ``kwargs`` go to ``get_model``
         (``device``, ``fuse``, ``channels_last``, ``progress``)."""
         options = {k: v for k, v in self.architecture.items() if k not in ("name", "num_classes")}
-        model = model_from_checkpoint(self.name, self.path, len(self.classes), **options, **kwargs)
+        model = model_from_checkpoint(self.name, self.path, len(self.classes), checkpoint_sha256=self.sha256,
+                                      **options, **kwargs)
         model.pretrained_weights = self
         return model.eval()
 
@@ -108,13 +110,14 @@ class Finetuned:
         return {f: self.classes.index(f) for f in folders}
 
 
-def read_finetuned(path: str | os.PathLike) -> Finetuned | None:
-    """The ``Finetuned`` in ``path`` if ``finetune`` wrote it, else None (a plain state dict)."""
+def read_finetuned(path: str | os.PathLike, sha256: str | None = None) -> Finetuned | None:
+    """The ``Finetuned`` in ``path`` if ``finetune`` wrote it, else None (a plain state dict).
+    With ``sha256`` the file must have it (checked before it is read, and again when loaded)."""
     source = os.fspath(path)
     if is_url(source) or not pathlib.Path(source).expanduser().is_file():
         return None
-    obj = read_state_dict(pathlib.Path(source).expanduser())
+    obj = read_state_dict(pathlib.Path(source).expanduser(), sha256=sha256)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         return None
     return Finetuned(source, obj["architecture"]["name"], list(obj["classes"]), dict(obj["preprocessing"]),
-                     dict(obj["architecture"]), int(obj["epoch"]), obj.get("val_top1"))
+                     dict(obj["architecture"]), int(obj["epoch"]), obj.get("val_top1"), sha256)

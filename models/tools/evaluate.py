@@ -123,7 +123,7 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
     if world > 1 and device in (None, "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     data = pathlib.Path(data)
-    finetuned = read_finetuned(checkpoint) if checkpoint else None
+    finetuned = read_finetuned(checkpoint, checkpoint_sha256) if checkpoint else None
     # Every rank asks; the cache lock makes one download that all of them then verify and share.
     options = dict(device=device, progress=progress and rank == 0, fuse=fused, channels_last=channels_last)
     if finetuned is not None:
