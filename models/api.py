@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from . import ghostnet, tinynet
+from . import _checkpoints, ghostnet, tinynet
 from ._base import ImageClassifier, Variant
 from ._devices import resolve_device
 from .manifest import DEFAULT_MANIFEST, Manifest, ModelEntry, load_manifest
 from .pretrained import WeightsEnum, get_model_weights, get_weight, resolve_weights
-from .weights import Weights, get_weights, user_state_dict
+from .weights import Checkpoint, CheckpointError, Weights, get_weights, read_checkpoint
 
 # Where this repository lives on GitHub, for the examples in the help text.
 GITHUB_REPO = "OWNER/REPO"
@@ -43,12 +43,16 @@ _ARGUMENT_DOCS = {
     "progress": ("bool", "True", "show the download progress bar on stderr."),
     "device": ("", "None", "'cpu' (default), 'cuda', 'cuda:1', 'mps' or a torch.device; weights load "
                "straight onto it."),
-    "num_classes": ("int", "1000", "classifier outputs. With published weights and another value the backbone is "
-                    "pretrained and the head is new: a warning says so and the model comes back in train mode, "
-                    "ready to fine-tune. 0 returns the pooled 1280-d features."),
+    "num_classes": ("int", "None", "classifier outputs: 1000, or the classes a checkpoint= records (a "
+                    "finetune checkpoint names them; a plain state dict's head has them). With published weights and "
+                    "another value the backbone is pretrained and the head is new: a warning says so and the model "
+                    "comes back in train mode, ready to fine-tune. 0 returns the pooled 1280-d features."),
     "checkpoint": ("str | path", "None", "your own checkpoint (e.g. fine-tuned), a local path or http(s) URL, "
                    "loaded strictly and without running code from it; training checkpoints ({'state_dict': ...}, "
-                   "DDP 'module.') are unwrapped. The model comes back in eval mode."),
+                   "DDP 'module.') are unwrapped, and float16/bfloat16/float64 tensors are cast to float32 (with a "
+                   "warning). A checkpoint written by finetune brings its class names and preprocessing "
+                   "(model.pretrained_weights.meta['categories'], .transforms()); a model name or num_classes that "
+                   "contradicts it is an error. The model comes back in eval mode."),
     "checkpoint_sha256": ("str", "None", "the SHA-256 that the checkpoint= file must have."),
     "in_chans": ("int", "3", "input channels; pretrained stem filters are adapted."),
     "drop_rate": ("float", "0.2", "dropout before the classifier during training."),
@@ -165,7 +169,7 @@ def get_model(
     weights: WeightsEnum | Weights | str | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_sha256: str | None = None,
     fuse: bool = False,
@@ -189,7 +193,7 @@ def get_model(
     if checkpoint is not None:
         if published is not None:
             raise ValueError("pass published weights (weights=, pretrained=True) or your checkpoint=, not both")
-        if not isinstance(checkpoint, (str, os.PathLike)):
+        if not isinstance(checkpoint, (str, os.PathLike, Checkpoint)):
             raise TypeError(f"checkpoint must be a path or URL, got {type(checkpoint).__name__} {checkpoint!r}")
     elif checkpoint_sha256 is not None:
         raise ValueError("checkpoint_sha256 checks the file given with checkpoint=; none was given")
@@ -202,6 +206,24 @@ def get_model(
         model.to(memory_format=torch.channels_last)
         model.channels_last = True
     return model
+
+
+def from_checkpoint(checkpoint: str | os.PathLike, *, model: str | None = None, checkpoint_sha256: str | None = None,
+                    num_classes: int | None = None, progress: bool = True, device: str | torch.device | None = None,
+                    **options: Any) -> ImageClassifier:
+    """The model of your checkpoint (a local path or http(s) URL), read once. A checkpoint
+    written by ``finetune`` names its model, class names and preprocessing, so ``model`` is
+    not needed (and must agree if given); a plain state dict needs ``model``. ``options`` are
+    ``get_model``'s (``fuse``, ``channels_last``, ``drop_rate``, ...)."""
+    target = resolve_device(device)
+    loaded = read_checkpoint(checkpoint, sha256=checkpoint_sha256, progress=progress, map_location=target)
+    if loaded.description is not None:
+        loaded.description.check(str(loaded.path), model=model, num_classes=num_classes)
+        model = loaded.description.architecture
+    elif model is None:
+        raise ValueError(f"{loaded.path} is a plain state dict that does not name its model: say which it is "
+                         f"(one of {', '.join(_VARIANTS)})")
+    return get_model(model, checkpoint=loaded, num_classes=num_classes, progress=progress, device=target, **options)
 
 
 # Files whose frames a warning about the user's call skips: this package, hubconf.py and torch.hub.
@@ -228,41 +250,48 @@ def _recipe(name: str, published: Weights | None) -> ModelEntry | None:
     return _default_manifest().models.get(name)
 
 
-def _build(name: str, variant: Variant, *, target: torch.device, num_classes: int, published: Weights | None,
-           checkpoint: str | os.PathLike | None, checkpoint_sha256: str | None, progress: bool,
-           options: dict) -> ImageClassifier:
+def _build(name: str, variant: Variant, *, target: torch.device, num_classes: int | None,
+           published: Weights | None, checkpoint: str | os.PathLike | None, checkpoint_sha256: str | None,
+           progress: bool, options: dict) -> ImageClassifier:
     if published is None and checkpoint is None:
         with torch.device(target):  # random init happens on the device itself
-            model = variant.build(num_classes=num_classes, **options)
+            model = variant.build(num_classes=1000 if num_classes is None else num_classes, **options)
         return _describe(model, name, published)
 
+    loaded: Checkpoint | None = None
+    if published is not None:
+        load_classes, source = 1000, f"the published {name} weights"
+        state = published.get_state_dict(progress=progress, map_location=target)
+    else:
+        loaded = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(
+            checkpoint, sha256=checkpoint_sha256, progress=progress, map_location=target)
+        source = str(loaded.path)
+        load_classes, options = _checkpoints.build_arguments(name, variant, loaded, num_classes, options)
+        state = loaded.state
     # Built on the meta device: no memory, no random init to be overwritten.
-    load_classes = 1000 if published is not None else num_classes
     with torch.device("meta"):
         model = variant.build(num_classes=load_classes, **options)
-    if published is not None:
-        state = published.get_state_dict(progress=progress, map_location=target)
-        stem = state.get("conv_stem.weight")
-        if stem is not None and stem.shape[1] != model.in_chans:
-            state["conv_stem.weight"] = _adapt_stem(stem, model.in_chans)
-    else:
-        state = user_state_dict(checkpoint, sha256=checkpoint_sha256, progress=progress, map_location=target)
+    stem = state.get("conv_stem.weight")
+    if published is not None and stem is not None and stem.shape[1] != model.in_chans:
+        state["conv_stem.weight"] = _adapt_stem(stem, model.in_chans)
     if model.features_only:
         # A backbone uses a subset of the checkpoint; the rest (head) is not needed.
         wanted = model.state_dict().keys()
         state = {key: value for key, value in state.items() if key in wanted}
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        source = f"the published {name} weights" if published is not None else os.fspath(checkpoint)
-        raise RuntimeError(f"{source} do not fit {name} built with {options or 'default options'} "
-                           f"and num_classes={load_classes}:\n{exc}") from None
-    new_head = published is not None and not model.features_only and num_classes not in (load_classes, 0)
-    if published is not None and not model.features_only and num_classes != load_classes:
-        model.reset_classifier(num_classes)  # on the device, freshly initialised
+    problem = _checkpoints.mismatch(model, state)
+    if problem:
+        fits = _checkpoints.fits_instead(name, state, _VARIANTS)
+        raise CheckpointError(f"{source} does not fit {name} built with {options or 'default options'} and "
+                              f"num_classes={load_classes}: {problem}{fits}")
+    state = _checkpoints.as_float32(state, source, _user_stacklevel() + 1)
+    model.load_state_dict(state, strict=True, assign=True)
+    requested = load_classes if num_classes is None else num_classes
+    new_head = published is not None and not model.features_only and requested not in (load_classes, 0)
+    if published is not None and not model.features_only and requested != load_classes:
+        model.reset_classifier(requested)  # on the device, freshly initialised
     if new_head:
         warnings.warn(
-            f"{name}: pretrained backbone loaded; the classifier for num_classes={num_classes} is new and untrained "
+            f"{name}: pretrained backbone loaded; the classifier for num_classes={requested} is new and untrained "
             "(the published head has 1000 ImageNet classes). The model is in train mode, ready to fine-tune.",
             UserWarning,
             stacklevel=_user_stacklevel(),
@@ -271,7 +300,10 @@ def _build(name: str, variant: Variant, *, target: torch.device, num_classes: in
     if leftover:  # would be a bug: every tensor must have come from the file or a fresh init
         raise RuntimeError(f"{name}: tensors not loaded: {leftover[:5]}")
     # Loaded weights are for inference; a new head is for training (BatchNorm must not stay frozen).
-    return _describe(model.train(new_head), name, published)
+    model = _describe(model.train(new_head), name, published)
+    if loaded is not None and not model.features_only:
+        _checkpoints.carry(model, loaded)
+    return model
 
 
 def _describe(model: ImageClassifier, name: str, published: Weights | None) -> ImageClassifier:
@@ -337,7 +369,7 @@ def _entry_point(name: str) -> Callable[..., ImageClassifier]:
         pretrained: bool = False,
         progress: bool = True,
         device: str | torch.device | None = None,
-        num_classes: int = 1000,
+        num_classes: int | None = None,
         weights: WeightsEnum | Weights | str | None = None,
         **options: Any,
     ) -> ImageClassifier:
@@ -360,5 +392,5 @@ tinynet_c = _entry_point("tinynet_c")
 tinynet_d = _entry_point("tinynet_d")
 tinynet_e = _entry_point("tinynet_e")
 
-__all__ = ["GITHUB_REPO", "Weights", "WeightsEnum", "get_model", "get_model_weights", "get_variant", "get_weight",
-           "get_weights", "list_models", "resolve_device", *_VARIANTS]
+__all__ = ["GITHUB_REPO", "Weights", "WeightsEnum", "from_checkpoint", "get_model", "get_model_weights", "get_variant",
+           "get_weight", "get_weights", "list_models", "resolve_device", *_VARIANTS]

@@ -22,14 +22,17 @@ from torch import nn
 
 from . import download
 from .cache import load_bytes
+from .description import ModelDescription, description_in_checkpoint
 from .manifest import Manifest, ModelEntry, load_manifest
 
 __all__ = [
+    "Checkpoint",
     "CheckpointError",
     "UnsafeCheckpointError",
     "Weights",
     "get_weights",
     "pretrained_state_dict",
+    "read_checkpoint",
     "read_state_dict",
     "user_state_dict",
 ]
@@ -142,16 +145,21 @@ def read_state_dict(path: str | os.PathLike, *, format: str | None = None,
     With ``sha256`` those bytes must have it, checked before they are deserialized.
     """
     path = pathlib.Path(path)
+    data, _ = _checked_bytes(path, sha256)
+    return _deserialize(data, path, format, torch.device(map_location))
+
+
+def _checked_bytes(path: pathlib.Path, sha256: str | None) -> tuple[bytes, str]:
+    """The file's bytes, read once (see ``read_state_dict``), and their SHA-256."""
     data, wrong = load_bytes(path)
     if wrong:
         raise CheckpointError(f"{path} changed on disk after it was verified ({'; '.join(wrong)}); it was not "
                               "loaded. Load again to set it aside and fetch a verified copy.")
-    if sha256 is not None:
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != sha256.lower():
-            raise CheckpointError(f"{path} does not match the expected checksum: sha256 expected {sha256.lower()}, "
-                                  f"got {actual}; it was not loaded")
-    return _deserialize(data, path, format, torch.device(map_location))
+    actual = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and actual != sha256.lower():
+        raise CheckpointError(f"{path} does not match the expected checksum: sha256 expected {sha256.lower()}, "
+                              f"got {actual}; it was not loaded")
+    return data, actual
 
 
 def _as_state_dict(obj: Any, path: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -290,21 +298,42 @@ def pretrained_state_dict(name: str, *, progress: bool = True, map_location: tor
     return get_weights(name, manifest).get_state_dict(progress=progress, map_location=map_location, **fetch_options)
 
 
-def user_state_dict(weights: str | os.PathLike, *, sha256: str | None = None, progress: bool = True,
-                    map_location: torch.device | str = "cpu", **fetch_options: Any) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class Checkpoint:
+    """A user's checkpoint, read once: its state dict (unwrapped), the model description it
+    carries if this package wrote it (else None), and the SHA-256 of the bytes read."""
+
+    path: pathlib.Path
+    state: dict[str, torch.Tensor]
+    description: ModelDescription | None
+    sha256: str
+
+
+def read_checkpoint(source: str | os.PathLike, *, sha256: str | None = None, progress: bool = True,
+                    map_location: torch.device | str = "cpu", **fetch_options: Any) -> Checkpoint:
     """A user's checkpoint (local path or http(s) URL), e.g. a fine-tuned model.
 
     With ``sha256`` the file must match it: the bytes hashed are the bytes loaded. A
     training checkpoint is unwrapped: the state dict nested under ``state_dict``/
-    ``model_state_dict``/``model``, and DDP's ``module.`` prefix removed.
+    ``model_state_dict``/``model``, and DDP's ``module.`` prefix removed. A checkpoint written
+    by ``finetune`` (or any file with a ``description``) brings its model description.
     """
-    source = os.fspath(weights)
+    source = os.fspath(source)
     if download.is_url(source):
         path = download.fetch_url(source, sha256=sha256, progress=progress, **fetch_options)
-        obj = read_state_dict(path, map_location=map_location)
+        sha256 = None  # fetch_url checked it
     else:
         path = pathlib.Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} does not exist")
-        obj = read_state_dict(path, map_location=map_location, sha256=sha256)
-    return _as_state_dict(_unwrap(obj), path)
+    data, actual = _checked_bytes(path, sha256)
+    obj = _deserialize(data, path, None, torch.device(map_location))
+    description = description_in_checkpoint(obj, str(path))
+    return Checkpoint(path, _as_state_dict(_unwrap(obj), path), description, actual)
+
+
+def user_state_dict(weights: str | os.PathLike, *, sha256: str | None = None, progress: bool = True,
+                    map_location: torch.device | str = "cpu", **fetch_options: Any) -> dict[str, torch.Tensor]:
+    """The state dict of a user's checkpoint: ``read_checkpoint(...).state``."""
+    return read_checkpoint(weights, sha256=sha256, progress=progress, map_location=map_location,
+                           **fetch_options).state

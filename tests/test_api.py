@@ -188,9 +188,12 @@ def test_user_checkpoint(tmp_path, published, name):
     for checkpoint in (str(path), path):
         model = getattr(models, name)(checkpoint=checkpoint, num_classes=10, checkpoint_sha256=sha256)
         assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
-        assert not model.training and model.pretrained_weights is None
-    with pytest.raises(RuntimeError, match=rf"do not fit {name} .* num_classes=1000"):
-        models.get_model(name, checkpoint=path)
+        assert not model.training and model.pretrained_weights.weights_sha256 == sha256
+        assert model.pretrained_weights.meta["categories"] == [f"class {i}" for i in range(10)]
+    # A plain state dict names no classes: its classifier's rows are the count, unless one is given.
+    assert models.get_model(name, checkpoint=path).num_classes == 10
+    with pytest.raises(weights_module.CheckpointError, match=rf"does not fit {name} .* num_classes=1000"):
+        models.get_model(name, checkpoint=path, num_classes=1000)
     with pytest.raises(weights_module.CheckpointError, match="sha256 expected"):
         models.get_model(name, checkpoint=path, num_classes=10, checkpoint_sha256="0" * 64)
 

@@ -46,7 +46,8 @@ def test_evaluate_a_checkpoint_of_any_model_with_three_classes(imagefolder, tmp_
     assert result.returncode == 1, result.stderr  # (the broken image)
     assert "no released weights" not in result.stderr
     report = json.loads(out.read_text())
-    assert (report["images"], report["correct1"], report["correct5"], report["top_k"]) == (6, 2, 6, 3)
+    assert (report["images"], report["correct1"], report["correct3"], report["top_k"]) == (6, 2, 6, 3)
+    assert "correct5" not in report and "top5" not in report  # with 3 classes the key says top-3
     assert report["published_top1"] is None
     assert "  top-3 100.000 %" in result.stdout and "top-5" not in result.stdout  # the k actually used
 

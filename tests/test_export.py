@@ -80,16 +80,26 @@ def test_options_are_checked_before_any_work(tmp_path):
 
 
 def test_an_export_that_computes_something_else_is_not_written(tmp_path, monkeypatch):
+    from models.description import describe
+
+    model = _trained_like("tinynet_e")
+
     class Off:
+        description = describe(model)
+
         def __call__(self, images):
             return torch.zeros(len(images), 1000)
 
-    monkeypatch.setattr(export, "_to_pt2", lambda net, path, size: path.write_bytes(b"program"))
+    monkeypatch.setattr(export, "_to_pt2", lambda net, path, *args: path.write_bytes(b"program"))
     monkeypatch.setattr(backends, "load_file", lambda *args, **kwargs: Off())
     out = tmp_path / "m.pt2"
     with pytest.raises(export.ExportCheckError, match=r"differs from the eager model by 1\.0e\+00 of the largest"):
-        export.export(_trained_like("tinynet_e"), "pt2", out)
+        export.export(model, "pt2", out)
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary folder
+    Off.description = None  # a file that lost the model's description is not written either
+    with pytest.raises(export.ExportCheckError, match="does not carry the model's description"):
+        export.export(model, "pt2", out)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_calibration_set_is_named_by_its_files(tmp_path):

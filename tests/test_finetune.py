@@ -19,7 +19,6 @@ from stripes import CLASSES, write_dataset
 
 from models import api
 from models.tools._finetune_data import DataError, TrainImages, find_splits, train_transform
-from models.tools._finetuned import read_finetuned
 from models.tools.finetune import finetune
 
 from helpers import ROOT, cli, run_models
@@ -177,11 +176,13 @@ def test_the_builders_load_best_pth(tiny_run):
     state = torch.load(best, weights_only=True)["state_dict"]
     model = load_with_weights(best, 4)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    hub = torch.hub.load(str(ROOT), "tinynet_e", source="local", checkpoint=str(best), num_classes=4)
+    # The file names its classes: no num_classes needed (it failed with a size mismatch before).
+    hub = torch.hub.load(str(ROOT), "tinynet_e", source="local", checkpoint=str(best))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(hub.eval()(x), model.eval()(x), rtol=0, atol=0)
-    assert read_finetuned(best).load().pretrained_weights.meta["categories"] == list(CLASSES)
+    assert hub.pretrained_weights.meta["categories"] == list(CLASSES)
+    assert api.from_checkpoint(best).pretrained_weights.meta["categories"] == list(CLASSES)
 
 
 def test_predict_prints_the_users_class_names(tiny_run, small_data):
@@ -194,7 +195,7 @@ def test_predict_prints_the_users_class_names(tiny_run, small_data):
     torch.save(build("tinynet_e").state_dict(), plain)
     refused = cli("predict", CHECKPOINT_FLAG, str(plain), str(image))
     # A plain state dict names no model: --checkpoint then needs --model (and has no class names).
-    assert refused.returncode == 2 and "--model is needed (only a checkpoint written by finetune" in refused.stderr
+    assert refused.returncode == 2 and "plain state dict that does not name its model" in refused.stderr
 
 
 def test_evaluate_reproduces_best_val_top1(tiny_run, small_data, tmp_path):
@@ -492,19 +493,21 @@ def test_checkpoint_sha256_is_checked_for_a_finetune_checkpoint_too(tmp_path):
     unpickled and loaded whatever its checksum)."""
     import hashlib
 
-    from models.tools._finetuned import FORMAT, preprocessing, save_checkpoint
+    from models.description import preprocessing_for
+    from models.tools._finetuned import FORMAT, save_checkpoint
     from models.weights import CheckpointError
 
     path = tmp_path / "best.pth"
     net = build("tinynet_e", num_classes=2)
     save_checkpoint(path, {"architecture": {"name": "tinynet_e", "num_classes": 2}, "classes": ["a", "b"],
-                           "preprocessing": preprocessing("tinynet_e"), "epoch": 1, "val_top1": None,
+                           "preprocessing": preprocessing_for("tinynet_e"), "epoch": 1, "val_top1": None,
                            "state_dict": net.state_dict()})
     assert torch.load(path, weights_only=True)["format"] == FORMAT
     right = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert read_finetuned(path, right).load().num_classes == 2
+    # (a checkpoint of an earlier version, without a description: its facts are read all the same)
+    assert api.from_checkpoint(path, checkpoint_sha256=right).pretrained_weights.classes == ("a", "b")
     with pytest.raises(CheckpointError, match="does not match the expected checksum"):
-        read_finetuned(path, "0" * 64)
+        api.from_checkpoint(path, checkpoint_sha256="0" * 64)
     result = cli("predict", str(ROOT / "examples" / "chelsea.jpg"), "--checkpoint", str(path),
                  "--checkpoint-sha256", "0" * 64)
     assert result.returncode != 0 and "does not match the expected checksum" in result.stderr

@@ -27,18 +27,23 @@ class Splits:
     description: str
 
 
-def _images(folder: pathlib.Path) -> list[pathlib.Path]:
+def image_files(folder: pathlib.Path) -> list[pathlib.Path]:
     # As torchvision's ImageFolder: image files anywhere under the class folder; hidden ones
     # (.ipynb_checkpoints, .DS_Store) are not images of the class.
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+def class_folders(root: pathlib.Path) -> list[str]:
+    """The class folders of an ImageFolder root, sorted; hidden ones (.ipynb_checkpoints) are none."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _class_folders(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
     if not root.is_dir():
         raise DataError(f"{root} does not exist or is not a directory")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    found = {f.name: _images(f) for f in folders}
+    found = {f.name: image_files(f) for f in folders}
     if not any(found.values()):
         loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         hint = (f" ({len(loose)} images lie directly in it: put them into one folder per class)" if loose else "")
@@ -86,7 +91,7 @@ def find_splits(data: str | pathlib.Path, val_split: float | None = None, seed: 
                         "layout); or pass --val-split 0.1 to hold out part of a single folder of class folders")
     train_found = _class_folders(data / "train")
     val_root = data / "val"
-    val_found = {p.name: _images(p) for p in sorted(val_root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    val_found = {name: image_files(val_root / name) for name in class_folders(val_root)}
     missing = [name for name in train_found if not val_found.get(name)]
     if missing:
         raise DataError(f"class(es) missing from {val_root}: {', '.join(missing[:10])}; every class in train/ "

@@ -1,59 +1,17 @@
-"""What ``finetune`` writes and what ``predict`` and ``evaluate`` read back: a checkpoint that is
-a state dict plus the class names, the preprocessing, the architecture and the arguments, in
-plain types only, so ``torch.load(weights_only=True)`` reads it and the library's
-``get_model(name, checkpoint=FILE, num_classes=n)`` loads it (it unwraps ``state_dict``).
-
-A model loaded from it carries a ``Finetuned`` as ``model.pretrained_weights``: the same
-``transforms()`` and ``meta["categories"]`` that the published weights offer, so whatever
-works with a pretrained model works with a fine-tuned one."""
+"""What ``finetune`` writes: a checkpoint that is a state dict plus the model's description
+(``models.description``: architecture, class names, preprocessing), its training arguments and,
+in ``last.pth``, the state to resume from; in plain types only, so ``torch.load(weights_only=True)``
+reads it and the library's ``get_model(name, checkpoint=FILE)`` / ``from_checkpoint(FILE)`` load it
+with its class names (``model.pretrained_weights.meta["categories"]``) and preprocessing."""
 from __future__ import annotations
 
 import os
 import pathlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .. import api
-from ..download import is_url
-from ..manifest import DEFAULT_MANIFEST, load_manifest
-from ..weights import read_state_dict
-
 FORMAT = "models.finetune/1"
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def model_from_checkpoint(name: str, path: str | os.PathLike, num_classes: int, **kwargs: Any):
-    """The one place that builds a model from a user's checkpoint file."""
-    return api.get_model(name, checkpoint=path, num_classes=num_classes, **kwargs)
-
-
-def preprocessing(name: str, input_size: int | None = None) -> dict[str, Any]:
-    """The model's own evaluation preprocessing (resize, center crop, normalise), from the
-    repository's manifest, scaled to ``input_size`` if given; for a model without released
-    weights, the usual crop ratio 0.875, bilinear, ImageNet statistics."""
-    manifest = load_manifest(DEFAULT_MANIFEST)
-    if name in manifest.models:
-        e = manifest[name]
-        crop, resize, interpolation, mean, std = e.input_size, e.resize_size, e.interpolation, e.mean, e.std
-    else:
-        with torch.device("meta"):  # no memory, no init: only the attribute is wanted
-            crop = api.get_variant(name).build().default_input_size[0]
-        resize, interpolation, mean, std = round(crop / 0.875), "bilinear", _IMAGENET_MEAN, _IMAGENET_STD
-    if input_size is not None and input_size != crop:
-        resize, crop = round(input_size * resize / crop), input_size
-    return {"input_size": int(crop), "resize_size": int(resize), "interpolation": interpolation,
-            "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
-
-
-def eval_transform(pre: dict[str, Any]):
-    """torchvision's ``ImageClassification`` preset for a ``preprocessing`` dict."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms._presets import ImageClassification
-
-    return ImageClassification(crop_size=pre["input_size"], resize_size=pre["resize_size"], mean=pre["mean"],
-                               std=pre["std"], interpolation=InterpolationMode(pre["interpolation"]))
 
 
 def save_checkpoint(path: pathlib.Path, payload: dict[str, Any]) -> None:
@@ -61,63 +19,3 @@ def save_checkpoint(path: pathlib.Path, payload: dict[str, Any]) -> None:
     partial = path.with_name(path.name + ".partial")
     torch.save({"format": FORMAT, **payload}, partial)
     os.replace(partial, path)
-
-
-@dataclass(frozen=True)
-class Finetuned:
-    """A checkpoint written by ``finetune``, shaped like ``Weights`` for the tools."""
-
-    path: str
-    name: str
-    classes: list[str]
-    preprocessing: dict[str, Any]
-    architecture: dict[str, Any]
-    epoch: int
-    val_top1: float | None
-    sha256: str | None = None  # what the file was checked against when read
-
-    def transforms(self):
-        return eval_transform(self.preprocessing)
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        size = self.preprocessing["input_size"]
-        return {"categories": list(self.classes), "input_size": (size, size), "epoch": self.epoch,
-                "metrics": {"val": {"acc@1": self.val_top1}}, "checkpoint": self.path}
-
-    def check_model(self, model: str | None) -> str:
-        if model is not None and model != self.name:
-            raise ValueError(f"{self.path} holds a fine-tuned {self.name}, not a {model}: drop --model or make it "
-                             f"{self.name}")
-        return self.name
-
-    def load(self, **kwargs: Any):
-        """The model with these weights, in eval mode; ``kwargs`` go to ``get_model``
-        (``device``, ``fuse``, ``channels_last``, ``progress``)."""
-        options = {k: v for k, v in self.architecture.items() if k not in ("name", "num_classes")}
-        model = model_from_checkpoint(self.name, self.path, len(self.classes), checkpoint_sha256=self.sha256,
-                                      **options, **kwargs)
-        model.pretrained_weights = self
-        return model.eval()
-
-    def class_indices(self, data: pathlib.Path) -> dict[str, int]:
-        """Class folder -> output index, by the class names the model was trained on."""
-        folders = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
-        unknown = [f for f in folders if f not in self.classes]
-        if unknown or not folders:
-            raise ValueError(f"class folder(s) of {data} unknown to {self.path}: {', '.join(unknown[:10]) or 'none'}; "
-                             f"it was trained on: {', '.join(self.classes[:10])}")
-        return {f: self.classes.index(f) for f in folders}
-
-
-def read_finetuned(path: str | os.PathLike, sha256: str | None = None) -> Finetuned | None:
-    """The ``Finetuned`` in ``path`` if ``finetune`` wrote it, else None (a plain state dict).
-    With ``sha256`` the file must have it (checked before it is read, and again when loaded)."""
-    source = os.fspath(path)
-    if is_url(source) or not pathlib.Path(source).expanduser().is_file():
-        return None
-    obj = read_state_dict(pathlib.Path(source).expanduser(), sha256=sha256)
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        return None
-    return Finetuned(source, obj["architecture"]["name"], list(obj["classes"]), dict(obj["preprocessing"]),
-                     dict(obj["architecture"]), int(obj["epoch"]), obj.get("val_top1"), sha256)

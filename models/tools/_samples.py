@@ -10,23 +10,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
+from ..pretrained import transforms_for
 from .predict import SAMPLE_IMAGE, ImageFiles, expand_sources
 
 SAMPLE_ID = "sample-v1"  # the default calibration set; change it when the set below changes
 
 
 def default_transforms(model: torch.nn.Module):
-    """The published preprocessing of ``model`` if it carries weights, else the same recipe
-    (resize to size / 0.875, center-crop the model's default size, ImageNet mean/std)."""
-    weights = getattr(model, "pretrained_weights", None)
-    if weights is not None:
-        return weights.transforms()
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms._presets import ImageClassification
-
-    size = model.default_input_size[0]
-    return ImageClassification(crop_size=size, resize_size=int(size / 0.875),
-                               interpolation=InterpolationMode.BICUBIC)
+    """The preprocessing ``model`` carries (its published weights', its checkpoint's), else its
+    family's recipe: ``pretrained.transforms_for``, the one rule the other tools use too."""
+    return transforms_for(model)
 
 
 def generated_images(count: int, seed: int = 0) -> list[Image.Image]:

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BACKENDS", "DEPLOY_INSTALL", "MissingRuntime", "Runner", "add_arguments", "device_of", "from_args",
+from ..description import DESCRIPTION_KEY, ModelDescription, describe
+
+__all__ = ["BACKENDS", "DEPLOY_INSTALL", "MissingRuntime", "Runner", "add_arguments", "device_of", "lend",
            "load_file", "options_from_args", "require", "wrap"]
 
 BACKENDS = ("eager", "compile", "onnxruntime", "executorch")
@@ -102,9 +104,13 @@ class Runner:
     training = False
 
     def __init__(self, backend: str, path: pathlib.Path, run: Callable[[torch.Tensor], torch.Tensor],
-                 max_batch: int | None = None, pretrained_weights: Any = None):
+                 max_batch: int | None = None, description: ModelDescription | None = None):
         self.backend, self.path, self._run, self.max_batch = backend, pathlib.Path(path), run, max_batch
-        self.pretrained_weights = pretrained_weights
+        # What the file says it is (None for a file exported elsewhere); like a published
+        # model's weights, it gives the preprocessing and class names.
+        self.description = description
+        self.pretrained_weights: Any = description
+        self.num_classes = description.num_classes if description is not None else None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.detach().to("cpu", torch.float32).contiguous()
@@ -137,11 +143,12 @@ def _onnxruntime(path: pathlib.Path, threads: int | None) -> Runner:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
+    text = session.get_modelmeta().custom_metadata_map.get(DESCRIPTION_KEY)
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: images.numpy()})[0])
 
-    return Runner("onnxruntime", path, run)
+    return Runner("onnxruntime", path, run, description=_described(text, path))
 
 
 def _executorch(path: pathlib.Path, threads: int | None) -> Runner:
@@ -153,26 +160,35 @@ def _executorch(path: pathlib.Path, threads: int | None) -> Runner:
         _unsafe_reset_threadpool(threads or torch.get_num_threads())
         program = Runtime.get().load_program(pathlib.Path(path))
         method = program.load_method("forward")
+        text = None
+        if DESCRIPTION_KEY in program.method_names:  # a constant method: the JSON as uint8
+            text = program.load_method(DESCRIPTION_KEY).execute(())[0].numpy().tobytes()
     max_batch = method.metadata.input_tensor_meta(0).sizes()[0]
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return method.execute((images,))[0]
 
     run.program = program  # keeps the program (and its buffers) alive as long as the method
-    return Runner("executorch", path, run, max_batch=max_batch)
+    return Runner("executorch", path, run, max_batch=max_batch, description=_described(text, path))
 
 
 def _pt2(path: pathlib.Path, backend: str) -> Runner:
-    module = torch.export.load(str(path)).module()  # (it refuses .eval(): a Runner holds it)
+    extra = {DESCRIPTION_KEY: ""}
+    module = torch.export.load(str(path), extra_files=extra).module()  # (it refuses .eval(): a Runner holds it)
     if backend == "compile":
         module = torch.compile(module)
-    return Runner(backend, path, module)
+    return Runner(backend, path, module, description=_described(extra[DESCRIPTION_KEY] or None, path))
 
 
-def load_file(path: str | os.PathLike, backend: str | None = None, *, threads: int | None = None,
-              pretrained_weights: Any = None) -> Runner:
+def _described(text: str | bytes | None, path: pathlib.Path) -> ModelDescription | None:
+    return None if text is None else ModelDescription.from_json(text, str(path))
+
+
+def load_file(path: str | os.PathLike, backend: str | None = None, *, threads: int | None = None) -> Runner:
     """A file written by ``export`` (``.onnx``, ``.pte`` or ``.pt2``) in ``backend``, which is
-    inferred from the suffix when not given. A ``.pt2`` runs eagerly or compiled."""
+    inferred from the suffix when not given. A ``.pt2`` runs eagerly or compiled. The runner
+    carries the file's model description (``runner.description``: model, class names,
+    preprocessing, precision), or None for a file exported elsewhere."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ValueError(f"exported model {path} does not exist")
@@ -187,7 +203,6 @@ def load_file(path: str | os.PathLike, backend: str | None = None, *, threads: i
         runner = _executorch(path, threads)
     else:
         runner = _pt2(path, backend)
-    runner.pretrained_weights = pretrained_weights
     return runner
 
 
@@ -247,10 +262,8 @@ def wrap(model: nn.Module, backend: str = "eager", *, file: str | os.PathLike | 
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
     weights = getattr(model, "pretrained_weights", None)
     if file is not None:
-        if int8 or float_depthwise or calibration:  # the file is what it is: these would be ignored
-            raise ValueError(f"--int8, --float-depthwise and --calibration make an export; {file} is already one "
-                             "(export it with those options, or drop the file to export on the fly)")
-        return _lend(load_file(file, backend, threads=threads, pretrained_weights=weights), model)
+        refuse_export_options(file, int8=int8, float_depthwise=float_depthwise, calibration=calibration)
+        return lend(load_file(file, backend, threads=threads), model)
     if int8 and backend in ("eager", "compile"):
         raise ValueError(f"--int8 needs an exported model: use --backend onnxruntime or executorch, not {backend}")
     if backend == "eager":
@@ -266,28 +279,39 @@ def wrap(model: nn.Module, backend: str = "eager", *, file: str | os.PathLike | 
     fmt = "onnx" if backend == "onnxruntime" else "executorch"
     require("onnxruntime" if fmt == "onnx" else "executorch", f"for the {backend} backend")
     options = {"int8": int8, "float_depthwise": float_depthwise,
-               "calibration": exporter.calibration_id(calibration) if int8 else None}
+               "calibration": exporter.calibration_id(calibration) if int8 else None,
+               "description": describe(model).to_dict()}  # the class names and preprocessing the file carries
     key = cache_key(model, fmt, options)
-    label = name or type(model).__name__.lower()
+    label = name or getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__.lower()
     path = export_cache_dir() / f"{label}-{'int8-' if int8 else ''}{key[:20]}{exporter.FORMATS[fmt]}"
     from ..cache import file_lock
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path):
         if not path.is_file():
-            (progress or _say)(f"exporting {label} to {fmt}{' int8' if int8 else ''} (once; cached in {path.parent})")
+            (progress or say)(f"exporting {label} to {fmt}{' int8' if int8 else ''} (once; cached in {path.parent})")
             exporter.export(model, fmt, path, int8=int8, float_depthwise=float_depthwise, calibration=calibration)
-    return _lend(load_file(path, backend, threads=threads, pretrained_weights=weights), model)
+    return lend(load_file(path, backend, threads=threads), model)
 
 
-def _lend(runner: Runner, model: nn.Module) -> Runner:
-    # What the tools read beside the logits (class names, preprocessing): the eager model's.
-    runner.num_classes = getattr(model, "num_classes", None)
-    runner.pretrained_cfg = getattr(model, "pretrained_cfg", None)
+def refuse_export_options(file: str | os.PathLike, *, int8: bool = False, float_depthwise: bool = False,
+                          calibration: str | os.PathLike | None = None) -> None:
+    if int8 or float_depthwise or calibration:  # the file is what it is: these would be ignored
+        raise ValueError(f"--int8, --float-depthwise and --calibration make an export; {file} is already one "
+                         "(export it with those options, or drop the file to export on the fly)")
+
+
+def lend(runner: Runner, model: nn.Module) -> Runner:
+    """A runner for a file that has no description takes the eager model's (class names,
+    preprocessing), which the caller says is the model of the file."""
+    if runner.description is None:
+        runner.pretrained_weights = getattr(model, "pretrained_weights", None)
+        runner.num_classes = getattr(model, "num_classes", None)
+        runner.pretrained_cfg = getattr(model, "pretrained_cfg", None)
     return runner
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -317,10 +341,3 @@ def options_from_args(args) -> dict:
         raise SystemExit("error: --float-depthwise and --calibration apply to --int8")
     return {"backend": backend, "model_file": args.model_file, "int8": args.int8,
             "float_depthwise": args.float_depthwise, "calibration": args.calibration}
-
-
-def from_args(args, model: nn.Module, name: str | None = None) -> Any:
-    """``wrap(model, ...)`` with the options of ``add_arguments``."""
-    options = options_from_args(args)
-    say = (lambda s: None) if getattr(args, "quiet", False) else _say
-    return wrap(model, options.pop("backend"), file=options.pop("model_file"), name=name, progress=say, **options)

@@ -1,4 +1,4 @@
-"""``python -m models evaluate``: top-1/top-5 on an ImageFolder tree, on one process or many.
+"""``python -m models evaluate``: top-1/top-k on an ImageFolder tree, on one process or many.
 
 Under ``torchrun`` each rank takes every WORLD_SIZE-th image (so each is evaluated exactly
 once: no padding duplicates, unlike DistributedSampler), the counts are summed with
@@ -6,12 +6,14 @@ once: no padding duplicates, unlike DistributedSampler), the counts are summed w
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,13 +22,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import api
+from ..download import is_url
 from ..manifest import Manifest
-from ..pretrained import transforms_for
-from ..weights import get_weights
+from ..pretrained import categories_for, transforms_for
 from . import backends
-from ._args import add_command, int_at_least, model_source_arguments, published_weights
-from ._finetuned import read_finetuned
-from .predict import IMAGE_SUFFIXES, ImageFiles, collate_images
+from ._args import add_command, int_at_least, model_from_args, model_source_arguments, published_weights
+from ._finetune_data import class_folders, image_files
+from .predict import ImageFiles, collate_images
 
 _SYNSETS = pathlib.Path(__file__).resolve().parents[1] / "data" / "imagenet_synsets.txt"
 _WNID = re.compile(r"n\d{8}")
@@ -38,28 +40,59 @@ class EvaluationError(ValueError):
 
 @dataclass
 class Report:
+    """What an evaluation measured, and what produced the numbers: the model (its classes),
+    the backend, the precision, and the file that ran with its SHA-256. ``top_k`` is
+    min(5, classes); ``to_json`` names the keys by their k (``top3`` for a 3-class model)."""
+
     model: str
+    num_classes: int
     images: int
     skipped: int
     top1: float
-    top5: float
+    topk: float  # top-``top_k``
     correct1: int
-    correct5: int  # with top_k = min(5, classes): top-3 for a 3-class model
+    correctk: int
+    top_k: int
     images_per_s: float
     seconds: float
     world_size: int
     published_top1: float | None
     published_top5: float | None
-    top_k: int = 5
+    backend: str = "eager"
+    precision: str = "fp32"
+    file: str | None = None
+    file_sha256: str | None = None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        k = self.top_k
+        data[f"top{k}"], data[f"correct{k}"] = data.pop("topk"), data.pop("correctk")
+        return data
+
+    def header(self) -> str:
+        ran = f"{self.backend}, {self.precision}"
+        if self.file:
+            ran += f", {self.file}" + (f" (sha256 {self.file_sha256[:16]}...)" if self.file_sha256 else "")
+        return f"{self.model} ({self.num_classes} classes) on {ran}"
 
 
-def class_indices(data: pathlib.Path, num_classes: int, class_map: str | None) -> dict[str, int]:
-    """Class folder name -> model output index."""
+def _sha256(path: str | os.PathLike) -> str:
+    from .._hashing import sha256_file
+
+    return sha256_file(pathlib.Path(path))
+
+
+def class_indices(data: pathlib.Path, classes: Sequence[str], class_map: str | os.PathLike | None) -> dict[str, int]:
+    """Class folder name -> model output index: ``class_map``, else ImageNet WordNet ids for a
+    1000-class model, else the model's class names (a fine-tuned model's), else sorted
+    folders one-to-one with the classes (ImageFolder's convention)."""
     if not data.is_dir():
         raise EvaluationError(f"data directory {data} does not exist")
-    folders = sorted(p.name for p in data.iterdir() if p.is_dir())
+    num_classes = len(classes)
+    folders = class_folders(data)
     if not folders:
         raise EvaluationError(f"{data} has no class folders (expected the ImageFolder layout: one folder per class)")
+    named = list(classes) != [f"class {i}" for i in range(num_classes)]
     if class_map:
         mapping = json.loads(pathlib.Path(class_map).read_text())
         if not isinstance(mapping, dict) or not all(
@@ -69,6 +102,13 @@ def class_indices(data: pathlib.Path, num_classes: int, class_map: str | None) -
     elif all(_WNID.fullmatch(f) for f in folders) and num_classes == 1000:
         synsets = _SYNSETS.read_text().split()
         mapping = {wnid: i for i, wnid in enumerate(synsets)}
+    elif named and num_classes != 1000 and set(folders) <= set(classes):
+        mapping = {c: i for i, c in enumerate(classes)}  # the names the model was trained on
+    elif named and num_classes != 1000:
+        unknown = [f for f in folders if f not in classes]
+        raise EvaluationError(f"class folder(s) of {data} unknown to the model: {', '.join(unknown[:10])}; it was "
+                              f"trained on: {', '.join(classes[:10])}{', ...' if num_classes > 10 else ''} "
+                              "(rename the folders, or map them with --class-map FILE)")
     elif len(folders) == num_classes:
         mapping = {f: i for i, f in enumerate(folders)}  # ImageFolder's convention: sorted names
     else:
@@ -86,8 +126,7 @@ def class_indices(data: pathlib.Path, num_classes: int, class_map: str | None) -
 
 
 def samples(data: pathlib.Path, classes: dict[str, int], limit: int | None) -> list[tuple[str, int]]:
-    items = [(str(p), index) for folder, index in classes.items()
-             for p in sorted((data / folder).rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    items = [(str(p), index) for folder, index in classes.items() for p in image_files(data / folder)]
     if not items:
         raise EvaluationError(f"no image files under {data}")
     return items[:limit] if limit else items
@@ -101,20 +140,31 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def _what_ran(net, amp: bool, checkpoint) -> tuple[str, str | None]:
+    """(precision, file) of what evaluate runs."""
+    if isinstance(net, backends.Runner):
+        described = net.description
+        precision = described.precision_text if described is not None else "precision unknown (no description)"
+        return precision, str(net.path)
+    precision = "fp32" + (", bfloat16 autocast" if amp else "")
+    return precision, (str(checkpoint) if checkpoint and not is_url(str(checkpoint)) else None)
+
+
 def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
-             checkpoint_sha256: str | None = None, num_classes: int = 1000, class_map: str | os.PathLike | None = None,
-             batch_size: int = 64, workers: int = 0, device: str | torch.device | None = None,
-             limit: int | None = None, fused: bool = False, channels_last: bool = False, amp: bool = False,
-             progress: bool = True, manifest: Manifest | str | os.PathLike | None = None, backend: str = "eager",
+             checkpoint_sha256: str | None = None, num_classes: int | None = None,
+             class_map: str | os.PathLike | None = None, batch_size: int = 64, workers: int = 0,
+             device: str | torch.device | None = None, limit: int | None = None, fused: bool = False,
+             channels_last: bool = False, amp: bool = False, progress: bool = True,
+             manifest: Manifest | str | os.PathLike | None = None, backend: str | None = None,
              model_file: str | os.PathLike | None = None, int8: bool = False, float_depthwise: bool = False,
              calibration: str | os.PathLike | None = None, **removed) -> Report:
-    """Top-1/top-5 of ``model`` (the published weights, or your ``checkpoint`` with
-    ``num_classes`` outputs, for any model) on the ImageFolder tree ``data``; under torchrun,
-    this rank's share, with the counts summed over all ranks. With fewer than 5 classes,
-    "top-5" is top-``num_classes`` (``Report.top_k``). A checkpoint written by ``finetune``
-    names its model, classes and preprocessing itself (``model`` may be None). ``backend`` and
+    """Top-1/top-k of ``model`` (the published weights, or your ``checkpoint``, for any model)
+    on the ImageFolder tree ``data``; under torchrun, this rank's share, with the counts summed
+    over all ranks. k is min(5, classes). A checkpoint written by ``finetune``, or a
+    ``model_file`` written by ``export``, names its model, classes and preprocessing itself
+    (``model`` may be None). ``backend`` (default: eager, or the runtime of ``model_file``) and
     the options after it run the model in a runtime (see ``backends.wrap``), e.g.
-    ``backend="onnxruntime", int8=True``."""
+    ``backend="onnxruntime", int8=True``. The report says what ran: backend, precision, file."""
     if "weights" in removed:
         raise TypeError("evaluate(weights=...) is now evaluate(checkpoint=...)")
     if removed:
@@ -123,77 +173,78 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
     if world > 1 and device in (None, "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     data = pathlib.Path(data)
-    finetuned = read_finetuned(checkpoint, checkpoint_sha256) if checkpoint else None
+    args = argparse.Namespace(model=model, checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256,
+                              num_classes=num_classes, manifest=manifest, backend=backend, model_file=model_file,
+                              int8=int8, float_depthwise=float_depthwise, calibration=calibration,
+                              quiet=not progress)
+    if model_file is None and checkpoint is None:
+        published_weights(args)  # a model without weights: the error, before any work
     # Every rank asks; the cache lock makes one download that all of them then verify and share.
-    options = dict(device=device, progress=progress and rank == 0, fuse=fused, channels_last=channels_last)
-    if finetuned is not None:
-        model = finetuned.check_model(model)
-        net = finetuned.load(**options)
-        indices = class_indices(data, net.num_classes, class_map) if class_map else finetuned.class_indices(data)
-    else:
-        if model is None:
-            raise EvaluationError("--model is needed (only a checkpoint written by finetune names its model)")
-        if checkpoint:
-            source = {"checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256, "num_classes": num_classes}
-        else:
-            source = {"weights": get_weights(model, manifest)}
-        net = api.get_model(model, **options, **source).eval()
-        indices = class_indices(data, net.num_classes, class_map)
-    top_k = min(5, net.num_classes)
+    net = model_from_args(args, device=device, progress=progress and rank == 0, fuse=fused,
+                          channels_last=channels_last)
+    classes = categories_for(net)
+    indices = class_indices(data, classes, class_map)
+    top_k = min(5, len(classes))
     items = samples(data, indices, limit)
     shard = items[rank::world]  # disjoint, covering: each image exactly once
     targets = torch.tensor([t for _, t in shard])
     preprocess, published = transforms_for(net), getattr(net.pretrained_weights, "entry", None)
-    net = backends.wrap(net, backend, file=model_file, int8=int8, float_depthwise=float_depthwise,
-                        calibration=calibration, name=model)
     loader = DataLoader(ImageFiles([p for p, _ in shard], preprocess), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate_images)
     dev = backends.device_of(net)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp)
-    counts = torch.zeros(4, dtype=torch.float64)  # images, top-1 correct, top-5 correct, skipped
+    counts = torch.zeros(4, dtype=torch.float64)  # images, top-1 correct, top-k correct, skipped
     bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=rank != 0 or not progress)
     start = time.perf_counter()
     with torch.inference_mode(), autocast:
-        for indices, batch, errors in loader:
+        for batch_indices, batch, errors in loader:
             for i, error in errors:  # tqdm.write: above the progress bar, not inside it
                 tqdm.write(f"rank {rank}: skipped {shard[i][0]}: {error}", file=sys.stderr)
             counts[3] += len(errors)
             if batch is not None:
                 logits = net(batch.to(dev, non_blocking=True)).float()
-                top5 = logits.topk(top_k, dim=1).indices.cpu()
-                truth = targets[indices].unsqueeze(1)
-                counts[0] += len(indices)
-                counts[1] += (top5[:, :1] == truth).sum()
-                counts[2] += (top5 == truth).any(dim=1).sum()
-            bar.update((len(indices) + len(errors)) * world)
+                if logits.shape[-1] != len(classes):
+                    raise EvaluationError(f"the model returns {logits.shape[-1]} classes where its description "
+                                          f"names {len(classes)}")
+                topk = logits.topk(top_k, dim=1).indices.cpu()
+                truth = targets[batch_indices].unsqueeze(1)
+                counts[0] += len(batch_indices)
+                counts[1] += (topk[:, :1] == truth).sum()
+                counts[2] += (topk == truth).any(dim=1).sum()
+            bar.update((len(batch_indices) + len(errors)) * world)
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
     bar.close()
     if world > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    images, correct1, correct5, skipped = (int(c) for c in counts.tolist())
+    images, correct1, correctk, skipped = (int(c) for c in counts.tolist())
     seconds = float(elapsed)
     # Published numbers are for the published weights only (a finetune checkpoint has none).
     top1, top5 = (published.top1, published.top5) if published is not None else (None, None)
-    return Report(model, images, skipped, 100.0 * correct1 / max(images, 1), 100.0 * correct5 / max(images, 1),
-                  correct1, correct5, images / seconds if seconds else 0.0, seconds, world, top1, top5, top_k)
+    precision, file = _what_ran(net, amp, checkpoint)
+    return Report(args.model, len(classes), images, skipped, 100.0 * correct1 / max(images, 1),
+                  100.0 * correctk / max(images, 1), correct1, correctk, top_k,
+                  images / seconds if seconds else 0.0, seconds, world, top1, top5,
+                  backend=getattr(net, "backend", backends.options_from_args(args)["backend"]), precision=precision,
+                  file=file, file_sha256=_sha256(file) if file and rank == 0 else None)
 
 
 def _run(args) -> int:
-    published_weights(args)  # a model without weights and no --checkpoint: the error, before any work
     report = evaluate(args.model, args.data, checkpoint=args.checkpoint, checkpoint_sha256=args.checkpoint_sha256,
-                      num_classes=args.num_classes or 1000, class_map=args.class_map, batch_size=args.batch_size,
+                      num_classes=args.num_classes, class_map=args.class_map, batch_size=args.batch_size,
                       workers=args.workers, device=args.device, limit=args.limit, fused=args.fused,
                       channels_last=args.channels_last, amp=args.amp, progress=not args.quiet, manifest=args.manifest,
                       **backends.options_from_args(args))
     if not dist.is_initialized() or dist.get_rank() == 0:
         published = lambda value: f"   published {value}" if value is not None else ""  # noqa: E731
-        print(f"{report.model}: {report.images} images ({report.skipped} skipped) on {report.world_size} process(es), "
+        print(report.header())
+        print(f"  {report.images} images ({report.skipped} skipped) on {report.world_size} process(es), "
               f"{report.images_per_s:.1f} images/s")
         print(f"  top-1 {report.top1:.3f} %  ({report.correct1}){published(report.published_top1)}")
-        print(f"  top-{report.top_k} {report.top5:.3f} %  ({report.correct5}){published(report.published_top5)}")
+        print(f"  top-{report.top_k} {report.topk:.3f} %  ({report.correctk})"
+              f"{published(report.published_top5) if report.top_k == 5 else ''}")
         if args.json:
-            pathlib.Path(args.json).write_text(json.dumps(asdict(report), indent=2) + "\n")
+            pathlib.Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

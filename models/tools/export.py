@@ -22,19 +22,19 @@ import pathlib
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .. import api
+from ..description import DESCRIPTION_KEY, ModelDescription, describe
 from ..ghostnet import GhostNet, pad_ghost_halves
 from ..layers import SqueezeExcite
 from ..weights import get_weights
 from . import backends
 from ._args import add_command, int_at_least
-from ._finetuned import read_finetuned
 from ._samples import calibration_batches, calibration_id, check_images, default_transforms
 
 __all__ = ["FORMATS", "TOLERANCE", "ExportCheckError", "ExportReport", "calibration_id", "export", "load_model"]
@@ -130,6 +130,15 @@ def _to_onnx(net: nn.Module, example: torch.Tensor, path: pathlib.Path) -> None:
                           dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
 
 
+def _describe_onnx(path: pathlib.Path, described: ModelDescription) -> None:
+    """The description as the file's ``metadata_props`` (ONNX Runtime: ``get_modelmeta()``)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, {DESCRIPTION_KEY: described.to_json()})
+    onnx.save(graph, str(path))
+
+
 def _onnx_int8(fp32: pathlib.Path, out: pathlib.Path, float_depthwise: bool, batches: list[torch.Tensor]) -> None:
     backends.require("onnxruntime", "for INT8 with quantize_static")
     import onnx
@@ -181,7 +190,7 @@ def _onnx_int8(fp32: pathlib.Path, out: pathlib.Path, float_depthwise: bool, bat
 
 
 def _to_executorch(net: nn.Module, path: pathlib.Path, size: tuple[int, int], int8: bool, float_depthwise: bool,
-                   batches: list[torch.Tensor], max_batch: int) -> None:
+                   batches: list[torch.Tensor], max_batch: int, described: ModelDescription) -> None:
     backends.require("executorch", "to export to ExecuTorch")
     with backends.quiet_native_output():
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -194,26 +203,35 @@ def _to_executorch(net: nn.Module, path: pathlib.Path, size: tuple[int, int], in
         net = _pt2e(net, example, dynamic, float_depthwise, batches)
     with backends.quiet_native_output():
         program = torch.export.export(net, (example,), dynamic_shapes=dynamic)
-        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+        # The description rides in the program as a constant method returning its JSON as bytes
+        # (ExecuTorch programs have no string metadata; a method is read without running the model).
+        text = torch.frombuffer(bytearray(described.to_json().encode()), dtype=torch.uint8)
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                              constant_methods={DESCRIPTION_KEY: text}).to_executorch()
     path.write_bytes(lowered.buffer)
 
 
-def _to_pt2(net: nn.Module, path: pathlib.Path, size: tuple[int, int]) -> None:
+def _to_pt2(net: nn.Module, path: pathlib.Path, size: tuple[int, int], described: ModelDescription) -> None:
     example = torch.randn(2, 3, *size)
     dynamic = {"x": {0: torch.export.Dim("batch")}}
-    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=dynamic), str(path))
+    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=dynamic), str(path),
+                      extra_files={DESCRIPTION_KEY: described.to_json()})
 
 
 def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool = False,
            float_depthwise: bool = False, calibration: str | os.PathLike | None = None, transforms=None,
-           max_batch: int = 32, progress: Callable[[str], None] = lambda s: None) -> ExportReport:
+           max_batch: int = 32, classes: Sequence[str] | None = None,
+           progress: Callable[[str], None] = lambda s: None) -> ExportReport:
     """Export ``model`` (an ImageClassifier; it is copied, not changed) to ``out`` in
     ``format`` ("onnx", "executorch", "pt2"), check it against the eager model, then write it.
 
     ``int8`` quantizes after calibrating on the images of the folder ``calibration`` (by
     default the bundled photo and generated images: a quick try, not a calibration set).
     ``transforms`` preprocess the check and calibration images (default: the model's
-    published preprocessing). ``max_batch`` bounds the batch of an ExecuTorch program.
+    published preprocessing). ``max_batch`` bounds the batch of an ExecuTorch program. The file
+    carries the model's description (``models.description``: model, class names,
+    preprocessing, precision), read back by ``backends.load_file``; ``classes`` names the
+    outputs if the model's own names are not right (e.g. after ``reset_classifier``).
     Raises ``ExportCheckError`` (and writes nothing) if an fp32 export is off by more than
     ``TOLERANCE`` of the largest logit.
     """
@@ -227,6 +245,8 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
         backends.require(module, f"to export to {format} and check it")
     start = time.perf_counter()
     out = pathlib.Path(out)
+    precision = ("int8-float-depthwise" if float_depthwise else "int8") if int8 else "fp32"
+    described = describe(model, classes=classes, precision=precision)
     reference, net = _inference_copy(model, format, int8)
     transforms = transforms or default_transforms(model)
     images = check_images(transforms)
@@ -242,12 +262,15 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
             _to_onnx(net, torch.randn(2, 3, *size), fp32)
             if int8:
                 _onnx_int8(fp32, written, float_depthwise, batches)
+            _describe_onnx(written, described)
         elif format == "executorch":
-            _to_executorch(net, written, size, int8, float_depthwise, batches, max_batch)
+            _to_executorch(net, written, size, int8, float_depthwise, batches, max_batch, described)
         else:
-            _to_pt2(net, written, size)
+            _to_pt2(net, written, size, described)
         progress("checking the export against the eager model")
         runner = backends.load_file(written, backend, threads=torch.get_num_threads())
+        if runner.description != described:
+            raise ExportCheckError(f"the {format} file does not carry the model's description; {out} was not written")
         with torch.no_grad():
             expected = reference(images)
             got = runner(images)
@@ -265,28 +288,22 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
                         time.perf_counter() - start)
 
 
-def load_model(name: str | None, *, checkpoint: str | os.PathLike | None = None, num_classes: int = 1000,
-               manifest=None, progress: bool = True) -> tuple[nn.Module, object]:
-    """(model, its preprocessing): the published weights, or the user's ``checkpoint``. The
-    one place export loads a user's checkpoint; one written by ``finetune`` brings its own
-    model, class names and preprocessing (``name`` may then be None)."""
-    finetuned = read_finetuned(checkpoint) if checkpoint is not None else None
-    if finetuned is not None:
-        finetuned.check_model(name)
-        return finetuned.load(progress=progress), finetuned.transforms()
+def load_model(name: str | None, *, checkpoint: str | os.PathLike | None = None, num_classes: int | None = None,
+               manifest=None, progress: bool = True) -> nn.Module:
+    """The model to export: the published weights of ``name``, or the user's ``checkpoint``
+    (read once; one written by ``finetune`` names its model, class names and preprocessing,
+    so ``name`` may be None, and must agree if given)."""
+    if checkpoint is not None:
+        return api.from_checkpoint(checkpoint, model=name, num_classes=num_classes, progress=progress)
     if name is None:
-        raise ValueError("a model name is needed (only a checkpoint written by finetune names its model)")
+        raise ValueError("a model name is needed (a checkpoint written by finetune names its own)")
+    if num_classes is not None:
+        raise ValueError("--num-classes applies to the file given with --checkpoint; none was given")
     try:
         published = get_weights(name, manifest)
     except ValueError:
-        if checkpoint is None:
-            raise ValueError(f"{name!r} has no released weights; export your own with --checkpoint FILE") from None
-        published = None
-    if checkpoint is not None:
-        model = api.get_model(name, checkpoint=checkpoint, num_classes=num_classes, progress=progress)
-    else:
-        model = api.get_model(name, weights=published, progress=progress)
-    return model, published.transforms() if published is not None else default_transforms(model)
+        raise ValueError(f"{name!r} has no released weights; export your own with --checkpoint FILE") from None
+    return api.get_model(name, weights=published, progress=progress)
 
 
 def _run(args) -> int:
@@ -297,12 +314,12 @@ def _run(args) -> int:
                          f"{', '.join(FORMATS.values())}")
     if (args.calibration or args.float_depthwise) and not args.int8:
         raise SystemExit("error: --calibration and --float-depthwise apply to --int8 exports")
-    model, transforms = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                                   manifest=args.manifest, progress=not args.quiet)
+    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                       manifest=args.manifest, progress=not args.quiet)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else (lambda s: None)
     try:
         report = export(model, fmt, out, int8=args.int8, float_depthwise=args.float_depthwise,
-                        calibration=args.calibration, transforms=transforms, max_batch=args.max_batch, progress=say)
+                        calibration=args.calibration, max_batch=args.max_batch, progress=say)
     except ExportCheckError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -314,7 +331,8 @@ def register(commands) -> None:
     sub = add_command(commands, "export", _run,
                       "export a model to ONNX, ExecuTorch (.pte, XNNPACK) or torch.export (.pt2), fp32 or INT8, "
                       "checked against the eager model before it is written")
-    sub.add_argument("model", choices=api.list_models(), metavar="MODEL")
+    sub.add_argument("model", nargs="?", choices=api.list_models(), metavar="MODEL",
+                     help="the model (not needed with a --checkpoint written by finetune, which names its own)")
     sub.add_argument("--out", required=True, metavar="FILE", help="where to write it (.onnx, .pte, .pt2)")
     sub.add_argument("--format", choices=tuple(FORMATS), default=None, help="default: from the --out suffix")
     sub.add_argument("--int8", action="store_true", help="post-training INT8 quantization")
@@ -323,8 +341,8 @@ def register(commands) -> None:
     sub.add_argument("--float-depthwise", action="store_true", help="with --int8: keep depthwise convolutions in float")
     sub.add_argument("--checkpoint", metavar="FILE",
                      help="your checkpoint (path or URL) instead of the published weights")
-    sub.add_argument("--num-classes", type=int_at_least(1), default=1000,
-                     help="classes of --checkpoint (default: 1000)")
+    sub.add_argument("--num-classes", type=int_at_least(1), default=None,
+                     help="classes of --checkpoint (default: those it records, or its classifier's rows)")
     sub.add_argument("--max-batch", type=int_at_least(1), default=32,
                      help="executorch: the largest batch the program takes (default: 32)")
     sub.add_argument("--quiet", action="store_true", help="no progress messages")

@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import api
-from ..weights import get_weights, user_state_dict
+from ..description import ModelDescription, describe, preprocessing_for
+from ..weights import get_weights
 from . import _finetune_dist, _finetune_loop
 from ._args import add_command, int_at_least
 from ._finetune_data import (
@@ -42,7 +43,7 @@ from ._finetune_data import (
     sample_seed,
     train_transform,
 )
-from ._finetuned import eval_transform, model_from_checkpoint, preprocessing, read_finetuned, save_checkpoint
+from ._finetuned import save_checkpoint
 from .predict import ImageFiles, collate_images
 
 # Every option, with its default: the one table the Python API and the command line share.
@@ -130,15 +131,9 @@ def _start_model(cfg: dict, classes: list[str], world) -> tuple[nn.Module, str]:
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     if cfg["checkpoint"]:
         path = cfg["checkpoint"]
-        ours = read_finetuned(path)
-        if ours is not None:
-            ours.check_model(name)
-            file_classes, same = len(ours.classes), ours.classes == classes
-        else:
-            head = user_state_dict(path, progress=False).get("classifier.weight")
-            file_classes = 0 if head is None else head.shape[0]
-            same = file_classes == n
-        net = model_from_checkpoint(name, path, file_classes, **options)
+        net = api.from_checkpoint(path, model=name, **options)  # read once; a best.pth names its classes
+        file_classes = net.pretrained_weights.classes
+        same = file_classes == tuple(classes) or (net.num_classes == n and file_classes == _numbered(n))
         if not same:
             net.reset_classifier(n)
         return net, f"your checkpoint {path}" + ("" if same else f", new {n}-class head")
@@ -151,6 +146,11 @@ def _start_model(cfg: dict, classes: list[str], world) -> tuple[nn.Module, str]:
             net = _published(name, n, cfg["manifest"], **options)
         return net, f"the published {name} weights, new {n}-class head"
     return api.get_model(name, num_classes=n, **options), "random initialisation (--no-pretrained)"
+
+
+def _numbered(n: int) -> tuple[str, ...]:
+    """The class names of a checkpoint that names none."""
+    return tuple(f"class {i}" for i in range(n))
 
 
 def _optimizer(net: nn.Module, cfg: dict) -> torch.optim.Optimizer:
@@ -216,7 +216,7 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
     if steps_per_epoch == 0:
         raise ValueError(f"{len(splits.train)} training images do not fill one batch of {cfg['batch_size']}: "
                          "lower --batch-size")
-    pre = preprocessing(cfg["model"], cfg["input_size"])
+    pre = preprocessing_for(cfg["model"], cfg["input_size"])
     net, source = _start_model(cfg, splits.classes, world)
     if cfg["freeze_backbone"]:
         for name, param in net.named_parameters():
@@ -253,7 +253,8 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
     train_loader = DataLoader(train_set, batch_size=micro, sampler=sampler, drop_last=True,
                               collate_fn=collate_train, **loader_options)
     shard = splits.val[world.rank::size]  # each validation image on exactly one rank
-    val_loader = DataLoader(ImageFiles([p for p, _ in shard], eval_transform(pre)), batch_size=2 * micro,
+    eval_transform = ModelDescription(cfg["model"], len(splits.classes), splits.classes, pre).transforms()
+    val_loader = DataLoader(ImageFiles([p for p, _ in shard], eval_transform), batch_size=2 * micro,
                             collate_fn=collate_images, **loader_options)
     val_targets = torch.tensor([t for _, t in shard])
 
@@ -283,8 +284,10 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
         if improved:
             best = {"epoch": epoch, "val_top1": val["val_top1"], "val_loss": val["val_loss"]}
         if world.main:
-            payload = {"state_dict": _plain(module.state_dict()), "classes": splits.classes, "preprocessing": pre,
-                       "architecture": architecture,
+            described = describe(module, classes=splits.classes).with_(preprocessing=pre, weights="",
+                                                                        weights_sha256=None)
+            payload = {"state_dict": _plain(module.state_dict()), "description": described.to_dict(),
+                       "classes": splits.classes, "preprocessing": pre, "architecture": architecture,
                        "args": cfg, "epoch": epoch, "val_top1": val["val_top1"], "metrics": record}
             if improved:
                 save_checkpoint(out / "best.pth", payload)

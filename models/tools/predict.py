@@ -19,7 +19,7 @@ from .. import api
 from ..download import fetch_bytes, is_url
 from ..pretrained import categories_for, released_models, transforms_for
 from . import backends
-from ._args import add_command, build_model, int_at_least, model_source_arguments
+from ._args import add_command, int_at_least, model_from_args, model_source_arguments
 
 _PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 # Bundled in an installed package (setup.py), else in the clone's examples/.
@@ -124,6 +124,9 @@ def predict(model: torch.nn.Module, sources: Sequence[str], *, topk: int = 5, ba
             if batch is not None:
                 with torch.inference_mode():
                     probs = model(batch.to(device, non_blocking=True)).softmax(dim=-1)
+                if probs.shape[-1] != len(categories):
+                    raise ValueError(f"the model returns {probs.shape[-1]} classes where its description names "
+                                     f"{len(categories)}: the file and what was said of it disagree")
                 values, classes = probs.topk(min(topk, probs.shape[-1]), dim=-1)
                 for row, i in enumerate(indices):
                     top = zip(values[row].tolist(), classes[row].tolist(), strict=True)
@@ -138,10 +141,9 @@ def _run(args) -> int:
     sources = expand_sources(args.images or [str(SAMPLE_IMAGE)])
     if not sources:
         raise SystemExit("error: no images found in " + ", ".join(args.images))
-    if not args.checkpoint:
+    if not args.checkpoint and not args.model_file:
         args.model = args.model or "ghostnet_1x"
-    model = build_model(args, device=args.device, progress=not args.quiet)
-    model = backends.from_args(args, model, name=args.model)
+    model = model_from_args(args, device=args.device, progress=not args.quiet)
     failed = 0
     for result in predict(model, sources, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                           progress=not args.quiet and not args.json):
@@ -173,7 +175,8 @@ def register(commands) -> None:
     released = released_models()
     sub.add_argument("--model", default=None, metavar="{" + ",".join(released) + "}",
                      help="a model with published weights (default: ghostnet_1x); with --checkpoint, any of "
-                          + ", ".join(api.list_models()) + " (a checkpoint written by finetune names its own)")
+                          + ", ".join(api.list_models()) + " (a checkpoint written by finetune, and a --model-file "
+                          "written by export, name their own)")
     model_source_arguments(sub)
     sub.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
     sub.add_argument("--topk", type=int_at_least(1), default=5, help="classes to show per image (default: 5)")
