@@ -9,6 +9,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 
 from .. import __version__, _cache_files, api, download
@@ -280,8 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    # A command's user is told what happened, not which library line noticed it.
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    shown, warnings.showwarning = warnings.showwarning, _warn_in_one_line
     try:
         return args.func(args)
     # Expected failures (a full disk, no network, a bad file, a missing runtime) are reported, never a traceback.
@@ -292,3 +299,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
