@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import filelock
 
-from .cache import Target, file_lock, target_for, verify_file
+from .cache import Target, export_target, file_lock, target_for, verify_file
 from .manifest import WeightFile
 
 __all__ = ["Entry", "clear", "prune", "scan"]
 
 _SUFFIX = re.compile(r"(\.[0-9a-f]{8}\.partial(\.json)?|\.lock|\.failures(\.\d+\.tmp)?|\.sha256|\.corrupt-.*)$")
+_WORK = ".export-"  # export's work folders (tempfile prefix), removed when it ends or by prune
 _KINDS = {"partial": "partial", "json": "resume record", "lock": "lock", "failures": "failure record",
           "tmp": "temporary", "sha256": "checksum"}
 
@@ -32,7 +33,7 @@ _KINDS = {"partial": "partial", "json": "resume record", "lock": "lock", "failur
 @dataclass
 class Entry:
     path: pathlib.Path
-    kind: str  # weights, partial, resume record, lock, failure record, quarantined, checksum, temporary
+    kind: str  # weights, export, partial, resume record, lock, failure record, quarantined, checksum, temporary
     model: str  # a model name, or "url" for a user's URL
     size: int
     age_days: float
@@ -90,11 +91,14 @@ def _state(path: pathlib.Path, known: dict[str, WeightFile]) -> str:
 
 
 def scan(directory: pathlib.Path, files: Sequence[WeightFile], models: Sequence[str],
-         verify: bool = True) -> tuple[list[Entry], int]:
+         verify: bool = True, exports: bool = False) -> tuple[list[Entry], int]:
     """(this package's entries in ``directory``, how many other files are there). With
-    ``verify`` each weight file is hashed and checked (read-only)."""
+    ``verify`` each weight file is hashed and checked (read-only). ``exports``: ``directory``
+    is the export cache (``cache.exports_dir()``), whose files are checked against the SHA-256
+    recorded beside them when they were written."""
     known = {f.cache_name: f for f in files}
-    prefixes = sorted((f"{m}-" for m in models), key=len, reverse=True) + ["url-"]
+    prefixes = sorted((f"{m}-" for m in models), key=len, reverse=True) + (["url-"] if not exports else [])
+    prefixes += [_WORK] if exports else []
     entries, others = [], 0
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         names = sorted(os.listdir(directory))
@@ -109,8 +113,13 @@ def scan(directory: pathlib.Path, files: Sequence[WeightFile], models: Sequence[
             except FileNotFoundError:
                 continue
             kind = _kind(name) if stat.S_ISREG(st.st_mode) or ".corrupt-" in name else "not a regular file"
+            if exports:
+                kind = "temporary" if prefix == _WORK else "export" if kind == "weights" else kind
             entry = Entry(path, kind, prefix[:-1], st.st_size, max(0.0, time.time() - st.st_mtime) / 86400)
-            if kind == "weights" and verify:
+            if kind == "export" and verify:
+                found = verify_file(path, export_target(path))
+                entry.state = "verified" if found == [] else "corrupt: " + "; ".join(found or ["missing"])
+            elif kind == "weights" and verify:
                 entry.state = _state(path, known)
             elif kind == "lock" and _held(path):
                 entry.state = "held"
@@ -125,13 +134,20 @@ def _remove(path: pathlib.Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def prune(directory: pathlib.Path, models: Sequence[str], days: float) -> list[Entry]:
+def prune(directory: pathlib.Path, models: Sequence[str], days: float, exports: bool = False) -> list[Entry]:
     """Remove partial downloads, quarantined files and failure records older than ``days``,
     and locks nobody holds (untouched for as long, or a minute when ``days`` is 0); the
-    entries removed."""
+    entries removed. In the export cache: work folders of exports, and exports that no longer
+    match the SHA-256 recorded when they were written."""
     removed = []
-    entries, _ = scan(directory, (), models, verify=False)
+    entries, _ = scan(directory, (), models, verify=exports, exports=exports)
     for entry in entries:
+        if entry.kind == "export":
+            if entry.state.startswith("corrupt"):
+                _remove(entry.path)
+                _remove(entry.path.with_name(entry.path.name + ".sha256"))
+                removed.append(entry)
+            continue
         if entry.kind == "lock":
             if entry.state != "held" and entry.age_days * 86400 >= max(60.0, days * 86400):
                 _remove(entry.path)
@@ -145,10 +161,11 @@ def prune(directory: pathlib.Path, models: Sequence[str], days: float) -> list[E
     return removed
 
 
-def clear(directory: pathlib.Path, models: Sequence[str], only: Sequence[str] = ()) -> tuple[list[Entry], list[str]]:
+def clear(directory: pathlib.Path, models: Sequence[str], only: Sequence[str] = (),
+          exports: bool = False) -> tuple[list[Entry], list[str]]:
     """Remove every file of this package (of the models in ``only``, if given): (entries
     removed, weight files skipped because a process holds their lock)."""
-    entries, _ = scan(directory, (), models, verify=False)
+    entries, _ = scan(directory, (), models, verify=False, exports=exports)
     groups: dict[str, list[Entry]] = {}
     for entry in entries:
         if not only or entry.model in only:

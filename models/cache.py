@@ -95,6 +95,27 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def exports_dir() -> pathlib.Path:
+    """``torch.hub.get_dir()/exports``: the exports ``--backend onnxruntime|executorch`` makes
+    on the fly, named by what they were made from, each with its SHA-256 beside it."""
+    return pathlib.Path(torch.hub.get_dir()) / "exports"
+
+
+def export_target(path: pathlib.Path) -> Target:
+    """How a cached export is checked: against the SHA-256 recorded when it was written."""
+    return Target(label=path.name, urls=(), checksums={}, size=None, cache_name=path.name, sidecar=True)
+
+
+def record_sha256(path: pathlib.Path) -> None:
+    """Keep the SHA-256 of the file at ``path`` beside it (``NAME.sha256``), written whole."""
+    from ._hashing import sha256_file
+
+    sidecar = path.with_name(path.name + ".sha256")
+    partial = sidecar.with_name(sidecar.name + f".{os.getpid()}.tmp")
+    partial.write_text(sha256_file(path) + "\n")
+    os.replace(partial, sidecar)
+
+
 def cache_dir(path: str | os.PathLike | None = None, *, writable: bool = True) -> pathlib.Path:
     """The weights cache, ``default_cache_dir()`` unless ``path`` is given. With ``writable``
     (for writing into it) it is created if needed and checked to be writable; without, it is

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cache import export_target, exports_dir, file_lock, record_sha256, verify_file
 from ..description import DESCRIPTION_KEY, ModelDescription, describe
 
 __all__ = ["BACKENDS", "DEPLOY_INSTALL", "MissingRuntime", "Runner", "add_arguments", "device_of", "lend",
@@ -210,7 +211,7 @@ def load_file(path: str | os.PathLike, backend: str | None = None, *, threads: i
 
 def export_cache_dir() -> pathlib.Path:
     """``$TORCH_HOME/hub/exports``: exports made on the fly, named by what they were made from."""
-    return pathlib.Path(torch.hub.get_dir()) / "exports"
+    return exports_dir()
 
 
 @functools.cache
@@ -284,13 +285,18 @@ def wrap(model: nn.Module, backend: str = "eager", *, file: str | os.PathLike | 
     key = cache_key(model, fmt, options)
     label = name or getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__.lower()
     path = export_cache_dir() / f"{label}-{'int8-' if int8 else ''}{key[:20]}{exporter.FORMATS[fmt]}"
-    from ..cache import file_lock
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path):
-        if not path.is_file():
+        # Checked against the SHA-256 recorded when it was written: a damaged file (truncated,
+        # overwritten) is made again rather than handed to the runtime.
+        damaged = verify_file(path, export_target(path))
+        if damaged:
+            (progress or say)(f"cached export {path.name} is damaged ({'; '.join(damaged)}): exporting it again")
+            path.unlink()
+        if damaged is None or damaged:
             (progress or say)(f"exporting {label} to {fmt}{' int8' if int8 else ''} (once; cached in {path.parent})")
             exporter.export(model, fmt, path, int8=int8, float_depthwise=float_depthwise, calibration=calibration)
+            record_sha256(path)
     return lend(load_file(path, backend, threads=threads), model)
 
 

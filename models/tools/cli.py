@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .. import __version__, _cache_files, api, download
 from .._hashing import sha256_file
-from ..cache import CacheDirError, cache_dir, default_cache_dir, verify_cached
+from ..cache import CacheDirError, cache_dir, default_cache_dir, exports_dir, verify_cached
 from ..manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
 from ..weights import get_weights
 from . import backends, benchmark, evaluate, export, finetune, predict
@@ -197,25 +197,36 @@ def _cache_models(args) -> tuple[list[str], list]:
     return names, [f for e in manifest.models.values() for f in e.files]
 
 
+def _cache_dirs(writable: bool) -> list[tuple[pathlib.Path, bool]]:
+    """(directory, holds exports): the weights cache, and the exports made on the fly."""
+    return [(cache_dir(writable=writable), False), (exports_dir(), True)]
+
+
 def _cache_list(args) -> int:
-    directory = cache_dir(writable=False)
     names, files = _cache_models(args)
-    entries, others = _cache_files.scan(directory, files, names, verify=not args.no_verify)
-    rows = [("model", "kind", "size", "age", "state", "file")]
-    rows += [(e.model, e.kind, _size(e.size), f"{e.age_days:.0f} d" if e.age_days >= 1 else "today", e.state,
-              e.path.name) for e in entries]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    print(f"{directory}: {len(entries)} file(s) of this package, {_size(sum(e.size for e in entries))}"
-          + (f"; {others} other file(s) not shown" if others else ""))
-    if entries:
-        for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 1 if any(e.state.startswith("corrupt") for e in entries) else 0
+    corrupt = False
+    for directory, exports in _cache_dirs(writable=False):
+        entries, others = _cache_files.scan(directory, files, names, verify=not args.no_verify, exports=exports)
+        if exports and not entries:
+            continue  # no export was ever made on the fly: nothing to say
+        rows = [("model", "kind", "size", "age", "state", "file")]
+        rows += [(e.model, e.kind, _size(e.size), f"{e.age_days:.0f} d" if e.age_days >= 1 else "today", e.state,
+                  e.path.name) for e in entries]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        print(f"{directory}: {len(entries)} file(s) of this package, {_size(sum(e.size for e in entries))}"
+              + (f"; {others} other file(s) not shown" if others else ""))
+        if entries:
+            for row in rows:
+                print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        corrupt = corrupt or any(e.state.startswith("corrupt") for e in entries)
+    return 1 if corrupt else 0
 
 
 def _cache_prune(args) -> int:
     names, _ = _cache_models(args)
-    removed = _cache_files.prune(cache_dir(), names, args.days)
+    removed = []
+    for directory, exports in _cache_dirs(writable=True):
+        removed += _cache_files.prune(directory, names, args.days, exports=exports)
     for entry in removed:
         print(f"removed {entry.kind} {entry.path.name} ({_size(entry.size)}, {entry.age_days:.1f} days old)")
     print(f"pruned {len(removed)} file(s), {_size(sum(e.size for e in removed))}")
@@ -227,11 +238,14 @@ def _cache_clear(args) -> int:
     unknown = [m for m in args.models if m not in names]
     if unknown:
         raise SystemExit(f"error: unknown model {', '.join(unknown)}; models: {', '.join(names)}")
-    removed, busy = _cache_files.clear(cache_dir(), names, args.models)
+    removed, busy = [], []
+    for directory, exports in _cache_dirs(writable=True):
+        gone, held = _cache_files.clear(directory, names, args.models, exports=exports)
+        removed, busy = removed + gone, busy + held
     for entry in removed:
         print(f"removed {entry.path.name} ({_size(entry.size)})")
     for final in busy:
-        print(f"skipped {final}: another process holds its lock (downloading?)", file=sys.stderr)
+        print(f"skipped {final}: another process holds its lock (downloading or exporting?)", file=sys.stderr)
     print(f"cleared {len(removed)} file(s), {_size(sum(e.size for e in removed))}")
     return 1 if busy else 0
 
@@ -261,14 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="what is in the weights cache; remove leftovers or weights")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
     sub = add_command(cache_commands, "list", _cache_list,
-                      "every file of this package in the cache: model, kind, size, age, verified or not")
+                      "every file of this package in the weights cache and the export cache (exports made on the "
+                      "fly by --backend): model, kind, size, age, verified or not")
     sub.add_argument("--no-verify", action="store_true", help="do not hash the weight files")
     sub = add_command(cache_commands, "prune", _cache_prune,
                       "remove partial downloads, quarantined files and failure records older than --days, "
-                      "and locks nobody holds")
+                      "locks nobody holds, and damaged exports")
     sub.add_argument("--days", type=float, default=7.0, help="minimum age in days (default: 7)")
     sub = add_command(cache_commands, "clear", _cache_clear,
-                      "remove the cached files of MODEL (default: of every model and user URL)")
+                      "remove the cached weights and exports of MODEL (default: of every model and user URL)")
     sub.add_argument("models", nargs="*", metavar="MODEL")
 
     manifest = commands.add_parser("manifest", help="maintainer commands on the weights manifest")
