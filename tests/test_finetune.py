@@ -431,7 +431,7 @@ def test_readme_commands_and_two_processes_equal_one(published, small_data, tmp_
     assert resumed.returncode == 0, resumed.stderr
     assert [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("epoch ")] == ["3/3"]
     metrics = json.loads((tmp_path / "runs/tinynet_e/metrics.json").read_text())
-    predict, evaluate = readme_commands("use")
+    predict, evaluate, export, predict_file = readme_commands("use")
     predicted = cli(*predict[3:], "--topk", "1", "--quiet")
     assert predicted.returncode == 0, predicted.stderr
     labels = [line.split()[1] for line in predicted.stdout.splitlines() if line.startswith("  1.")]
@@ -439,6 +439,10 @@ def test_readme_commands_and_two_processes_equal_one(published, small_data, tmp_
     evaluated = cli(*evaluate[3:], "--quiet", "--workers", "0")
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"top-1 {metrics['best_val_top1']:.3f} %" in evaluated.stdout
+    assert cli(*export[3:], "--quiet").returncode == 0  # no model name: the checkpoint names it
+    from_file = cli(*predict_file[3:], "--topk", "1", "--quiet")
+    assert from_file.returncode == 0, from_file.stderr
+    assert [line.split()[1] for line in from_file.stdout.splitlines() if line.startswith("  1.")] == labels
 
     block = re.search(r"```python\n(import models\nfrom models.tools.finetune import finetune\n.*?)```", README,
                       re.S)[1]
@@ -446,6 +450,7 @@ def test_readme_commands_and_two_processes_equal_one(published, small_data, tmp_
     with contextlib.redirect_stdout(io.StringIO()):
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["result"].classes == list(CLASSES) and namespace["model"].num_classes == 4
+    assert namespace["same"].pretrained_weights.meta["categories"] == list(CLASSES)
     assert len(server.hits) == before + 1  # the cache served every later run
 
 
