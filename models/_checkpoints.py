@@ -13,7 +13,7 @@ from .weights import Checkpoint
 
 
 def build_arguments(name: str, variant: Variant, loaded: Checkpoint, num_classes: int | None,
-                      options: dict) -> tuple[int, dict]:
+                    options: dict) -> tuple[int, dict]:
     """The class count and options to build for a checkpoint: those its description records
     (what the caller says must agree), else the rows of its classifier (else 1000)."""
     described = loaded.description
