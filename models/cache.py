@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import filelock
 import torch
 
+from . import _commands
 from ._hashing import hash_bytes, hash_stream
 from .manifest import WeightFile
 
@@ -84,7 +85,7 @@ def target_for(file: WeightFile) -> Target:
         checksums=file.checksums,
         size=file.size,
         cache_name=file.cache_name,
-        prefetch_hint=f" (python -m models prefetch {file.model})",
+        prefetch_hint=f" ({_commands.command('prefetch ' + file.model)})",
     )
 
 

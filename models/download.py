@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import filelock
 
-from . import _http
+from . import _commands, _http
 from ._hashing import hash_file
 from ._http import DEADLINE_ENV, MAX_BYTES_ENV, DownloadOptions, SourceFailed, WriteFailed
 from .cache import (
@@ -138,7 +138,7 @@ def _skip_reason(url: str, dead_hosts: dict[str, str]) -> str | None:
 
 def _hint(model: str) -> str:
     return (f"to work without the network, set {OFFLINE_ENV}=1 and use a cache filled by "
-            f"`python -m models prefetch {model}` on a machine with network (same TORCH_HOME), "
+            f"`{_commands.command('prefetch ' + model)}` on a machine with network (same TORCH_HOME), "
             f"set {MIRROR_ENV} to a copy inside your network, or load a local file with checkpoint=PATH")
 
 
@@ -149,8 +149,8 @@ def _write_error(target: Target, exc: WriteFailed) -> CacheWriteError:
     return CacheWriteError(
         f"{target.label}: cannot write {target.cache_name} into the cache {exc.directory}{cause}: it needs "
         f"{size(exc.needed)} bytes and {size(exc.free)} bytes are free there. Nothing was kept; other sources "
-        "were not tried into the same disk. Free space there (`python -m models cache prune`) or set TORCH_HOME "
-        "to a disk with room."
+        f"were not tried into the same disk. Free space there (`{_commands.command('cache prune')}`) or set "
+        "TORCH_HOME to a disk with room."
     )
 
 
@@ -334,7 +334,7 @@ def fetch_first(files: Sequence[WeightFile], *, progress: bool = True, options: 
     if offline:
         raise OfflineError(
             f"{model}: offline mode ({OFFLINE_ENV}) is on and no weight file of it is in the cache {directory}; "
-            f"run `python -m models prefetch {model}` where there is network access (with the same TORCH_HOME), "
+            f"run `{_commands.command('prefetch ' + model)}` where there is network access (with the same TORCH_HOME), "
             "or unset the variable. Its sources:", failures)
     raise DownloadError(f"{model}: every source failed:", failures, _hint(model))
 

@@ -1,3 +1,5 @@
+import pathlib
+
 import pytest
 import torch
 
@@ -107,3 +109,59 @@ def serve_fixed_logits(server, tmp_path, monkeypatch):
         return server
 
     return serve
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory):
+    """The package as a user installs it: the README's `pip install "ghostnet-hub @ git+..."`,
+    pointed at a git repository made from this working tree, into a fresh venv. Returns
+    ``Installed(python, bin, project)``: the venv's python, its bin directory (the console
+    script ``ghostnet-hub``), and a user's project directory outside the clone, holding a
+    ``models`` package of the user's own. ``helpers.readme_argv(line, installed)`` runs a
+    README command there.
+
+    The venv is made without pip; a .pth file lets it see this environment's site-packages, so
+    torch and friends are not installed again (minutes, and the network), and pip runs offline
+    (--no-deps --no-index --no-build-isolation, with the setuptools of requirements-dev.txt).
+    The package itself is installed for real into the venv's own site-packages."""
+    import shutil
+    import site
+    import subprocess
+    import sys
+    from typing import NamedTuple
+
+    from helpers import ROOT, run_checked
+
+    class Installed(NamedTuple):
+        python: pathlib.Path
+        bin: pathlib.Path
+        project: pathlib.Path
+
+    tmp = tmp_path_factory.mktemp("package")
+    repo = tmp / "repo"  # this working tree as a git repository, what `pip install git+https://...` clones
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, repo / rel)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "snapshot"]):
+        run_checked([*git, *command], cwd=repo)
+
+    venv = tmp / "venv"
+    run_checked([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = venv / "bin" / "python"
+    purelib = run_checked([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+    (venv / purelib.stdout.strip() / "_test_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- install -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    assert block.splitlines()[0] == 'pip install "ghostnet-hub @ git+https://github.com/OWNER/REPO"'
+    # The same install from a git URL; "name @ git+file:///..." is not a valid requirement, the bare URL is.
+    run_checked([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",
+                 f"git+file://{repo}"], cwd=tmp)
+    project = tmp / "project"  # the user's own project, with a package named models
+    (project / "models").mkdir(parents=True)
+    (project / "models" / "__init__.py").write_text("MINE = True\n")
+    return Installed(python, python.parent, project)

@@ -1,13 +1,17 @@
-"""What many test files share: the repository root and running ``python -m models``, as a
-user does (a subprocess) or in this process (``cli``, seconds faster per call)."""
+"""What many test files share: the repository root, running ``python -m models``, as a
+user does (a subprocess) or in this process (``cli``, seconds faster per call), and the README's
+command lines as they run in this clone or in a pip-installed venv (``readme_argv``)."""
 import contextlib
 import io
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# What the README's `ghostnet-hub` is in this clone, where the package is not installed.
+MODELS = [sys.executable, "-m", "models"]
 
 
 def run_models(*args, env=None, launcher=None, timeout=300, **kwargs):
@@ -46,3 +50,46 @@ def cli(*args, env=None):
             else:
                 os.environ[key] = value
     return subprocess.CompletedProcess(["models", *args], code, out.getvalue(), err.getvalue())
+
+
+def readme_argv(line, installed=None):
+    """The argv that runs a README command line (a string, or its words) as written.
+
+    In this clone (the default) ``ghostnet-hub ARGS`` is ``python -m models ARGS`` (run it from
+    ROOT or with ROOT on PYTHONPATH) and ``python`` is this interpreter; with ``installed`` (the
+    ``installed`` fixture's venv) they are the venv's console script and python. ``torchrun``
+    runs as ``python -m torch.distributed.run``, and the program after its ``--no-python`` is
+    mapped the same way. A line that starts with any other program fails the test."""
+    words = shlex.split(line, comments=True) if isinstance(line, str) else list(line)
+    assert words, f"an empty README command line: {line!r}"
+    program, args = words[0], words[1:]
+    python = str(installed.python) if installed else sys.executable
+    if program == "ghostnet-hub":
+        return [str(installed.bin / "ghostnet-hub")] + args if installed else MODELS + args
+    if program in ("python", "python3", ".venv/bin/python"):
+        return [python, *args]
+    if program == "torchrun":
+        if "--no-python" in args:
+            at = args.index("--no-python") + 1
+            assert at < len(args), f"torchrun --no-python without a program: {line!r}"
+            args[at:at + 1] = readme_argv(args[at:at + 1], installed)
+        return [python, "-m", "torch.distributed.run", *args]
+    raise AssertionError(f"a README command starts with {program!r}, which the tests cannot run: {line!r}")
+
+
+def readme_cli(line, *extra, env=None):
+    """A README ``ghostnet-hub ...`` command line run in this process (``cli``), ``extra``
+    arguments appended."""
+    argv = readme_argv(line)
+    assert argv[:len(MODELS)] == MODELS, f"not a ghostnet-hub command: {line!r}"
+    return cli(*argv[len(MODELS):], *extra, env=env)
+
+
+def run_checked(command, **kwargs):
+    """``command`` in a subprocess without this checkout on PYTHONPATH (as a user outside the
+    clone runs it), output as text; fails the test unless it exits 0. ``env`` adds to the
+    environment."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | kwargs.pop("env", {})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, **kwargs)
+    assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result

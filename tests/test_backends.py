@@ -98,11 +98,13 @@ def test_a_file_runs_only_in_the_runtime_it_was_made_for(tmp_path):
 @pytest.mark.parametrize("module, backend", [("onnxruntime", "onnxruntime"), ("executorch", "executorch")])
 def test_missing_runtime_is_one_line_naming_the_extra(moderate_weights, monkeypatch, module, backend):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    monkeypatch.chdir(ROOT)  # (a clone's hint names its requirements file from where the user is)
     result = cli("predict", str(SAMPLE_IMAGE), "--model", "tinynet_e", "--backend", backend, "--quiet")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+    extra = {"onnxruntime": "export", "executorch": "deploy"}[module]
     assert result.stderr.strip().splitlines() == [
-        f'error: {module} is not installed (needed for the {backend} backend): pip install ".[deploy]" from this '
-        f"repository, or pip install {module}"]
+        f'error: {module} is not installed (needed for the {backend} backend): pip install "ghostnet-hub[{extra}]" '
+        f"(in this clone: pip install -r requirements-{extra}.txt), or just pip install {module}"]
 
 
 def test_int8_options_need_int8(moderate_weights):
@@ -144,8 +146,8 @@ def test_runtimes_are_imported_only_when_used_and_missing_ones_are_one_line(mode
     result = run_models("predict", "--model", "tinynet_e", "--backend", "onnxruntime", "--quiet", env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        'error: onnxruntime is not installed (needed for the onnxruntime backend): pip install ".[deploy]" from '
-        "this repository, or pip install onnxruntime"]
+        'error: onnxruntime is not installed (needed for the onnxruntime backend): pip install "ghostnet-hub[export]" '
+        "(in this clone: pip install -r requirements-export.txt), or just pip install onnxruntime"]
     # Without the block: starting the command line imports none of the optional runtimes.
     probe = subprocess.run([sys.executable, "-c", "import sys; from models.tools import cli; print(sorted(m for m in "
                             "sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'onnxscript', 'executorch', "

@@ -54,7 +54,7 @@ def filled(server, tmp_path):
 
 
 @fault("Leftovers pile up: `.partial`, `.lock`, `.corrupt-*`, failure records",
-       "`python -m models cache list` shows every file of this package (model, kind, size, age, verified or not); "
+       "`ghostnet-hub cache list` shows every file of this package (model, kind, size, age, verified or not); "
        "other libraries' files are counted, not shown")
 def test_cache_list_shows_every_file_and_whether_it_verifies(filled):
     manifest, env, cache, files, e_name, d_name = filled
@@ -74,7 +74,7 @@ def test_cache_list_shows_every_file_and_whether_it_verifies(filled):
     assert damaged.returncode == 1 and "corrupt: " in damaged.stdout
 
 
-@fault("`python -m models cache prune --days N`",
+@fault("`ghostnet-hub cache prune --days N`",
        "removes partials, quarantined files and failure records older than N days, and locks nobody holds; "
        "keeps weights, young partials and other libraries' files")
 def test_cache_prune_removes_old_leftovers_only(filled):
@@ -90,7 +90,7 @@ def test_cache_prune_removes_old_leftovers_only(filled):
     assert {e_name, d_name, FOREIGN} <= left
 
 
-@fault("`python -m models cache clear [MODEL]`",
+@fault("`ghostnet-hub cache clear [MODEL]`",
        "removes that model's files (or every file of this package); a file whose lock is held is skipped")
 def test_cache_clear_removes_a_model_or_everything_of_ours(filled):
     manifest, env, cache, files, e_name, d_name = filled
@@ -125,18 +125,15 @@ def test_readme_weight_commands_run(published, tmp_path, monkeypatch):
     """The README's block of weights commands, line by line, against the loopback server
     (``manifest pin`` on a copy of the manifest, which it rewrites)."""
     import re
-    import shlex
     import shutil
 
-    from helpers import ROOT
+    from helpers import ROOT, readme_cli
 
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"Commands, run from the repository root:\n\n```bash\n(.*?)```", readme, re.S)[1]
+    block = re.search(r"```bash\n(ghostnet-hub prefetch --all .*?)```", readme, re.S)[1]
     manifest = tmp_path / "manifest.json"
     shutil.copy(os.environ["GHOSTNET_HUB_MANIFEST"], manifest)
     env = {"TORCH_HOME": str(tmp_path / "torch"), "GHOSTNET_HUB_MANIFEST": str(manifest)}
     for line in block.splitlines():
-        words = shlex.split(line, comments=True)
-        assert words[:3] == ["python", "-m", "models"], line
-        result = cli(*words[3:], env=env)
+        result = readme_cli(line, env=env)
         assert result.returncode == 0, (line, result.stdout, result.stderr)

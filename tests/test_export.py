@@ -19,7 +19,7 @@ from models.tools._samples import (
 )
 from models.tools.predict import SAMPLE_IMAGE
 
-from helpers import ROOT, cli
+from helpers import ROOT, cli, readme_cli
 from reference import PRETRAINED, build, random_state_dict
 
 
@@ -276,9 +276,7 @@ def test_readme_deploy_commands_run_as_written(published, user_folder):
     lines = [line.split("  #")[0].strip() for line in _readme_block("<!-- deploy:commands -->", "bash").splitlines()]
     assert len(lines) == 4
     for line in lines:
-        command = shlex.split(line)
-        assert command[:3] == ["python", "-m", "models"], line
-        result = cli(*command[3:])
+        result = readme_cli(line)
         assert result.returncode == 0, (line, result.stderr)
     assert (user_folder / "ghostnet_1x.onnx").is_file() and (user_folder / "tinynet_e.pte").is_file()
 
@@ -310,15 +308,15 @@ def test_readme_benchmark_command_is_the_committed_run(tmp_path):
     them is the one that made it (modes, batch sizes, threads), and it runs: here with the
     options repeated at the end to measure one model once instead of all of them 30 times."""
     command = shlex.split(_readme_block("<!-- deploy:benchmark -->", "bash").replace("\\\n", " "))
-    assert command[:4] == ["python", "-m", "models", "benchmark"]
-    args = command[4:]
+    assert command[:2] == ["ghostnet-hub", "benchmark"]
+    args = command[2:]
     run = json.loads((ROOT / "docs" / "benchmark-cpu-2threads.json").read_text())
     assert {r["mode"] for r in run["results"] if r["implementation"] == "ours"} == set(_option(args, "--modes"))
     assert {r["batch"] for r in run["results"]} == {int(b) for b in _option(args, "--batch-sizes")}
     assert run["environment"]["threads"] == int(_option(args, "--threads")[0])
     out = {"--json": tmp_path / "run.json", "--csv": tmp_path / "run.csv", "--plot": tmp_path / "run.png"}
     threads = torch.get_num_threads()  # --threads sets this process's (cli runs in process)
-    result = cli(*command[3:], "--models", "tinynet_e", "--modes", "fused_cl", "onnxruntime", "--batch-sizes", "1",
+    result = readme_cli(command, "--models", "tinynet_e", "--modes", "fused_cl", "onnxruntime", "--batch-sizes", "1",
                  "--repeats", "1", "--warmup", "0", "--references", "timm", "--quiet",
                  *(x for option, path in out.items() for x in (option, str(path))))
     torch.set_num_threads(threads)

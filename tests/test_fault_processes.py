@@ -12,7 +12,7 @@ import time
 import pytest
 
 from faults import fault
-from helpers import ROOT
+from helpers import ROOT, readme_argv
 from mounts import remount_read_only, tmpfs
 from reference import checkpoint_bytes
 from weights_server import weight_entry, write_manifest
@@ -48,7 +48,7 @@ except Exception as exc:
 
 
 @fault("A real process on a machine with no network interface at all (`unshare -n`, ghostnet_1x's 4 real "
-       "sources)", "the same short error at once, and `python -m models prefetch` exits 1 with it and no traceback")
+       "sources)", "the same short error at once, and `ghostnet-hub prefetch` exits 1 with it and no traceback")
 def test_process_without_any_network(tmp_path):
     probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True) if shutil.which("unshare") \
         else None
@@ -172,10 +172,9 @@ def test_readme_docker_recipe_on_a_read_only_cache(published, tmp_path):
             run_lines.append(rest)
     assert build_env.get("TORCH_HOME") == "/opt/torch" and run_lines and runtime_env == {"GHOSTNET_HUB_OFFLINE": "1"}
     with tmpfs(tmp_path / "opt", "512m") as opt:
-        env = _env(tmp_path, GHOSTNET_HUB_MANIFEST=os.environ["GHOSTNET_HUB_MANIFEST"], TORCH_HOME=str(opt / "torch"),
-                   PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-        for command in run_lines:
-            built = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True,
+        env = _env(tmp_path, GHOSTNET_HUB_MANIFEST=os.environ["GHOSTNET_HUB_MANIFEST"], TORCH_HOME=str(opt / "torch"))
+        for command in (part for line in run_lines for part in line.split(" && ")):  # as `sh -c` runs a RUN line
+            built = subprocess.run(readme_argv(command), cwd=ROOT, env=env, capture_output=True, text=True,
                                    timeout=600)
             assert built.returncode == 0, built.stdout + built.stderr
         hits = len(server.hits)

@@ -287,7 +287,7 @@ def test_known_size_larger_than_free_space_is_refused_before_any_request(server,
     assert server.hits == []
 
 
-@fault("`python -m models prefetch` on a full disk", "exit status 1 and the message, no traceback; the other "
+@fault("`ghostnet-hub prefetch` on a full disk", "exit status 1 and the message, no traceback; the other "
        "models are not attempted")
 def test_prefetch_on_a_full_disk_prints_no_traceback(server, tmp_path):
     e, d = checkpoint_bytes("tinynet_e"), checkpoint_bytes("tinynet_d")

@@ -21,7 +21,7 @@ from models import api
 from models.tools._finetune_data import DataError, TrainImages, find_splits, train_transform
 from models.tools.finetune import finetune
 
-from helpers import ROOT, cli, run_models
+from helpers import ROOT, cli, readme_argv, readme_cli, run_models
 from reference import build
 
 # The flag with which predict and evaluate take a checkpoint file (#10 renames it --checkpoint).
@@ -388,19 +388,13 @@ def readme_commands(name):
     return [shlex.split(line) for line in block.strip().splitlines()]
 
 
-def as_run_here(words):
-    """A README command line as this interpreter runs it."""
-    launcher = {"python": [sys.executable], "torchrun": [sys.executable, "-m", "torch.distributed.run"]}
-    return launcher[words[0]] + words[1:]
-
-
 @pytest.mark.slow
 def test_readme_commands_and_two_processes_equal_one(published, small_data, tmp_path, monkeypatch):
     server, _ = published  # (one server for the session: count this test's requests)
     before = len(server.hits)
     shutil.copytree(small_data, tmp_path / "my_images")
     env = {**os.environ, "PYTHONPATH": str(ROOT), **SERIAL}
-    run = lambda words: subprocess.run(as_run_here(words), cwd=tmp_path, env=env, capture_output=True,  # noqa: E731
+    run = lambda words: subprocess.run(readme_argv(words), cwd=tmp_path, env=env, capture_output=True,  # noqa: E731
                                        text=True, timeout=300)
     (torchrun,) = readme_commands("torchrun")
     (single,) = readme_commands("one")
@@ -427,20 +421,20 @@ def test_readme_commands_and_two_processes_equal_one(published, small_data, tmp_
 
     monkeypatch.chdir(tmp_path)
     (resume,) = readme_commands("resume")
-    resumed = cli(*resume[3:], "--epochs", "3")  # one epoch more, now in one process
+    resumed = readme_cli(resume, "--epochs", "3")  # one epoch more, now in one process
     assert resumed.returncode == 0, resumed.stderr
     assert [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("epoch ")] == ["3/3"]
     metrics = json.loads((tmp_path / "runs/tinynet_e/metrics.json").read_text())
     predict, evaluate, export, predict_file = readme_commands("use")
-    predicted = cli(*predict[3:], "--topk", "1", "--quiet")
+    predicted = readme_cli(predict, "--topk", "1", "--quiet")
     assert predicted.returncode == 0, predicted.stderr
     labels = [line.split()[1] for line in predicted.stdout.splitlines() if line.startswith("  1.")]
     assert len(labels) == 12 and set(labels) <= set(CLASSES)
-    evaluated = cli(*evaluate[3:], "--quiet", "--workers", "0")
+    evaluated = readme_cli(evaluate, "--quiet", "--workers", "0")
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"top-1 {metrics['best_val_top1']:.3f} %" in evaluated.stdout
-    assert cli(*export[3:], "--quiet").returncode == 0  # no model name: the checkpoint names it
-    from_file = cli(*predict_file[3:], "--topk", "1", "--quiet")
+    assert readme_cli(export, "--quiet").returncode == 0  # no model name: the checkpoint names it
+    from_file = readme_cli(predict_file, "--topk", "1", "--quiet")
     assert from_file.returncode == 0, from_file.stderr
     assert [line.split()[1] for line in from_file.stdout.splitlines() if line.startswith("  1.")] == labels
 
@@ -469,11 +463,11 @@ def test_tinynet_e_learns_from_scratch_and_predict_agrees(tmp_path, monkeypatch)
     # each, drawn apart); --workers 0 only saves starting processes (see the test above).
     make_data, train = readme_commands("figure")
     assert make_data[1] == "tests/stripes.py" and "--no-pretrained" in train
-    made = subprocess.run(as_run_here([make_data[0], str(ROOT / make_data[1]), *make_data[2:]]), cwd=tmp_path,
+    made = subprocess.run(readme_argv([make_data[0], str(ROOT / make_data[1]), *make_data[2:]]), cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
     monkeypatch.chdir(tmp_path)
-    result = cli(*train[3:], "--workers", "0", "--quiet")
+    result = readme_cli(train, "--workers", "0", "--quiet")
     assert result.returncode == 0, result.stderr
     data, out = tmp_path / train[train.index("--data") + 1], tmp_path / train[train.index("--out") + 1]
     metrics = json.loads((out / "metrics.json").read_text())

@@ -202,7 +202,7 @@ def test_non_finite_numbers_are_refused(tmp_path, literal):
 
 
 @fault("A manifest has a model key for which the package has no architecture",
-       "`python -m models manifest check` reports it")
+       "`ghostnet-hub manifest check` reports it")
 def test_manifest_check_refuses_a_model_without_architecture(tmp_path):
     data = copy.deepcopy(RAW)
     data["models"]["tinynet_z"] = data["models"]["tinynet_e"]

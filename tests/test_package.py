@@ -1,74 +1,27 @@
 """The package as users install it: `pip install "ghostnet-hub @ git+<repo>"` (the README's
 command, pointed at a git repository made from this working tree) into a fresh virtual
-environment, then used from outside the checkout, next to a `models` package of the user's own.
-
-The fresh venv is made without pip (`python -m venv --without-pip`); a .pth file lets it see the
-test environment's site-packages, so torch and friends are not installed again (that would take
-minutes and the network), and pip runs with --no-deps --no-index --no-build-isolation: offline,
-building with the setuptools of requirements-dev.txt. The package itself is installed for real
-into the venv's own site-packages, with its console script.
+environment (the ``installed`` fixture, tests/conftest.py), then used from outside the checkout,
+next to a `models` package of the user's own.
 """
 import json
 import os
 import re
+import shlex
 import shutil
-import site
 import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from helpers import ROOT, run_models
+from helpers import ROOT, readme_argv, run_checked, run_models
 
 pytestmark = pytest.mark.slow  # git, pip and new Python processes: about 20 s
 
 TABBY = 281
 
 
-def _run(command, **kwargs):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | kwargs.pop("env", {})
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, **kwargs)
-    assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """(venv python, the user's project directory) after the README's pip install."""
-    tmp = tmp_path_factory.mktemp("package")
-    # This working tree as a git repository, what `pip install git+https://...` clones.
-    repo = tmp / "repo"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, repo / rel)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"]
-    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "snapshot"]):
-        _run([*git, *command], cwd=repo)
-
-    venv = tmp / "venv"
-    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
-    python = venv / "bin" / "python"
-    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
-    (venv / purelib / "_test_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- install -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    assert block.splitlines()[0] == 'pip install "ghostnet-hub @ git+https://github.com/OWNER/REPO"'
-    # The same install from a git URL; "name @ git+file:///..." is not a valid requirement, the bare URL is.
-    _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",
-          f"git+file://{repo}"], cwd=tmp)
-    project = tmp / "project"  # the user's own project, with a package named models
-    (project / "models").mkdir(parents=True)
-    (project / "models" / "__init__.py").write_text("MINE = True\n")
-    return python, project
-
-
 def test_installed_under_its_own_name_beside_the_users_models(installed):
-    python, project = installed
+    python, _, project = installed
     code = textwrap.dedent("""
         import importlib.metadata, json, sys
         import models, ghostnet_hub
@@ -83,7 +36,7 @@ def test_installed_under_its_own_name_beside_the_users_models(installed):
             "loaded": sorted(m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)),
         }))
     """)
-    report = json.loads(_run([str(python), "-c", code], cwd=project).stdout)
+    report = json.loads(run_checked([str(python), "-c", code], cwd=project).stdout)
     assert report["mine"] is True  # the user's models is untouched
     assert "site-packages" in report["file"] and report["version"] == report["metadata"]
     assert report["manifest"].endswith("site-packages/ghostnet_hub/weights_manifest.json")
@@ -103,21 +56,21 @@ def test_installed_under_its_own_name_beside_the_users_models(installed):
 
 
 def test_console_script_is_python_m_models(installed, tmp_path):
-    python, project = installed
+    python, _, project = installed
     env = {"TORCH_HOME": str(tmp_path / "torch")}
     script = python.parent / "ghostnet-hub"
-    version = _run([str(script), "--version"], cwd=project).stdout.strip()
-    assert version == _run([str(python), "-m", "ghostnet_hub", "--version"], cwd=project).stdout.strip()
+    version = run_checked([str(script), "--version"], cwd=project).stdout.strip()
+    assert version == run_checked([str(python), "-m", "ghostnet_hub", "--version"], cwd=project).stdout.strip()
     assert version == run_models("--version").stdout.strip()  # python -m models from the clone still works
     assert re.fullmatch(r"ghostnet-hub \d+\.\d+\.\d+", version)
-    listing = _run([str(script), "list"], cwd=project, env=env).stdout
+    listing = run_checked([str(script), "list"], cwd=project, env=env).stdout
     assert listing == run_models("list", env=env).stdout
 
 
 def test_installed_predict_uses_the_bundled_photo_and_manifest(installed, serve_fixed_logits, monkeypatch):
-    python, project = installed
+    python, _, project = installed
     serve_fixed_logits("ghostnet_1x", {TABBY: 10.0})  # sets $GHOSTNET_HUB_MANIFEST for the processes below
-    result = _run([str(python.parent / "ghostnet-hub"), "predict", "--quiet"], cwd=project,
+    result = run_checked([str(python.parent / "ghostnet-hub"), "predict", "--quiet"], cwd=project,
                   env={"GHOSTNET_HUB_MANIFEST": os.environ["GHOSTNET_HUB_MANIFEST"]})
     lines = result.stdout.splitlines()
     assert lines[0].endswith("site-packages/ghostnet_hub/data/chelsea.jpg")
@@ -125,10 +78,57 @@ def test_installed_predict_uses_the_bundled_photo_and_manifest(installed, serve_
 
 
 def test_installed_models_pickle_by_name(installed, tmp_path):
-    python, project = installed
+    python, _, project = installed
     save = "import sys, torch, ghostnet_hub; torch.save(ghostnet_hub.tinynet_e(num_classes=3).eval(), sys.argv[1])"
     load = ("import sys, torch; m = torch.load(sys.argv[1], weights_only=False); "
             "print(type(m).__module__, m(torch.randn(1, 3, 64, 64)).shape)")
-    _run([str(python), "-c", save, str(tmp_path / "m.pt")], cwd=project)
-    assert _run([str(python), "-c", load, str(tmp_path / "m.pt")], cwd=project).stdout.split() == [
+    run_checked([str(python), "-c", save, str(tmp_path / "m.pt")], cwd=project)
+    assert run_checked([str(python), "-c", load, str(tmp_path / "m.pt")], cwd=project).stdout.split() == [
         "ghostnet_hub.tinynet", "torch.Size([1,", "3])"]
+
+
+# -- the commands a pip user types, and the ones the package tells them -------------------------
+
+def test_help_names_the_program_the_user_typed(installed):
+    python, bin, project = installed
+    for command, program in (([str(bin / "ghostnet-hub")], "ghostnet-hub"),
+                             ([str(python), "-m", "ghostnet_hub"], "python -m ghostnet_hub")):
+        assert run_checked([*command, "--help"], cwd=project).stdout.startswith(f"usage: {program} ")
+        assert run_checked([*command, "predict", "--help"], cwd=project).stdout.startswith(
+            f"usage: {program} predict ")
+
+
+def test_installed_hints_name_installed_commands_that_work(installed, tmp_path):
+    python, bin, project = installed
+    offline = subprocess.run([str(bin / "ghostnet-hub"), "predict", "--model", "tinynet_e", "--quiet"], cwd=project,
+                             env={**os.environ, "GHOSTNET_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path)},
+                             capture_output=True, text=True, timeout=300)
+    assert offline.returncode != 0 and "Traceback" not in offline.stderr
+    assert "`ghostnet-hub prefetch tinynet_e`" in offline.stderr and "python -m models" not in offline.stderr
+    missing = run_checked([str(python), "-c", "import sys; sys.modules['onnxruntime'] = None\n"
+                           "from ghostnet_hub.tools import backends\n"
+                           "try: backends.require('onnxruntime', 'for the onnxruntime backend')\n"
+                           "except ImportError as exc: print(exc)"], cwd=project).stdout.strip()
+    assert missing == ('onnxruntime is not installed (needed for the onnxruntime backend): '
+                       'pip install "ghostnet-hub[export]", or just pip install onnxruntime')
+    # The hint works for this install as it stands: pip finds the package installed and its
+    # [export] requirements satisfied (here by the test environment, hence --no-index).
+    hint = shlex.split(missing.split(": ", 1)[1].split(",")[0])
+    assert hint[:2] == ["pip", "install"]
+    pip = run_checked([str(python), "-m", *hint, "--no-index"], cwd=project)
+    assert "Requirement already satisfied: ghostnet-hub[export]" in pip.stdout, pip.stdout
+
+
+def test_readme_weights_commands_run_as_written_where_installed(installed, published, tmp_path):
+    """The README's weights commands, as a pip user runs them from their own project (``manifest
+    pin`` on a copy of the manifest, which it rewrites)."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(ghostnet-hub prefetch --all .*?)```", readme, re.S)[1]
+    manifest = tmp_path / "manifest.json"
+    shutil.copy(os.environ["GHOSTNET_HUB_MANIFEST"], manifest)
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "GHOSTNET_HUB_MANIFEST": str(manifest)}
+    for line in block.splitlines():
+        run_checked(readme_argv(line, installed), cwd=installed.project, env=env)
+    listing = run_checked(readme_argv("ghostnet-hub cache list", installed), cwd=installed.project, env=env).stdout
+    cached = {line.split()[0] for line in listing.splitlines()[1:] if line.split()[1:2] == ["weights"]}
+    assert cached == {"ghostnet_1x", "tinynet_a", "tinynet_b", "tinynet_c", "tinynet_d"}  # (cache clear tinynet_e)

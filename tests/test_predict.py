@@ -9,7 +9,7 @@ from PIL import Image
 
 from models.tools.predict import SAMPLE_IMAGE, to_rgb
 
-from helpers import ROOT, cli, run_models
+from helpers import MODELS, ROOT, cli, readme_argv, run_models
 
 TABBY = 281  # "tabby" in ImageNet-1k
 
@@ -72,8 +72,8 @@ run = cli  # in this process; the README's main job below runs as a real subproc
 def test_readme_main_job_classifies_the_sample(tabby_weights):
     readme = (ROOT / "README.md").read_text()
     setup = readme.split("<!-- ci:setup -->", 1)[1].split("```bash\n", 1)[1].split("\n", 1)[0]
-    main_job = setup.split("&&")[-1].split()
-    assert main_job[:3] == [".venv/bin/python", "-m", "models"]
+    main_job = readme_argv(setup.split("&&")[-1])  # (a clone's quick start: .venv/bin/python -m models)
+    assert main_job[:3] == MODELS
     result = run_models(*main_job[3:])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

@@ -3,9 +3,9 @@ or in ExecuTorch (XNNPACK), from a file made by ``python -m models export`` or f
 made on the fly and cached. Every backend is called like the eager model: a float batch
 (N, 3, H, W) in, logits out; so preprocessing and output stay the same whatever runs it.
 
-ONNX Runtime and ExecuTorch are optional (the ``deploy`` extra) and imported only when a
-backend needs them; a missing one is a ``MissingRuntime`` error of one line naming the pip
-command.
+ONNX Runtime and ExecuTorch are optional (the ``export`` extra has ONNX and ONNX Runtime, the
+``deploy`` extra ExecuTorch too) and imported only when a backend needs them; a missing one is a
+``MissingRuntime`` error of one line naming the extra to install.
 """
 from __future__ import annotations
 
@@ -26,18 +26,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _commands
 from ..cache import export_target, exports_dir, file_lock, record_sha256, verify_file
 from ..description import DESCRIPTION_KEY, ModelDescription, describe
 
-__all__ = ["BACKENDS", "DEPLOY_INSTALL", "MissingRuntime", "Runner", "add_arguments", "device_of", "lend",
+__all__ = ["BACKENDS", "MissingRuntime", "Runner", "add_arguments", "device_of", "lend",
            "load_file", "options_from_args", "require", "wrap"]
 
 BACKENDS = ("eager", "compile", "onnxruntime", "executorch")
-# What installs the optional runtimes: the ``deploy`` extra of this package.
-DEPLOY_INSTALL = 'pip install ".[deploy]"'
-# The pip package behind each optional module.
+# The pip package behind each optional module, and the smallest extra of this package that has it
+# (requirements-export.txt, requirements-deploy.txt).
 _PIP_NAMES = {"onnxruntime": "onnxruntime", "onnx": "onnx", "onnxscript": "onnxscript", "executorch": "executorch",
               "torchao": "executorch"}
+_EXTRAS = {"onnxruntime": "export", "onnx": "export", "onnxscript": "export", "executorch": "deploy",
+           "torchao": "deploy"}
 SUFFIXES = {".onnx": "onnxruntime", ".pte": "executorch", ".pt2": "eager"}
 
 
@@ -47,15 +49,15 @@ class MissingRuntime(ImportError):
 
 
 def require(module: str, purpose: str = "") -> Any:
-    """``import module``, or a ``MissingRuntime`` naming the deploy extra."""
+    """``import module``, or a ``MissingRuntime`` naming the extra that installs it."""
     try:
         return importlib.import_module(module)
     except ImportError:
         top = module.split(".")[0]
         what = f" (needed {purpose})" if purpose else ""
         raise MissingRuntime(
-            f"{top} is not installed{what}: {DEPLOY_INSTALL} from this repository, "
-            f"or pip install {_PIP_NAMES.get(top, top)}"
+            f"{top} is not installed{what}: {_commands.install(_EXTRAS.get(top, 'deploy'))}, "
+            f"or just pip install {_PIP_NAMES.get(top, top)}"
         ) from None
 
 

@@ -1,5 +1,6 @@
-"""``python -m models``: commands for users and maintainers. The weights commands live here;
-each application module (predict, evaluate, benchmark) registers its own command."""
+"""``ghostnet-hub`` (``python -m models`` in a clone): commands for users and maintainers. The
+weights commands live here; each application module (predict, evaluate, benchmark) registers its
+own command."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 
-from .. import __version__, _cache_files, api, download
+from .. import __version__, _cache_files, _commands, api, download
 from .._hashing import sha256_file
 from ..cache import CacheDirError, cache_dir, default_cache_dir, exports_dir, verify_cached
 from ..manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
@@ -250,8 +251,11 @@ def _cache_clear(args) -> int:
     return 1 if busy else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m models", description="GhostNet and TinyNet weights and tools.")
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """``prog``: how the user started the command (``python -m ghostnet_hub``); by default the
+    command this copy of the package has (``ghostnet-hub`` installed, ``python -m models`` in a clone)."""
+    parser = argparse.ArgumentParser(prog=prog or _commands.command(),
+                                     description="GhostNet and TinyNet weights and tools.")
     parser.add_argument("--version", action="version", version=f"ghostnet-hub {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -301,8 +305,8 @@ def _warn_in_one_line(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     shown, warnings.showwarning = warnings.showwarning, _warn_in_one_line
     try:
         return args.func(args)
