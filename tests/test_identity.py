@@ -238,3 +238,40 @@ def test_the_journey_through_the_command_line(tmp_path):
         assert (report["model"], report["backend"], report["precision"]) == ("tinynet_e", backend, "fp32")
         assert report["file"] == str(path) and report["file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert (report["correct1"], report["correct4"]) == (reference["correct1"], reference["correct4"]), path
+
+
+@pytest.mark.slow
+def test_the_journey_for_a_pip_user(installed, published, tmp_path):
+    """The README's fine-tune-and-use commands, spelled as the README spells them, run by a
+    user who pip-installed the package, from their own project directory (not the clone):
+    the model starts from the published weights (a loopback server), and the exported file
+    names the fine-tuned classes with no --model."""
+    from helpers import ROOT, readme_argv, run_checked
+
+    readme = (ROOT / "README.md").read_text()
+
+    def block(name):
+        text = readme.split(f"<!-- finetune:{name} -->\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+        return text.strip().splitlines()
+
+    project = installed.project
+    write_dataset(project / "my_images", train=8, val=3, size=40)
+    env = {"OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch")}  # ($GHOSTNET_HUB_MANIFEST: published)
+    (train,) = block("one")
+    run_checked(readme_argv(train, installed) + ["--epochs", "1", "--input-size", "32", "--batch-size", "8",
+                                                  "--workers", "0", "--quiet"], cwd=project, env=env)
+    predict, evaluate, export_line, predict_file = block("use")
+    run_checked(readme_argv(export_line, installed) + ["--quiet"], cwd=project, env=env)
+    eager = run_checked(readme_argv(predict, installed) + ["--json", "--quiet"], cwd=project, env=env)
+    from_file = run_checked(readme_argv(predict_file, installed) + ["--json", "--quiet"], cwd=project, env=env)
+    records = [[json.loads(line) for line in out.stdout.splitlines()] for out in (eager, from_file)]
+    assert len(records[0]) == 12 and all(r["model"] == "tinynet_e" for r in records[0] + records[1])
+    assert [r["top"][0]["label"] for r in records[1]] == [r["top"][0]["label"] for r in records[0]]
+    assert {r["top"][0]["label"] for r in records[1]} <= set(CLASSES)
+    onnx_file = project / "runs" / "tinynet_e" / "model.onnx"
+    report = project / "report.json"
+    run_checked(readme_argv(evaluate.replace("--checkpoint runs/tinynet_e/best.pth", f"--model-file {onnx_file}"),
+                            installed) + ["--json", str(report), "--quiet", "--workers", "0"], cwd=project, env=env)
+    measured = json.loads(report.read_text())
+    assert (measured["model"], measured["backend"], measured["file"]) == ("tinynet_e", "onnxruntime", str(onnx_file))
+    assert measured["images"] == 12 and "top4" in measured
