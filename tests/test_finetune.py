@@ -380,7 +380,9 @@ README = (ROOT / "README.md").read_text()
 # one-process runs with different thread counts as between one process and two.
 FAST = ["--epochs", "2", "--input-size", "64", "--batch-size", "16", "--workers", "0", "--drop-rate", "0", "--quiet",
         "--opt", "sgd", "--lr", "1e-3"]
-TOLERANCE = 1e-5  # the largest difference of any weight or BatchNorm statistic
+# The largest difference of any weight or BatchNorm statistic, 2 processes vs 1: float sums in another
+# order. 1.03e-5 on an AVX2 EPYC (under 1e-5 on the AVX-512 Xeon before); without --sync-bn it is ~1.
+TOLERANCE = 1e-4
 
 
 def readme_commands(name):
