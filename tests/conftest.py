@@ -3,6 +3,12 @@ import pathlib
 import pytest
 import torch
 
+# One torch thread in the test process, set once here: on a shared 2-core machine two threads that
+# wait for each other made numeric tests 25-145x slower, and one thread sums floats in the same order
+# everywhere. Tests that measure threads set their own (benchmark --threads), subprocesses keep
+# torch's default.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():

@@ -43,23 +43,13 @@ def quiet(fn, *args, **kwargs):
     return result, out.getvalue()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Training in this process on one thread: on a shared 2-core machine two threads that wait
-    for each other are many times slower; nothing here measures speed."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("stripes-small"), train=8, val=3, size=40)
 
 
 @pytest.fixture(scope="module")
-def tiny_run(_one_thread, small_data, tmp_path_factory):
+def tiny_run(small_data, tmp_path_factory):
     """Two epochs of tinynet_e from scratch: (result, stdout)."""
     out = tmp_path_factory.mktemp("tiny-run")
     return quiet(finetune, model="tinynet_e", data=small_data, out=out, pretrained=False, epochs=2, **TINY)

@@ -26,14 +26,9 @@ TINY = {"input_size": 32, "batch_size": 8, "workers": 0, "progress": False}
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """(data, best.pth) of one epoch of tinynet_e on the 4 striped classes, in this process."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
     data = write_dataset(tmp_path_factory.mktemp("shapes"), train=8, val=3, size=40)
-    out = tmp_path_factory.mktemp("run")
-    try:
-        result = finetune(model="tinynet_e", data=data, out=out, pretrained=False, epochs=1, **TINY)
-    finally:
-        torch.set_num_threads(saved)
+    result = finetune(model="tinynet_e", data=data, out=tmp_path_factory.mktemp("run"), pretrained=False, epochs=1,
+                      **TINY)
     return data, result.best
 
 
