@@ -146,12 +146,14 @@ def prune(directory: pathlib.Path, models: Sequence[str], days: float) -> list[E
 
 
 def clear(directory: pathlib.Path, models: Sequence[str], only: Sequence[str] = ()) -> tuple[list[Entry], list[str]]:
-    """Remove every file of this package (of the models in ``only``, if given): (entries
-    removed, weight files skipped because a process holds their lock)."""
+    """Remove every file of this package (of the models in ``only``, if given: model names,
+    ``url`` for every user URL's files, ``url-<digits>`` for one URL's): (entries removed,
+    weight files skipped because a process holds their lock)."""
     entries, _ = scan(directory, (), models, verify=False)
+    urls = tuple(f"{name}-" for name in only if name.startswith("url-"))
     groups: dict[str, list[Entry]] = {}
     for entry in entries:
-        if not only or entry.model in only:
+        if not only or entry.model in only or entry.path.name.startswith(urls):
             groups.setdefault(entry.final_name, []).append(entry)
     removed, busy = [], []
     for final, group in groups.items():

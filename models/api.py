@@ -24,7 +24,7 @@ from ._base import ImageClassifier, Variant
 from ._devices import resolve_device
 from .manifest import DEFAULT_MANIFEST, Manifest, ModelEntry, load_manifest
 from .pretrained import WeightsEnum, get_model_weights, get_weight, resolve_weights
-from .weights import Weights, get_weights, user_state_dict
+from .weights import Weights, checkpoint_limit, get_weights, user_state_dict
 
 # Where this repository lives on GitHub, for the examples in the help text.
 GITHUB_REPO = "OWNER/REPO"
@@ -246,7 +246,8 @@ def _build(name: str, variant: Variant, *, target: torch.device, num_classes: in
         if stem is not None and stem.shape[1] != model.in_chans:
             state["conv_stem.weight"] = _adapt_stem(stem, model.in_chans)
     else:
-        state = user_state_dict(checkpoint, sha256=checkpoint_sha256, progress=progress, map_location=target)
+        state = user_state_dict(checkpoint, sha256=checkpoint_sha256, progress=progress, map_location=target,
+                                max_bytes=checkpoint_limit(model))
     if model.features_only:
         # A backbone uses a subset of the checkpoint; the rest (head) is not needed.
         wanted = model.state_dict().keys()

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import filelock
 
 from . import _http
+from ._files import no_room
 from ._hashing import hash_file
 from ._http import DEADLINE_ENV, MAX_BYTES_ENV, DownloadOptions, SourceFailed, WriteFailed
 from .cache import (
@@ -38,9 +39,11 @@ from .cache import (
     problems,
     recent_failures,
     record_failures,
+    recorded_validators,
     remember,
     target_for,
     verify_file,
+    write_sidecar,
 )
 from .manifest import CHECKSUM_LENGTHS, WeightFile
 
@@ -59,6 +62,7 @@ __all__ = [
     "fetch_first",
     "fetch_url",
     "is_url",
+    "url_prefix",
 ]
 
 OFFLINE_ENV = "GHOSTNET_HUB_OFFLINE"
@@ -143,14 +147,10 @@ def _hint(model: str) -> str:
 
 
 def _write_error(target: Target, exc: WriteFailed) -> CacheWriteError:
-    def size(n):
-        return "unknown" if n is None else f"{n:,}"
-    cause = f" ({exc.error})" if exc.error else ""
     return CacheWriteError(
-        f"{target.label}: cannot write {target.cache_name} into the cache {exc.directory}{cause}: it needs "
-        f"{size(exc.needed)} bytes and {size(exc.free)} bytes are free there. Nothing was kept; other sources "
-        "were not tried into the same disk. Free space there (`python -m models cache prune`) or set TORCH_HOME "
-        "to a disk with room."
+        f"{target.label}: {no_room(target.cache_name, f'the cache {exc.directory}', exc.needed, exc.free, exc.error)}"
+        ". Nothing was kept; other sources were not tried into the same disk. Free space there "
+        "(`python -m models cache prune`) or set TORCH_HOME to a disk with room."
     )
 
 
@@ -175,7 +175,7 @@ def _download_verified(http, url: str, partial: pathlib.Path, target: Target, op
                   url, "; ".join(wrong))
     if target.sidecar:
         try:
-            (partial.parent / (target.cache_name + ".sha256")).write_text(found["sha256"] + "\n")
+            write_sidecar(partial.parent / target.cache_name, found["sha256"], partial)
         except OSError as exc:
             raise WriteFailed(partial.parent, None, exc) from None
 
@@ -188,6 +188,23 @@ def _publish(partial: pathlib.Path, final: pathlib.Path, target: Target) -> None
     for leftover in final.parent.glob(f"{final.name}.*.partial"):  # from sources that failed
         discard_partial(leftover)
     forget_failures(final)
+
+
+def _changed_upstream(final: pathlib.Path, target: Target, offline: bool, options: DownloadOptions) -> bool:
+    """Whether the verified cached copy of a user's URL, given without a checksum to pin its
+    content, has changed at the URL: asked with the validators recorded at download (one
+    conditional request, no retries). Offline, without recorded validators, or when the server
+    cannot say, the cached copy stands (the last with a warning)."""
+    if not target.sidecar or offline or not target.urls or _skip_reason(target.urls[0], {}):
+        return False
+    validators = recorded_validators(final)
+    if not validators:
+        return False
+    try:
+        return _http.changed(target.urls[0], validators, options)
+    except SourceFailed as exc:
+        _log.warning("%s: could not revalidate the cached %s (%s); using it", target.label, final.name, exc)
+        return False
 
 
 def _offline_error(target: Target, final: pathlib.Path, urls: Sequence[str]) -> OfflineError:
@@ -210,7 +227,8 @@ def _fetch(target: Target, *, progress: bool, options: DownloadOptions | None, c
     final = entry_path(directory, target.cache_name)
     if found is False:
         found = verify_file(final, target)  # no lock and no write access needed
-    if found == []:
+    stale = found == [] and _changed_upstream(final, target, offline, options)
+    if found == [] and not stale:
         return final, []
     urls = _urls(target, mirror)
     if offline and found is None:
@@ -219,6 +237,9 @@ def _fetch(target: Target, *, progress: bool, options: DownloadOptions | None, c
     try:
         cache_dir(cache)
     except CacheDirError as exc:
+        if stale:
+            _log.warning("%s changed upstream but cannot be replaced (%s); using the cached copy", final, exc)
+            return final, []
         if found:
             raise CacheDirError(f"the cached {final} failed verification ({'; '.join(found)}) and cannot be "
                                 f"replaced: {exc}") from None
@@ -231,7 +252,7 @@ def _fetch(target: Target, *, progress: bool, options: DownloadOptions | None, c
         raise DownloadError(f"{target.label}: another process has held {lock.lock_file} for over {deadline + 60:g} s "
                             f"({DEADLINE_ENV} bounds its download); try again later") from None
     try:
-        if cached(final, target):
+        if not stale and cached(final, target):
             return final, []
         if offline:
             raise _offline_error(target, final, urls)
@@ -360,6 +381,11 @@ def _portable_name(url_path: str) -> str:
     return name
 
 
+def url_prefix(url: str) -> str:
+    """How the cache names of ``url``'s files begin: ``url-`` and 16 digits of its hash."""
+    return f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+
+
 def fetch_url(url: str, *, sha256: str | None = None, progress: bool = True,
               options: DownloadOptions | None = None, cache: str | os.PathLike | None = None,
               offline: bool | None = None) -> pathlib.Path:
@@ -371,13 +397,12 @@ def fetch_url(url: str, *, sha256: str | None = None, progress: bool = True,
         sha256 = sha256.lower()
         if len(sha256) != CHECKSUM_LENGTHS["sha256"] or any(c not in "0123456789abcdef" for c in sha256):
             raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
-    url_key = hashlib.sha256(url.encode()).hexdigest()[:16]
     target = Target(
         label=f"weights from {url}",
         urls=(url,),
         checksums={"sha256": sha256} if sha256 else {},
         size=None,
-        cache_name=f"url-{url_key}-{(sha256 or 'unverified')[:16]}-{_portable_name(parts.path)}",
+        cache_name=f"{url_prefix(url)}-{(sha256 or 'unverified')[:16]}-{_portable_name(parts.path)}",
         sidecar=sha256 is None,
     )
     path, failures = _fetch(target, progress=progress, options=options, cache=cache,

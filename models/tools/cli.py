@@ -223,10 +223,12 @@ def _cache_prune(args) -> int:
 
 def _cache_clear(args) -> int:
     names, _ = _cache_models(args)
-    unknown = [m for m in args.models if m not in names]
+    unknown = [m for m in args.models if m not in names and m != "url" and not download.is_url(m)]
     if unknown:
-        raise SystemExit(f"error: unknown model {', '.join(unknown)}; models: {', '.join(names)}")
-    removed, busy = _cache_files.clear(cache_dir(), names, args.models)
+        raise SystemExit(f"error: unknown model {', '.join(unknown)}; models: {', '.join(names)} (or url for every "
+                         "user URL's files, or one URL)")
+    only = [download.url_prefix(m) if download.is_url(m) else m for m in args.models]
+    removed, busy = _cache_files.clear(cache_dir(), names, only)
     for entry in removed:
         print(f"removed {entry.path.name} ({_size(entry.size)})")
     for final in busy:
@@ -268,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--days", type=float, default=7.0, help="minimum age in days (default: 7)")
     sub = add_command(cache_commands, "clear", _cache_clear,
                       "remove the cached files of MODEL (default: of every model and user URL)")
-    sub.add_argument("models", nargs="*", metavar="MODEL")
+    sub.add_argument("models", nargs="*", metavar="MODEL|url|URL",
+                     help="a model, url (every file downloaded from a user's URL, checkpoint=URL), or one such URL")
 
     manifest = commands.add_parser("manifest", help="maintainer commands on the weights manifest")
     manifest_commands = manifest.add_subparsers(dest="manifest_command", required=True, metavar="COMMAND")
