@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,26 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def real_in(low: float, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False) -> Callable[[str | float], float]:
+    """A parser of a finite real number in [low, high] (an end left out with ``*_open``;
+    no ``high``: unbounded). NaN and infinity are refused: they would pass as numbers and
+    turn a run into NaN."""
+    span = (("(" if low_open else "[") + f"{low:g}, " + (f"{high:g}" if high is not None else "inf")
+            + (")" if high_open or high is None else "]"))
+
+    def parse(text: str | float) -> float:
+        try:
+            value = float(text) if not isinstance(text, bool) else math.nan
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (
+                high is not None and (value > high or (high_open and value == high))):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
         return value
     return parse
 

@@ -8,14 +8,17 @@ A model loaded from it carries a ``Finetuned`` as ``model.pretrained_weights``: 
 works with a pretrained model works with a fine-tuned one."""
 from __future__ import annotations
 
+import io
 import os
 import pathlib
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .. import api
+from .._files import check_room, write_file
 from ..download import is_url
 from ..manifest import DEFAULT_MANIFEST, load_manifest
 from ..weights import read_state_dict
@@ -56,11 +59,43 @@ def eval_transform(pre: dict[str, Any]):
                                std=pre["std"], interpolation=InterpolationMode(pre["interpolation"]))
 
 
+def class_name(folder: str) -> str:
+    """A class folder's name as its class name: in Unicode NFC, so that ``café`` written by
+    macOS (NFD) and by Linux or Windows (NFC) is one class."""
+    return unicodedata.normalize("NFC", folder)
+
+
 def save_checkpoint(path: pathlib.Path, payload: dict[str, Any]) -> None:
-    """Written beside, then renamed: a run killed while saving leaves the previous file whole."""
-    partial = path.with_name(path.name + ".partial")
-    torch.save({"format": FORMAT, **payload}, partial)
-    os.replace(partial, path)
+    """Serialized in memory, then written as the weights cache writes (``_files.write_file``):
+    free space checked first, written beside and renamed, so a run killed while saving leaves
+    the previous file whole, and a full disk or read-only folder is one error naming the
+    folder, the bytes needed and free, with no partial file left. Weights that are not finite
+    are never written."""
+    broken = [k for k, v in payload["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise TrainingDiverged(f"the model's weights are not finite ({len(broken)} tensor(s), e.g. {broken[0]}); "
+                               f"{path} was not written. Lower --lr, or lengthen --warmup-epochs")
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buffer)
+    last = path.parent / "last.pth"
+    hint = (f"The previous {path.name} is whole: free space there and continue with --resume {path.parent}"
+            if last.is_file() else "Free space there, or choose another --out, and run again")
+    write_file(path, buffer.getbuffer(), hint)
+
+
+def checkpoint_room(out: pathlib.Path, model: torch.nn.Module, moments: int, resumed: bool) -> None:
+    """Before training: refuse a folder without room for the checkpoints an epoch writes, at
+    least (the weights, and in last.pth ``moments`` optimizer tensors per trainable one)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    last = weights + moments * trainable
+    needed, name = (last, "last.pth") if resumed else (weights + last, "best.pth and last.pth")
+    check_room(out / "last.pth", needed, "checked before training; free space there or choose another --out",
+               at_least=True, name=name)
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights stopped being finite numbers: the run cannot go on."""
 
 
 @dataclass(frozen=True)
@@ -101,13 +136,15 @@ class Finetuned:
         return model.eval()
 
     def class_indices(self, data: pathlib.Path) -> dict[str, int]:
-        """Class folder -> output index, by the class names the model was trained on."""
+        """Class folder -> output index, by the class names the model was trained on (both read
+        as Unicode NFC: a folder spelled in NFD is the same class)."""
         folders = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
-        unknown = [f for f in folders if f not in self.classes]
+        names = [class_name(c) for c in self.classes]
+        unknown = [f for f in folders if class_name(f) not in names]
         if unknown or not folders:
             raise ValueError(f"class folder(s) of {data} unknown to {self.path}: {', '.join(unknown[:10]) or 'none'}; "
                              f"it was trained on: {', '.join(self.classes[:10])}")
-        return {f: self.classes.index(f) for f in folders}
+        return {f: names.index(class_name(f)) for f in folders}
 
 
 def read_finetuned(path: str | os.PathLike, sha256: str | None = None) -> Finetuned | None:

@@ -30,19 +30,29 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import api
-from ..weights import get_weights, user_state_dict
+from .._files import probe_writable, write_file
+from ..weights import CheckpointError, get_weights, read_state_dict, user_state_dict
 from . import _finetune_dist, _finetune_loop
-from ._args import add_command, int_at_least
+from ._args import add_command, int_at_least, real_in
 from ._finetune_data import (
     DataError,
     EpochSampler,
     TrainImages,
+    check_readable,
     collate_train,
     find_splits,
     sample_seed,
     train_transform,
 )
-from ._finetuned import eval_transform, model_from_checkpoint, preprocessing, read_finetuned, save_checkpoint
+from ._finetuned import (
+    FORMAT,
+    checkpoint_room,
+    eval_transform,
+    model_from_checkpoint,
+    preprocessing,
+    read_finetuned,
+    save_checkpoint,
+)
 from .predict import ImageFiles, collate_images
 
 # Every option, with its default: the one table the Python API and the command line share.
@@ -51,10 +61,19 @@ DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 1.0, "min_lr": 1e-6, "label_smoothing": 0.1, "input_size": None, "min_scale": 0.08, "hflip": 0.5,
     "amp": False, "amp_dtype": None, "accum_steps": 1, "drop_rate": None, "drop_path_rate": 0.0, "seed": 0,
     "val_split": None, "pretrained": True, "checkpoint": None, "freeze_backbone": False, "sync_bn": False,
-    "workers": None, "device": None, "progress": True, "manifest": None,
+    "workers": None, "device": None, "progress": True, "manifest": None, "max_skipped": 0.1,
 }
 # What a resumed run may change: where it runs and how it shows progress; the data may have moved.
-_RESUME_MAY_CHANGE = {"data", "workers", "device", "progress", "epochs"}
+_RESUME_MAY_CHANGE = {"data", "workers", "device", "progress", "epochs", "max_skipped"}
+# The range of each real-valued option, checked when parsed and by finetune(): NaN, infinity and
+# values that make no sense (a learning rate of 0, momentum of 1) never reach the optimizer.
+_NUMBERS = {
+    "lr": real_in(0, low_open=True), "momentum": real_in(0, 1, high_open=True), "weight_decay": real_in(0),
+    "warmup_epochs": real_in(0), "min_lr": real_in(0), "label_smoothing": real_in(0, 1, high_open=True),
+    "min_scale": real_in(0, 1, low_open=True), "hflip": real_in(0, 1), "drop_rate": real_in(0, 1, high_open=True),
+    "drop_path_rate": real_in(0, 1, high_open=True), "val_split": real_in(0, 1, low_open=True, high_open=True),
+    "max_skipped": real_in(0, 1),
+}
 
 
 @dataclass
@@ -91,7 +110,7 @@ def _configure(model, data, out, resume, options) -> tuple[dict, dict | None]:
         last = pathlib.Path(resume) / "last.pth"
         if not last.is_file():
             raise FileNotFoundError(f"nothing to resume: {last} does not exist")
-        state = torch.load(last, map_location="cpu", weights_only=True)
+        state = _resume_state(last)
         config = {**DEFAULTS, **state["args"], "out": str(resume)}
         changed = [k for k, v in given.items() if k not in _RESUME_MAY_CHANGE and v != config.get(k)]
         if changed:
@@ -105,8 +124,50 @@ def _configure(model, data, out, resume, options) -> tuple[dict, dict | None]:
         raise ValueError(f"unknown model {config['model']!r}; models: {', '.join(api.list_models())}")
     if config["checkpoint"] and not config["pretrained"]:
         raise ValueError("--checkpoint and --no-pretrained contradict each other: pass one")
+    for name, parse in _NUMBERS.items():
+        if config.get(name) is not None:
+            try:
+                config[name] = parse(config[name])
+            except argparse.ArgumentTypeError as exc:
+                raise ValueError(f"{name} {exc}") from None
+    # Before any training: a folder that cannot take best.pth is refused now, not after an epoch.
+    probe_writable(config["out"], "choose another --out")
     config["data"] = str(config["data"])
     return {k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v)) for k, v in config.items()}, state
+
+
+def _resume_state(last: pathlib.Path) -> dict:
+    """What ``last`` holds to continue its run, read safely (no code runs, nothing is written);
+    a damaged or foreign file is one error saying what is wrong and how to go on."""
+    try:
+        state = read_state_dict(last)
+        wrong = None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            wrong = f"{last} was not written by finetune (it has no {FORMAT!r} format mark)"
+        elif not (isinstance(state.get("args"), dict) and isinstance(state.get("resume"), dict)
+                  and {"optimizer", "scheduler", "scaler", "history", "best"} <= set(state["resume"])
+                  and isinstance(state.get("state_dict"), dict) and isinstance(state.get("epoch"), int)):
+            wrong = f"{last} lacks the training state a resume needs (args, optimizer, scheduler, history)"
+    except (CheckpointError, OSError) as exc:
+        wrong = str(exc)
+    if wrong is None:
+        return state
+    raise ValueError(f"cannot resume from {last}: {wrong}. {_fallback(last.parent)}")
+
+
+def _fallback(out: pathlib.Path) -> str:
+    """How to go on when last.pth cannot continue a run: from best.pth if it is intact."""
+    best = out / "best.pth"
+    try:
+        ours = read_finetuned(best) if best.is_file() else None
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+        ours = None
+    if ours is None:
+        return f"There is no intact checkpoint in {out} to go on from: start a new run with another --out."
+    score = f", val top-1 {ours.val_top1:.2f} %" if ours.val_top1 is not None else ""
+    return (f"{best} (epoch {ours.epoch}{score}) is intact: it holds no optimizer state to continue this run "
+            f"exactly, but a new run can start from its weights: python -m models finetune --checkpoint {best} "
+            f"--data DATA --out NEW_OUT (and the run's other options)")
 
 
 def _published(name: str, num_classes: int, manifest, **kwargs):
@@ -212,10 +273,15 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
         raise ValueError(f"--batch-size {cfg['batch_size']} is the global batch: it must divide by the number of "
                          f"processes times --accum-steps ({size} x {accum})")
     micro = cfg["batch_size"] // (size * accum)
+    if micro < 2 and not cfg["freeze_backbone"]:  # BatchNorm cannot train on one image
+        raise ValueError(f"--batch-size {cfg['batch_size']} gives micro-batches of {micro} image over {size} "
+                         f"process(es) x {accum} accumulation step(s): BatchNorm needs at least 2 images per "
+                         "micro-batch (or train only the head with --freeze-backbone)")
     steps_per_epoch = len(splits.train) // size // micro // accum
     if steps_per_epoch == 0:
         raise ValueError(f"{len(splits.train)} training images do not fill one batch of {cfg['batch_size']}: "
                          "lower --batch-size")
+    check_readable(splits)
     pre = preprocessing(cfg["model"], cfg["input_size"])
     net, source = _start_model(cfg, splits.classes, world)
     if cfg["freeze_backbone"]:
@@ -227,6 +293,8 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
     if size > 1:
         net = DistributedDataParallel(net, device_ids=[world.device] if world.device.type == "cuda" else None)
     optimizer = _optimizer(module, cfg)
+    if world.main:
+        checkpoint_room(out, module, 2 if cfg["opt"] == "adamw" else int(cfg["momentum"] > 0), state is not None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
     dtype = cfg["amp_dtype"] or ("float16" if world.device.type == "cuda" else "bfloat16")
     autocast = torch.autocast(world.device.type, dtype=getattr(torch, dtype), enabled=cfg["amp"])
@@ -278,6 +346,7 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
         seconds = time.perf_counter() - started
         record = {"epoch": epoch, **train, **val, "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
                   "images_per_s": round(train["train_images"] / seconds, 2)}
+        notes = _finetune_loop.check_epoch(record, cfg["max_skipped"])
         history.append(record)
         improved = (val["val_top1"], -val["val_loss"]) > (best["val_top1"], -best["val_loss"])
         if improved:
@@ -290,7 +359,7 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
                 save_checkpoint(out / "best.pth", payload)
             metrics = {"model": cfg["model"], "classes": splits.classes, "best_epoch": best["epoch"],
                        "best_val_top1": best["val_top1"], "epochs": history}
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            write_file(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
             _finetune_loop.plot_curves(history, out / "curves.png")
             save_checkpoint(out / "last.pth", {**payload, "resume": {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -298,7 +367,7 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
         _say(world, f"epoch {epoch}/{cfg['epochs']}  train loss {train['train_loss']:.4f} top-1 "
                     f"{train['train_top1']:.2f} %  val loss {val['val_loss']:.4f} top-1 {val['val_top1']:.2f} %  "
                     f"lr {record['lr']:.2e}  {seconds:.1f} s ({record['images_per_s']:.0f} img/s)"
-                    f"{'  * best' if improved else ''}")
+                    f"{'  * best' if improved else ''}{notes}")
         world.barrier()
     if world.main and not _finetune_loop.plot_curves(history, out / "curves.png"):
         print("curves.png not drawn: install matplotlib for it", file=sys.stderr)
@@ -326,7 +395,7 @@ def register(commands) -> None:
                       "fine-tune a model on your images (ImageFolder: DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg); "
                       "under torchrun, DDP over the processes")
     sub.argument_default = argparse.SUPPRESS  # only what is given reaches finetune(), whose DEFAULTS apply
-    d = DEFAULTS
+    d, n = DEFAULTS, _NUMBERS
     add = sub.add_argument
     add("--model", metavar="MODEL", choices=api.list_models(), help="the model to fine-tune, e.g. tinynet_e")
     add("--data", metavar="DIR", help="DIR/train and DIR/val, one folder per class (or one such folder with "
@@ -337,27 +406,29 @@ def register(commands) -> None:
     add("--batch-size", type=int_at_least(1), help=f"global batch per optimizer step, over all processes and "
                                                     f"accumulation steps (default: {d['batch_size']})")
     add("--opt", choices=("adamw", "sgd"), help=f"optimizer (default: {d['opt']}; sgd has Nesterov momentum)")
-    add("--lr", type=float, help=f"peak learning rate (default: {d['lr']})")
-    add("--momentum", type=float, help=f"SGD momentum (default: {d['momentum']})")
-    add("--weight-decay", type=float, help=f"weight decay, not on biases and norms (default: "
-                                           f"{d['weight_decay']})")
-    add("--warmup-epochs", type=float, help=f"linear warmup, then cosine decay per step (default: "
-                                            f"{d['warmup_epochs']})")
-    add("--min-lr", type=float, help=f"learning rate at the end of the cosine (default: {d['min_lr']})")
-    add("--label-smoothing", type=float, help=f"default: {d['label_smoothing']}")
+    add("--lr", type=n["lr"], help=f"peak learning rate (default: {d['lr']})")
+    add("--momentum", type=n["momentum"], help=f"SGD momentum (default: {d['momentum']})")
+    add("--weight-decay", type=n["weight_decay"], help=f"weight decay, not on biases and norms (default: "
+                                                        f"{d['weight_decay']})")
+    add("--warmup-epochs", type=n["warmup_epochs"], help=f"linear warmup, then cosine decay per step "
+                                                          f"(default: {d['warmup_epochs']})")
+    add("--min-lr", type=n["min_lr"], help=f"learning rate at the end of the cosine (default: {d['min_lr']})")
+    add("--label-smoothing", type=n["label_smoothing"], help=f"default: {d['label_smoothing']}")
     add("--input-size", type=int_at_least(32), help="training and eval crop (default: the model's own)")
-    add("--min-scale", type=float, help=f"RandomResizedCrop's smallest area fraction (default: {d['min_scale']})")
-    add("--hflip", type=float, help=f"horizontal flip probability (default: {d['hflip']})")
+    add("--min-scale", type=n["min_scale"], help=f"RandomResizedCrop's smallest area fraction (default: "
+                                                  f"{d['min_scale']})")
+    add("--hflip", type=n["hflip"], help=f"horizontal flip probability (default: {d['hflip']})")
     add("--amp", action="store_true", help="mixed precision: bfloat16 autocast on CPU, float16 (with gradient "
                                            "scaling) on CUDA")
     add("--amp-dtype", choices=("bfloat16", "float16"), help="the autocast dtype instead")
     add("--accum-steps", type=int_at_least(1), help="micro-batches accumulated per optimizer step (default: 1)")
-    add("--drop-rate", type=float, help="dropout before the classifier (default: the model's, 0.2)")
-    add("--drop-path-rate", type=float, help="stochastic depth, for models that have it (default: 0)")
+    add("--drop-rate", type=n["drop_rate"], help="dropout before the classifier (default: the model's, 0.2)")
+    add("--drop-path-rate", type=n["drop_path_rate"], help="stochastic depth, for models that have it (default: 0)")
     add("--seed", type=int, help=f"seeds the initialisation, the sampler, every augmentation and dropout "
                                  f"(default: {d['seed']})")
-    add("--val-split", type=float, metavar="FRACTION", help="hold out this fraction of each class of DIR "
-                                                            "(seeded, stratified) when DIR has no train/ and val/")
+    add("--val-split", type=n["val_split"], metavar="FRACTION", help="hold out this fraction of each class of "
+                                                                      "DIR (seeded, stratified) when DIR has no "
+                                                                      "train/ and val/")
     add("--no-pretrained", dest="pretrained", action="store_false", help="train from scratch (default: start "
                                                                           "from the published weights)")
     add("--checkpoint", metavar="FILE", help="start from your own checkpoint (a state dict, or a best.pth)")
@@ -366,4 +437,7 @@ def register(commands) -> None:
     add("--workers", type=int_at_least(0), help="DataLoader worker processes per rank (default: half the CPUs, "
                                                      "at most 4)")
     add("--device", help="cpu, cuda, cuda:1, mps (default: this rank's GPU if there is one, else cpu)")
+    add("--max-skipped", type=n["max_skipped"], metavar="FRACTION",
+        help=f"stop when more than this share of an epoch's train or val images cannot be read (default: "
+             f"{d['max_skipped']})")
     add("--quiet", action="store_true", help="no progress bars")
