@@ -92,8 +92,7 @@ class WriteFailed(Exception):
         super().__init__(str(error) if error else "not enough free space")
 
 
-# Room kept free below a body of unannounced size (file system metadata): see _append_body.
-_SLACK = 64 << 10
+_SLACK = 64 << 10  # room kept free below a body of unannounced size (file system metadata): _append_body
 
 
 # -- the retry policy (every HTTP call) -----------------------------------------------------
@@ -366,28 +365,19 @@ def _append_body(response, partial: pathlib.Path, offset: int, digests: Digests,
 
 
 def changed(url: str, validators: dict[str, str], options: DownloadOptions) -> bool:
-    """Whether the file at ``url`` is no longer the one whose ``validators`` (ETag,
-    Last-Modified) were recorded: one conditional GET, whose body is never read. Raises
-    ``SourceFailed`` when the server does not say."""
-    headers = {}
-    if validators.get("etag"):
-        headers["If-None-Match"] = validators["etag"]
-    if validators.get("last_modified"):
-        headers["If-Modified-Since"] = validators["last_modified"]
-    with session() as http:
-        try:
-            with http.get(url, headers=headers, stream=True, timeout=options.timeout) as response:
-                if response.status_code == 304:
-                    return False
-                if response.status_code != 200:
-                    raise SourceFailed(f"HTTP {response.status_code} {response.reason}")
-                # A server that ignores conditional requests still names the version it sends.
-                etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
-                if validators.get("etag"):
-                    return etag != validators["etag"]
-                return modified != validators.get("last_modified")
-        except requests.RequestException as exc:
-            raise SourceFailed(_classify(exc, url)[1]) from None
+    """Whether the file at ``url`` is no longer the one whose ``validators`` (ETag, Last-Modified)
+    were recorded: one conditional GET, its body never read; ``SourceFailed`` if no answer says."""
+    asks = (("If-None-Match", "etag"), ("If-Modified-Since", "last_modified"))
+    headers = {name: validators[key] for name, key in asks if validators.get(key)}
+    try:
+        with session() as http, http.get(url, headers=headers, stream=True, timeout=options.timeout) as response:
+            if response.status_code not in (200, 304):
+                raise SourceFailed(f"HTTP {response.status_code} {response.reason}")
+            # 304: unchanged. A server that ignores the conditions still names the version it sends.
+            key, header = ("etag", "ETag") if validators.get("etag") else ("last_modified", "Last-Modified")
+            return response.status_code == 200 and response.headers.get(header) != validators[key]
+    except requests.RequestException as exc:
+        raise SourceFailed(_classify(exc, url)[1]) from None
 
 
 def get_bytes(url: str, options: DownloadOptions, max_bytes: int) -> bytes:

@@ -45,6 +45,7 @@ __all__ = [
     "resume_point",
     "set_aside",
     "target_for",
+    "url_prefix",
     "verify_cached",
     "verify_file",
 ]
@@ -123,6 +124,11 @@ def entry_path(directory: pathlib.Path, name: str) -> pathlib.Path:
     if not _NAME.fullmatch(name):
         raise ValueError(f"refusing the cache file name {name!r}: not a plain, portable file name")
     return directory / name
+
+
+def url_prefix(url: str) -> str:
+    """How the cache names of a user URL's files begin: ``url-`` and 16 digits of its hash."""
+    return f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
 
 
 def partial_path(final: pathlib.Path, url: str) -> pathlib.Path:

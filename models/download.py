@@ -11,7 +11,6 @@ name each source once, with its cause in a few words, and end with one hint.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pathlib
@@ -42,6 +41,7 @@ from .cache import (
     recorded_validators,
     remember,
     target_for,
+    url_prefix,
     verify_file,
     write_sidecar,
 )
@@ -62,7 +62,6 @@ __all__ = [
     "fetch_first",
     "fetch_url",
     "is_url",
-    "url_prefix",
 ]
 
 OFFLINE_ENV = "GHOSTNET_HUB_OFFLINE"
@@ -147,11 +146,10 @@ def _hint(model: str) -> str:
 
 
 def _write_error(target: Target, exc: WriteFailed) -> CacheWriteError:
-    return CacheWriteError(
-        f"{target.label}: {no_room(target.cache_name, f'the cache {exc.directory}', exc.needed, exc.free, exc.error)}"
-        ". Nothing was kept; other sources were not tried into the same disk. Free space there "
-        "(`python -m models cache prune`) or set TORCH_HOME to a disk with room."
-    )
+    where = f"the cache {exc.directory}"
+    return CacheWriteError(f"{target.label}: {no_room(target.cache_name, where, exc.needed, exc.free, exc.error)}. "
+                           "Nothing was kept; other sources were not tried into the same disk. Free space there "
+                           "(`python -m models cache prune`) or set TORCH_HOME to a disk with room.")
 
 
 # -- one file, under its lock ------------------------------------------------------------------
@@ -191,19 +189,15 @@ def _publish(partial: pathlib.Path, final: pathlib.Path, target: Target) -> None
 
 
 def _changed_upstream(final: pathlib.Path, target: Target, offline: bool, options: DownloadOptions) -> bool:
-    """Whether the verified cached copy of a user's URL, given without a checksum to pin its
-    content, has changed at the URL: asked with the validators recorded at download (one
-    conditional request, no retries). Offline, without recorded validators, or when the server
-    cannot say, the cached copy stands (the last with a warning)."""
-    if not target.sidecar or offline or not target.urls or _skip_reason(target.urls[0], {}):
+    """Whether a user URL's cached file, with no checksum to pin its content, changed there (one conditional
+    request with the validators recorded at download); offline, with none, or with no answer, it stands."""
+    pinned = not target.sidecar or offline or _skip_reason(target.urls[0], {})
+    if pinned or not (validators := recorded_validators(final)):
         return False
-    validators = recorded_validators(final)
-    if not validators:
-        return False
-    try:
-        return _http.changed(target.urls[0], validators, options)
-    except SourceFailed as exc:
-        _log.warning("%s: could not revalidate the cached %s (%s); using it", target.label, final.name, exc)
+    try:  # (a cache that cannot take the new file, read-only say, keeps the one it has)
+        return _http.changed(target.urls[0], validators, options) and cache_dir(final.parent) is not None
+    except (SourceFailed, CacheDirError) as exc:
+        _log.warning("%s: could not revalidate or replace the cached %s (%s); using it", target.label, final.name, exc)
         return False
 
 
@@ -237,9 +231,6 @@ def _fetch(target: Target, *, progress: bool, options: DownloadOptions | None, c
     try:
         cache_dir(cache)
     except CacheDirError as exc:
-        if stale:
-            _log.warning("%s changed upstream but cannot be replaced (%s); using the cached copy", final, exc)
-            return final, []
         if found:
             raise CacheDirError(f"the cached {final} failed verification ({'; '.join(found)}) and cannot be "
                                 f"replaced: {exc}") from None
@@ -379,11 +370,6 @@ def _portable_name(url_path: str) -> str:
         suffix = pathlib.PurePosixPath(name).suffix[:16]
         name = name[: 64 - len(suffix)] + suffix
     return name
-
-
-def url_prefix(url: str) -> str:
-    """How the cache names of ``url``'s files begin: ``url-`` and 16 digits of its hash."""
-    return f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
 
 
 def fetch_url(url: str, *, sha256: str | None = None, progress: bool = True,

@@ -46,8 +46,7 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _MODEL_NAME = re.compile(r"[a-z0-9_]{1,64}")
 # Bounds on what a manifest may hold (the repository's is 12 kB, 6 levels deep, 6 models, 3
 # files a model, 2 URLs a file), so that no manifest can exhaust memory, the stack or a terminal.
-MAX_BYTES = 16 << 20
-MAX_DEPTH = 32
+MAX_BYTES, MAX_DEPTH = 16 << 20, 32
 MAX_MODELS, MAX_FILES, MAX_URLS = 256, 32, 32
 _SHOWN_PROBLEMS, _PROBLEM_CHARS = 20, 300
 
@@ -156,12 +155,10 @@ def _too_deep(text: str, limit: int = MAX_DEPTH) -> str | None:
                 return "$" + "".join((f".{key}" if isinstance(key, str) and re.fullmatch(r"\w+", key) else
                                       f"[{json.dumps(key)}]") if is_object else f"[{key}]" for is_object, key in stack)
             stack.append([token == "{", "" if token == "{" else 0])
-        elif token in "]}":
-            if stack:
-                stack.pop()
-        elif token == ",":
-            if stack and not stack[-1][0]:
-                stack[-1][1] += 1
+        elif token in "]}" and stack:
+            stack.pop()
+        elif token == "," and stack and not stack[-1][0]:
+            stack[-1][1] += 1
         elif token.endswith(":") and stack and stack[-1][0]:
             with contextlib.suppress(ValueError):
                 stack[-1][1] = json.loads(token[:-1].rstrip())
@@ -389,12 +386,9 @@ def load_manifest(path: str | os.PathLike | None = None, *, architectures: Seque
     path = pathlib.Path(path)
     try:  # only a regular file, bounded: a FIFO or /dev/zero named here would hang or never end
         text = read_regular(path, MAX_BYTES, "the manifest").decode("utf-8")
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(str(path), [f"cannot read the file: {exc}"]) from None
-    except UnicodeDecodeError as exc:
-        raise ManifestError(str(path), [f"not UTF-8 text: {exc}"]) from None
-    deep = _too_deep(text)
-    if deep is not None:
+    if (deep := _too_deep(text)) is not None:
         raise ManifestError(str(path), [f"{deep}: nested more than {MAX_DEPTH} levels deep"])
     try:
         data = _parse(text)

@@ -82,8 +82,8 @@ def test_a_class_without_a_readable_image_stops_before_any_epoch(data, tmp_path)
 
 
 @fault("`finetune`: more than `--max-skipped` (default 10 %) of an epoch's images are unreadable",
-       "the run stops after that epoch's training with the share and the option named; below it, the share "
-       "is printed on each epoch's line and kept in metrics.json")
+       "the run stops at the end of that epoch, before its checkpoints are written, naming the share and the "
+       "option; below it, the share is printed on each epoch's line and kept in metrics.json")
 def test_too_many_unreadable_images_stop_the_run(data, tmp_path):
     for name in ("000.png", "001.png"):
         for cls in ("horizontal_cool", "vertical_cool"):

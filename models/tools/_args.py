@@ -49,6 +49,17 @@ def real_in(low: float, high: float | None = None, *, low_open: bool = False,
     return parse
 
 
+def check_numbers(options: dict[str, Any], parsers: dict[str, Callable[[Any], float]]) -> None:
+    """The Python API's numbers through the parsers the command line uses (a ``ValueError``
+    naming the option); each value becomes what its parser returns."""
+    for name, parse in parsers.items():
+        if options.get(name) is not None:
+            try:
+                options[name] = parse(options[name])
+            except argparse.ArgumentTypeError as exc:
+                raise ValueError(f"{name} {exc}") from None
+
+
 class _Renamed(argparse.Action):
     """An option that was renamed: using it is an error naming the new one."""
 

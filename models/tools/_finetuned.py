@@ -21,7 +21,7 @@ from .. import api
 from .._files import check_room, write_file
 from ..download import is_url
 from ..manifest import DEFAULT_MANIFEST, load_manifest
-from ..weights import read_state_dict
+from ..weights import CheckpointError, read_state_dict
 
 FORMAT = "models.finetune/1"
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -158,3 +158,37 @@ def read_finetuned(path: str | os.PathLike, sha256: str | None = None) -> Finetu
         return None
     return Finetuned(source, obj["architecture"]["name"], list(obj["classes"]), dict(obj["preprocessing"]),
                      dict(obj["architecture"]), int(obj["epoch"]), obj.get("val_top1"), sha256)
+
+
+def resume_state(last: pathlib.Path) -> dict:
+    """What ``last`` holds to continue its run, read safely (no code runs, nothing is written);
+    a damaged or foreign file is one error saying what is wrong and how to go on."""
+    try:
+        state = read_state_dict(last)
+        wrong = None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            wrong = f"{last} was not written by finetune (it has no {FORMAT!r} format mark)"
+        elif not (isinstance(state.get("args"), dict) and isinstance(state.get("resume"), dict)
+                  and {"optimizer", "scheduler", "scaler", "history", "best"} <= set(state["resume"])
+                  and isinstance(state.get("state_dict"), dict) and isinstance(state.get("epoch"), int)):
+            wrong = f"{last} lacks the training state a resume needs (args, optimizer, scheduler, history)"
+    except (CheckpointError, OSError) as exc:
+        wrong = str(exc)
+    if wrong is None:
+        return state
+    raise ValueError(f"cannot resume from {last}: {wrong}. {_fallback(last.parent)}")
+
+
+def _fallback(out: pathlib.Path) -> str:
+    """How to go on when last.pth cannot continue a run: from best.pth if it is intact."""
+    best = out / "best.pth"
+    try:
+        ours = read_finetuned(best) if best.is_file() else None
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+        ours = None
+    if ours is None:
+        return f"There is no intact checkpoint in {out} to go on from: start a new run with another --out."
+    score = f", val top-1 {ours.val_top1:.2f} %" if ours.val_top1 is not None else ""
+    return (f"{best} (epoch {ours.epoch}{score}) is intact: it holds no optimizer state to continue this run "
+            f"exactly, but a new run can start from its weights: python -m models finetune --checkpoint {best} "
+            f"--data DATA --out NEW_OUT (and the run's other options)")

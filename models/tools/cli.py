@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from .. import __version__, _cache_files, api, download
 from .._hashing import sha256_file
-from ..cache import CacheDirError, cache_dir, default_cache_dir, verify_cached
+from ..cache import CacheDirError, cache_dir, default_cache_dir, url_prefix, verify_cached
 from ..manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
 from ..weights import get_weights
 from . import backends, benchmark, evaluate, export, finetune, predict
@@ -227,7 +227,7 @@ def _cache_clear(args) -> int:
     if unknown:
         raise SystemExit(f"error: unknown model {', '.join(unknown)}; models: {', '.join(names)} (or url for every "
                          "user URL's files, or one URL)")
-    only = [download.url_prefix(m) if download.is_url(m) else m for m in args.models]
+    only = [url_prefix(m) if download.is_url(m) else m for m in args.models]
     removed, busy = _cache_files.clear(cache_dir(), names, only)
     for entry in removed:
         print(f"removed {entry.path.name} ({_size(entry.size)})")

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import api
 from .._files import probe_writable, write_file
-from ..weights import CheckpointError, get_weights, read_state_dict, user_state_dict
+from ..weights import get_weights, user_state_dict
 from . import _finetune_dist, _finetune_loop
-from ._args import add_command, int_at_least, real_in
+from ._args import add_command, check_numbers, int_at_least, real_in
 from ._finetune_data import (
     DataError,
     EpochSampler,
@@ -45,12 +45,12 @@ from ._finetune_data import (
     train_transform,
 )
 from ._finetuned import (
-    FORMAT,
     checkpoint_room,
     eval_transform,
     model_from_checkpoint,
     preprocessing,
     read_finetuned,
+    resume_state,
     save_checkpoint,
 )
 from .predict import ImageFiles, collate_images
@@ -65,8 +65,7 @@ DEFAULTS: dict[str, Any] = {
 }
 # What a resumed run may change: where it runs and how it shows progress; the data may have moved.
 _RESUME_MAY_CHANGE = {"data", "workers", "device", "progress", "epochs", "max_skipped"}
-# The range of each real-valued option, checked when parsed and by finetune(): NaN, infinity and
-# values that make no sense (a learning rate of 0, momentum of 1) never reach the optimizer.
+# Each real option's range, checked when parsed and by finetune(): no NaN, infinity, lr 0, momentum 1.
 _NUMBERS = {
     "lr": real_in(0, low_open=True), "momentum": real_in(0, 1, high_open=True), "weight_decay": real_in(0),
     "warmup_epochs": real_in(0), "min_lr": real_in(0), "label_smoothing": real_in(0, 1, high_open=True),
@@ -110,7 +109,7 @@ def _configure(model, data, out, resume, options) -> tuple[dict, dict | None]:
         last = pathlib.Path(resume) / "last.pth"
         if not last.is_file():
             raise FileNotFoundError(f"nothing to resume: {last} does not exist")
-        state = _resume_state(last)
+        state = resume_state(last)
         config = {**DEFAULTS, **state["args"], "out": str(resume)}
         changed = [k for k, v in given.items() if k not in _RESUME_MAY_CHANGE and v != config.get(k)]
         if changed:
@@ -124,50 +123,10 @@ def _configure(model, data, out, resume, options) -> tuple[dict, dict | None]:
         raise ValueError(f"unknown model {config['model']!r}; models: {', '.join(api.list_models())}")
     if config["checkpoint"] and not config["pretrained"]:
         raise ValueError("--checkpoint and --no-pretrained contradict each other: pass one")
-    for name, parse in _NUMBERS.items():
-        if config.get(name) is not None:
-            try:
-                config[name] = parse(config[name])
-            except argparse.ArgumentTypeError as exc:
-                raise ValueError(f"{name} {exc}") from None
-    # Before any training: a folder that cannot take best.pth is refused now, not after an epoch.
-    probe_writable(config["out"], "choose another --out")
+    check_numbers(config, _NUMBERS)
+    probe_writable(config["out"], "choose another --out")  # before training, not after an epoch
     config["data"] = str(config["data"])
     return {k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v)) for k, v in config.items()}, state
-
-
-def _resume_state(last: pathlib.Path) -> dict:
-    """What ``last`` holds to continue its run, read safely (no code runs, nothing is written);
-    a damaged or foreign file is one error saying what is wrong and how to go on."""
-    try:
-        state = read_state_dict(last)
-        wrong = None
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            wrong = f"{last} was not written by finetune (it has no {FORMAT!r} format mark)"
-        elif not (isinstance(state.get("args"), dict) and isinstance(state.get("resume"), dict)
-                  and {"optimizer", "scheduler", "scaler", "history", "best"} <= set(state["resume"])
-                  and isinstance(state.get("state_dict"), dict) and isinstance(state.get("epoch"), int)):
-            wrong = f"{last} lacks the training state a resume needs (args, optimizer, scheduler, history)"
-    except (CheckpointError, OSError) as exc:
-        wrong = str(exc)
-    if wrong is None:
-        return state
-    raise ValueError(f"cannot resume from {last}: {wrong}. {_fallback(last.parent)}")
-
-
-def _fallback(out: pathlib.Path) -> str:
-    """How to go on when last.pth cannot continue a run: from best.pth if it is intact."""
-    best = out / "best.pth"
-    try:
-        ours = read_finetuned(best) if best.is_file() else None
-    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
-        ours = None
-    if ours is None:
-        return f"There is no intact checkpoint in {out} to go on from: start a new run with another --out."
-    score = f", val top-1 {ours.val_top1:.2f} %" if ours.val_top1 is not None else ""
-    return (f"{best} (epoch {ours.epoch}{score}) is intact: it holds no optimizer state to continue this run "
-            f"exactly, but a new run can start from its weights: python -m models finetune --checkpoint {best} "
-            f"--data DATA --out NEW_OUT (and the run's other options)")
 
 
 def _published(name: str, num_classes: int, manifest, **kwargs):
@@ -274,9 +233,9 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
                          f"processes times --accum-steps ({size} x {accum})")
     micro = cfg["batch_size"] // (size * accum)
     if micro < 2 and not cfg["freeze_backbone"]:  # BatchNorm cannot train on one image
-        raise ValueError(f"--batch-size {cfg['batch_size']} gives micro-batches of {micro} image over {size} "
-                         f"process(es) x {accum} accumulation step(s): BatchNorm needs at least 2 images per "
-                         "micro-batch (or train only the head with --freeze-backbone)")
+        raise ValueError(f"--batch-size {cfg['batch_size']} over {size} process(es) x {accum} accumulation step(s) "
+                         "is 1 image per micro-batch: BatchNorm needs at least 2 images per micro-batch (or train "
+                         "only the head with --freeze-backbone)")
     steps_per_epoch = len(splits.train) // size // micro // accum
     if steps_per_epoch == 0:
         raise ValueError(f"{len(splits.train)} training images do not fill one batch of {cfg['batch_size']}: "
@@ -426,9 +385,8 @@ def register(commands) -> None:
     add("--drop-path-rate", type=n["drop_path_rate"], help="stochastic depth, for models that have it (default: 0)")
     add("--seed", type=int, help=f"seeds the initialisation, the sampler, every augmentation and dropout "
                                  f"(default: {d['seed']})")
-    add("--val-split", type=n["val_split"], metavar="FRACTION", help="hold out this fraction of each class of "
-                                                                      "DIR (seeded, stratified) when DIR has no "
-                                                                      "train/ and val/")
+    add("--val-split", type=n["val_split"], metavar="FRACTION",
+        help="hold out this fraction of each class of DIR (seeded, stratified) when DIR has no train/ and val/")
     add("--no-pretrained", dest="pretrained", action="store_false", help="train from scratch (default: start "
                                                                           "from the published weights)")
     add("--checkpoint", metavar="FILE", help="start from your own checkpoint (a state dict, or a best.pth)")
@@ -437,7 +395,6 @@ def register(commands) -> None:
     add("--workers", type=int_at_least(0), help="DataLoader worker processes per rank (default: half the CPUs, "
                                                      "at most 4)")
     add("--device", help="cpu, cuda, cuda:1, mps (default: this rank's GPU if there is one, else cpu)")
-    add("--max-skipped", type=n["max_skipped"], metavar="FRACTION",
-        help=f"stop when more than this share of an epoch's train or val images cannot be read (default: "
-             f"{d['max_skipped']})")
+    add("--max-skipped", type=n["max_skipped"], metavar="FRACTION", help="stop when more than this share of an "
+        f"epoch's train or val images cannot be read (default: {d['max_skipped']})")
     add("--quiet", action="store_true", help="no progress bars")
