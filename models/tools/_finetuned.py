@@ -90,7 +90,7 @@ def checkpoint_room(out: pathlib.Path, model: torch.nn.Module, moments: int, res
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     last = weights + moments * trainable
     needed, name = (last, "last.pth") if resumed else (weights + last, "best.pth and last.pth")
-    check_room(out / "last.pth", needed, "checked before training; free space there or choose another --out",
+    check_room(out / "last.pth", needed, "Checked before training: free space there, or choose another --out",
                at_least=True, name=name)
 
 

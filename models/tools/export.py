@@ -290,7 +290,7 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
     backend = {"onnx": "onnxruntime", "executorch": "executorch", "pt2": "eager"}[format]
     nothing = "Nothing was written; free space there, or choose another --out"
     needed = _room_needed(net, format, int8)
-    probe_writable(out.parent, nothing)  # before minutes of work, not after them
+    probe_writable(out.parent, "Nothing was written; choose another --out")  # before minutes of work, not after
     check_room(out, needed, nothing, at_least=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -124,7 +124,7 @@ def _configure(model, data, out, resume, options) -> tuple[dict, dict | None]:
     if config["checkpoint"] and not config["pretrained"]:
         raise ValueError("--checkpoint and --no-pretrained contradict each other: pass one")
     check_numbers(config, _NUMBERS)
-    probe_writable(config["out"], "choose another --out")  # before training, not after an epoch
+    probe_writable(config["out"], "Choose another --out")  # before training, not after an epoch
     config["data"] = str(config["data"])
     return {k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v)) for k, v in config.items()}, state
 
@@ -252,8 +252,8 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
     if size > 1:
         net = DistributedDataParallel(net, device_ids=[world.device] if world.device.type == "cuda" else None)
     optimizer = _optimizer(module, cfg)
-    if world.main:
-        checkpoint_room(out, module, 2 if cfg["opt"] == "adamw" else int(cfg["momentum"] > 0), state is not None)
+    # (on every rank, as every rank probed --out: one rank stopping alone would leave the others waiting)
+    checkpoint_room(out, module, 2 if cfg["opt"] == "adamw" else int(cfg["momentum"] > 0), state is not None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
     dtype = cfg["amp_dtype"] or ("float16" if world.device.type == "cuda" else "bfloat16")
     autocast = torch.autocast(world.device.type, dtype=getattr(torch, dtype), enabled=cfg["amp"])
