@@ -65,6 +65,10 @@ def class_name(folder: str) -> str:
     return unicodedata.normalize("NFC", folder)
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the weights stopped being finite numbers: the run cannot go on."""
+
+
 def save_checkpoint(path: pathlib.Path, payload: dict[str, Any]) -> None:
     """Serialized in memory, then written as the weights cache writes (``_files.write_file``):
     free space checked first, written beside and renamed, so a run killed while saving leaves
@@ -92,10 +96,6 @@ def checkpoint_room(out: pathlib.Path, model: torch.nn.Module, moments: int, res
     needed, name = (last, "last.pth") if resumed else (weights + last, "best.pth and last.pth")
     check_room(out / "last.pth", needed, "Checked before training: free space there, or choose another --out",
                at_least=True, name=name)
-
-
-class TrainingDiverged(ValueError):
-    """The loss or the weights stopped being finite numbers: the run cannot go on."""
 
 
 @dataclass(frozen=True)
@@ -167,11 +167,11 @@ def resume_state(last: pathlib.Path) -> dict:
         state = read_state_dict(last)
         wrong = None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
-            wrong = f"{last} was not written by finetune (it has no {FORMAT!r} format mark)"
+            wrong = f"it was not written by finetune (it has no {FORMAT!r} format mark)"
         elif not (isinstance(state.get("args"), dict) and isinstance(state.get("resume"), dict)
                   and {"optimizer", "scheduler", "scaler", "history", "best"} <= set(state["resume"])
                   and isinstance(state.get("state_dict"), dict) and isinstance(state.get("epoch"), int)):
-            wrong = f"{last} lacks the training state a resume needs (args, optimizer, scheduler, history)"
+            wrong = "it lacks the training state a resume needs (args, optimizer, scheduler, history)"
     except (CheckpointError, OSError) as exc:
         wrong = str(exc)
     if wrong is None:
@@ -190,5 +190,5 @@ def _fallback(out: pathlib.Path) -> str:
         return f"There is no intact checkpoint in {out} to go on from: start a new run with another --out."
     score = f", val top-1 {ours.val_top1:.2f} %" if ours.val_top1 is not None else ""
     return (f"{best} (epoch {ours.epoch}{score}) is intact: it holds no optimizer state to continue this run "
-            f"exactly, but a new run can start from its weights: python -m models finetune --checkpoint {best} "
-            f"--data DATA --out NEW_OUT (and the run's other options)")
+            f"exactly, but a new run can start from its weights: python -m models finetune --model {ours.name} "
+            f"--checkpoint {best} --data DATA --out NEW_OUT (and the run's other options)")
