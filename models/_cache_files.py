@@ -114,7 +114,8 @@ def scan(directory: pathlib.Path, files: Sequence[WeightFile], models: Sequence[
                 continue
             kind = _kind(name) if stat.S_ISREG(st.st_mode) or ".corrupt-" in name else "not a regular file"
             if exports:
-                kind = "temporary" if prefix == _WORK else "export" if kind == "weights" else kind
+                kind = "export" if kind == "weights" and prefix != _WORK else kind
+                kind = "temporary" if prefix == _WORK and kind not in ("lock", "not a regular file") else kind
             entry = Entry(path, kind, prefix[:-1], st.st_size, max(0.0, time.time() - st.st_mtime) / 86400)
             if kind == "export" and verify:
                 found = verify_file(path, export_target(path))
@@ -163,12 +164,14 @@ def prune(directory: pathlib.Path, models: Sequence[str], days: float, exports: 
 
 def clear(directory: pathlib.Path, models: Sequence[str], only: Sequence[str] = (),
           exports: bool = False) -> tuple[list[Entry], list[str]]:
-    """Remove every file of this package (of the models in ``only``, if given): (entries
-    removed, weight files skipped because a process holds their lock)."""
+    """Remove every file of this package (of the models in ``only``, if given: model names,
+    ``url`` for every user URL's files, ``url-<digits>`` for one URL's): (entries removed,
+    weight files skipped because a process holds their lock)."""
     entries, _ = scan(directory, (), models, verify=False, exports=exports)
+    urls = tuple(f"{name}-" for name in only if name.startswith("url-"))
     groups: dict[str, list[Entry]] = {}
     for entry in entries:
-        if not only or entry.model in only:
+        if not only or entry.model in only or entry.path.name.startswith(urls):
             groups.setdefault(entry.final_name, []).append(entry)
     removed, busy = [], []
     for final, group in groups.items():

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import pathlib
-import shutil
 import socket
 import ssl
 import sys
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import requests
 from tqdm import tqdm
 
+from ._files import free_bytes
 from ._hashing import Digests, hash_file
 from .cache import Target, discard_partial, partial_meta, resume_point
 
@@ -88,14 +88,11 @@ class WriteFailed(Exception):
 
     def __init__(self, directory: pathlib.Path, needed: int | None, error: OSError | None = None):
         self.directory, self.needed, self.error = directory, needed, error
-        self.free = _free(directory)
+        self.free = free_bytes(directory)
         super().__init__(str(error) if error else "not enough free space")
 
 
-def _free(directory: pathlib.Path) -> int | None:
-    with contextlib.suppress(OSError):
-        return shutil.disk_usage(directory).free
-    return None
+_SLACK = 64 << 10  # room kept free below a body of unannounced size (file system metadata): _append_body
 
 
 # -- the retry policy (every HTTP call) -----------------------------------------------------
@@ -304,7 +301,7 @@ def _check_answer(response, partial: pathlib.Path, target: Target, offset: int, 
         raise SourceFailed(f"the server announces {total:,} bytes, more than the {cap:,}-byte limit "
                            f"(set {MAX_BYTES_ENV} to allow more)")
     needed = (total if total is not None else target.size or 0) - offset
-    free = _free(partial.parent)
+    free = free_bytes(partial.parent)
     if free is not None and needed > free:
         raise WriteFailed(partial.parent, needed)
     if offset == 0:
@@ -322,14 +319,22 @@ def _append_body(response, partial: pathlib.Path, offset: int, digests: Digests,
     """Append the body to ``partial``, or raise ``_Again`` saying why it stopped short."""
     total = None if _encoded(response) else _content_total(response)[0]
     limit = target.size if target.size is not None else cap
+    # A body whose size nobody announced (no size recorded, no Content-Length) may not outgrow the
+    # disk either: one that does is the source's fault (an endless body, say), and the next source
+    # may serve the file; a write that fails anyway is the machine's (WriteFailed) and ends the chain.
+    free = free_bytes(partial.parent) if target.size is None and total is None else None
+    room = None if free is None else max(0, free - _SLACK)
     bar = tqdm(total=total if total is not None else target.size, initial=offset, unit="B", unit_scale=True,
                unit_divisor=1024, desc=target.cache_name, file=sys.stderr, disable=not progress, leave=False)
-    received, over = offset, False
+    received, over, full = offset, False, False
     try:
         with open(partial, "ab" if offset else "wb") as f:
             for chunk in response.iter_content(options.chunk_size):
                 if received + len(chunk) > limit:  # nothing past the cap is ever written
                     over = True
+                    break
+                if room is not None and received - offset + len(chunk) > room:
+                    full = True
                     break
                 f.write(chunk)
                 received += len(chunk)
@@ -347,12 +352,32 @@ def _append_body(response, partial: pathlib.Path, offset: int, digests: Digests,
         raise WriteFailed(partial.parent, total if total is not None else target.size, exc) from None
     finally:
         bar.close()
+    if full:
+        discard_partial(partial)
+        raise SourceFailed(f"sent more than the {free:,} bytes free in {partial.parent} without announcing its size; "
+                           f"stopped after writing {received:,} (if the file is that large, free space there)")
     if over:
         discard_partial(partial)
         why = "the manifest records that size" if target.size is not None else f"the limit; set {MAX_BYTES_ENV}"
         raise SourceFailed(f"the body goes past {limit:,} bytes ({why}); stopped after writing {received:,}")
     if total is not None and received != total:
         raise _Again(f"body ended at byte {received} of {total}")
+
+
+def changed(url: str, validators: dict[str, str], options: DownloadOptions) -> bool:
+    """Whether the file at ``url`` is no longer the one whose ``validators`` (ETag, Last-Modified)
+    were recorded: one conditional GET, its body never read; ``SourceFailed`` if no answer says."""
+    asks = (("If-None-Match", "etag"), ("If-Modified-Since", "last_modified"))
+    headers = {name: validators[key] for name, key in asks if validators.get(key)}
+    try:
+        with session() as http, http.get(url, headers=headers, stream=True, timeout=options.timeout) as response:
+            if response.status_code not in (200, 304):
+                raise SourceFailed(f"HTTP {response.status_code} {response.reason}")
+            # 304: unchanged. A server that ignores the conditions still names the version it sends.
+            key, header = ("etag", "ETag") if validators.get("etag") else ("last_modified", "Last-Modified")
+            return response.status_code == 200 and response.headers.get(header) != validators[key]
+    except requests.RequestException as exc:
+        raise SourceFailed(_classify(exc, url)[1]) from None
 
 
 def get_bytes(url: str, options: DownloadOptions, max_bytes: int) -> bytes:

@@ -26,6 +26,7 @@ import filelock
 import torch
 
 from . import _commands
+from ._files import open_regular
 from ._hashing import hash_bytes, hash_stream
 from .manifest import WeightFile
 
@@ -45,6 +46,7 @@ __all__ = [
     "resume_point",
     "set_aside",
     "target_for",
+    "url_prefix",
     "verify_cached",
     "verify_file",
 ]
@@ -146,6 +148,11 @@ def entry_path(directory: pathlib.Path, name: str) -> pathlib.Path:
     return directory / name
 
 
+def url_prefix(url: str) -> str:
+    """How the cache names of a user URL's files begin: ``url-`` and 16 digits of its hash."""
+    return f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+
+
 def partial_path(final: pathlib.Path, url: str) -> pathlib.Path:
     """Where the bytes of ``final`` from ``url`` accumulate; ``<partial>.json`` beside it
     records the server's validators (ETag, Last-Modified) for resuming."""
@@ -195,25 +202,6 @@ def resume_point(partial: pathlib.Path, target: Target, cap: int) -> tuple[int, 
     return st.st_size, headers
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    return "not a regular file"
-
-
-def open_regular(path: pathlib.Path) -> tuple[int, os.stat_result]:
-    """An fd on ``path`` and its stat, refusing anything but a regular file. Opening never
-    blocks (a FIFO would wait for a writer forever), so no odd file hangs a lock holder."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise IsADirectoryError(f"{path} is {_kind(st.st_mode)}, not a file")
-    return fd, st
-
-
 def _read_small(path: pathlib.Path, limit: int = 1 << 20) -> bytes:
     fd, _ = open_regular(path)
     with os.fdopen(fd, "rb") as f:
@@ -255,11 +243,38 @@ def problems(target: Target, digests: dict[str, str], size: int, expected_sha256
     return found
 
 
-def _recorded_sha256(path: pathlib.Path) -> str | None:
+def _sidecar_lines(path: pathlib.Path) -> list[str] | None:
+    """The checksum file beside a user-URL file: its SHA-256 measured at download, then (in
+    files written since) the server's validators as JSON, for revalidation."""
     try:
-        return _read_small(path.with_name(path.name + ".sha256"), 200).decode("ascii", "replace").strip()
+        return _read_small(path.with_name(path.name + ".sha256"), 4096).decode("utf-8", "replace").splitlines()
     except OSError:
         return None
+
+
+def write_sidecar(final: pathlib.Path, sha256: str, partial: pathlib.Path) -> None:
+    """Record beside ``final`` the SHA-256 its bytes had at download and the validators (ETag,
+    Last-Modified) its server sent with them, kept with ``partial``."""
+    meta = partial_meta(partial)
+    validators = {} if meta.get("encoded") else {k: meta[k] for k in ("etag", "last_modified") if meta.get(k)}
+    final.with_name(final.name + ".sha256").write_text(sha256 + "\n" + (json.dumps(validators) + "\n"
+                                                                        if validators else ""))
+
+
+def recorded_validators(path: pathlib.Path) -> dict[str, str]:
+    """The ETag and Last-Modified recorded beside a user-URL file ({} if none were)."""
+    lines = _sidecar_lines(path) or []
+    try:
+        meta = json.loads(lines[1]) if len(lines) > 1 else {}
+    except ValueError:
+        return {}
+    return {k: v for k, v in meta.items() if k in ("etag", "last_modified") and isinstance(v, str)} \
+        if isinstance(meta, dict) else {}
+
+
+def _recorded_sha256(path: pathlib.Path) -> str | None:
+    lines = _sidecar_lines(path)
+    return None if lines is None else (lines[0].strip() if lines else "")
 
 
 # path -> (identity of the inode that was verified, its Target); see load_bytes.

@@ -11,7 +11,6 @@ name each source once, with its cause in a few words, and end with one hint.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pathlib
@@ -23,6 +22,7 @@ from collections.abc import Sequence
 import filelock
 
 from . import _commands, _http
+from ._files import no_room
 from ._hashing import hash_file
 from ._http import DEADLINE_ENV, MAX_BYTES_ENV, DownloadOptions, SourceFailed, WriteFailed
 from .cache import (
@@ -38,9 +38,12 @@ from .cache import (
     problems,
     recent_failures,
     record_failures,
+    recorded_validators,
     remember,
     target_for,
+    url_prefix,
     verify_file,
+    write_sidecar,
 )
 from .manifest import CHECKSUM_LENGTHS, WeightFile
 
@@ -143,15 +146,10 @@ def _hint(model: str) -> str:
 
 
 def _write_error(target: Target, exc: WriteFailed) -> CacheWriteError:
-    def size(n):
-        return "unknown" if n is None else f"{n:,}"
-    cause = f" ({exc.error})" if exc.error else ""
-    return CacheWriteError(
-        f"{target.label}: cannot write {target.cache_name} into the cache {exc.directory}{cause}: it needs "
-        f"{size(exc.needed)} bytes and {size(exc.free)} bytes are free there. Nothing was kept; other sources "
-        f"were not tried into the same disk. Free space there (`{_commands.command('cache prune')}`) or set "
-        "TORCH_HOME to a disk with room."
-    )
+    where = f"the cache {exc.directory}"
+    return CacheWriteError(f"{target.label}: {no_room(target.cache_name, where, exc.needed, exc.free, exc.error)}. "
+                           "Nothing was kept; other sources were not tried into the same disk. Free space there "
+                           f"(`{_commands.command('cache prune')}`) or set TORCH_HOME to a disk with room.")
 
 
 # -- one file, under its lock ------------------------------------------------------------------
@@ -175,7 +173,7 @@ def _download_verified(http, url: str, partial: pathlib.Path, target: Target, op
                   url, "; ".join(wrong))
     if target.sidecar:
         try:
-            (partial.parent / (target.cache_name + ".sha256")).write_text(found["sha256"] + "\n")
+            write_sidecar(partial.parent / target.cache_name, found["sha256"], partial)
         except OSError as exc:
             raise WriteFailed(partial.parent, None, exc) from None
 
@@ -188,6 +186,19 @@ def _publish(partial: pathlib.Path, final: pathlib.Path, target: Target) -> None
     for leftover in final.parent.glob(f"{final.name}.*.partial"):  # from sources that failed
         discard_partial(leftover)
     forget_failures(final)
+
+
+def _changed_upstream(final: pathlib.Path, target: Target, offline: bool, options: DownloadOptions) -> bool:
+    """Whether a user URL's cached file, with no checksum to pin its content, changed there (one conditional
+    request with the validators recorded at download); offline, with none, or with no answer, it stands."""
+    pinned = not target.sidecar or offline or _skip_reason(target.urls[0], {})
+    if pinned or not (validators := recorded_validators(final)):
+        return False
+    try:  # (a cache that cannot take the new file, read-only say, keeps the one it has)
+        return _http.changed(target.urls[0], validators, options) and cache_dir(final.parent) is not None
+    except (SourceFailed, CacheDirError) as exc:
+        _log.warning("%s: could not revalidate or replace the cached %s (%s); using it", target.label, final.name, exc)
+        return False
 
 
 def _offline_error(target: Target, final: pathlib.Path, urls: Sequence[str]) -> OfflineError:
@@ -210,7 +221,8 @@ def _fetch(target: Target, *, progress: bool, options: DownloadOptions | None, c
     final = entry_path(directory, target.cache_name)
     if found is False:
         found = verify_file(final, target)  # no lock and no write access needed
-    if found == []:
+    stale = found == [] and _changed_upstream(final, target, offline, options)
+    if found == [] and not stale:
         return final, []
     urls = _urls(target, mirror)
     if offline and found is None:
@@ -231,7 +243,7 @@ def _fetch(target: Target, *, progress: bool, options: DownloadOptions | None, c
         raise DownloadError(f"{target.label}: another process has held {lock.lock_file} for over {deadline + 60:g} s "
                             f"({DEADLINE_ENV} bounds its download); try again later") from None
     try:
-        if cached(final, target):
+        if not stale and cached(final, target):
             return final, []
         if offline:
             raise _offline_error(target, final, urls)
@@ -371,13 +383,12 @@ def fetch_url(url: str, *, sha256: str | None = None, progress: bool = True,
         sha256 = sha256.lower()
         if len(sha256) != CHECKSUM_LENGTHS["sha256"] or any(c not in "0123456789abcdef" for c in sha256):
             raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
-    url_key = hashlib.sha256(url.encode()).hexdigest()[:16]
     target = Target(
         label=f"weights from {url}",
         urls=(url,),
         checksums={"sha256": sha256} if sha256 else {},
         size=None,
-        cache_name=f"url-{url_key}-{(sha256 or 'unverified')[:16]}-{_portable_name(parts.path)}",
+        cache_name=f"{url_prefix(url)}-{(sha256 or 'unverified')[:16]}-{_portable_name(parts.path)}",
         sidecar=sha256 is None,
     )
     path, failures = _fetch(target, progress=progress, options=options, cache=cache,

@@ -5,6 +5,7 @@ every field and reports every problem at once, each with its JSON path.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,6 +15,8 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from ._files import read_regular
 
 __all__ = [
     "DEFAULT_MANIFEST",
@@ -41,6 +44,11 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # A model name becomes part of file names in the cache: nothing but these, bounded.
 _MODEL_NAME = re.compile(r"[a-z0-9_]{1,64}")
+# Bounds on what a manifest may hold (the repository's is 12 kB, 6 levels deep, 6 models, 3
+# files a model, 2 URLs a file), so that no manifest can exhaust memory, the stack or a terminal.
+MAX_BYTES, MAX_DEPTH = 16 << 20, 32
+MAX_MODELS, MAX_FILES, MAX_URLS = 256, 32, 32
+_SHOWN_PROBLEMS, _PROBLEM_CHARS = 20, 300
 
 
 class ManifestError(ValueError):
@@ -49,7 +57,10 @@ class ManifestError(ValueError):
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
+        # However broken the file, the message stays short: the first problems, each cut short.
+        shown = [p if len(p) <= _PROBLEM_CHARS else p[:_PROBLEM_CHARS - 3] + "..." for p in problems[:_SHOWN_PROBLEMS]]
+        more = len(problems) - len(shown)
+        lines = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more problem(s)" if more else "")
         super().__init__(f"invalid weights manifest {source} ({len(problems)} problem(s)):\n{lines}")
 
 
@@ -128,6 +139,30 @@ class _Object(dict):
 
 class _NonFinite(str):
     """NaN, Infinity or a number too large for a float: not JSON, refused."""
+
+
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"\s*:?|[][{},]')
+
+
+def _too_deep(text: str, limit: int = MAX_DEPTH) -> str | None:
+    """The JSON path at which ``text`` nests more than ``limit`` containers, found without
+    parsing it (the parser recurses once per level); None if it does not."""
+    stack: list[list] = []  # [is_object, key or index]
+    for match in _TOKEN.finditer(text):
+        token = match[0]
+        if token in "{[":
+            if len(stack) == limit:
+                return "$" + "".join((f".{key}" if isinstance(key, str) and re.fullmatch(r"\w+", key) else
+                                      f"[{json.dumps(key)}]") if is_object else f"[{key}]" for is_object, key in stack)
+            stack.append([token == "{", "" if token == "{" else 0])
+        elif token in "]}" and stack:
+            stack.pop()
+        elif token == "," and stack and not stack[-1][0]:
+            stack[-1][1] += 1
+        elif token.endswith(":") and stack and stack[-1][0]:
+            with contextlib.suppress(ValueError):
+                stack[-1][1] = json.loads(token[:-1].rstrip())
+    return None
 
 
 def _parse(text: str) -> Any:
@@ -214,6 +249,8 @@ def _validate_file(entry: Any, path: str, problems: list[str]) -> None:
     if "urls" in entry:
         if not isinstance(urls, list) or not urls:
             problems.append(f"{path}.urls: expected a non-empty list of URLs")
+        elif len(urls) > MAX_URLS:
+            problems.append(f"{path}.urls: {len(urls)} URLs; at most {MAX_URLS}")
         else:
             for i, url in enumerate(urls):
                 problem = _url_problem(url)
@@ -266,6 +303,8 @@ def _validate_model(entry: Any, path: str, problems: list[str]) -> None:
     if files is not None:
         if not isinstance(files, list) or not files:
             problems.append(f"{path}.files: expected a non-empty list of weight files")
+        elif len(files) > MAX_FILES:
+            problems.append(f"{path}.files: {len(files)} weight files; at most {MAX_FILES}")
         else:
             for i, item in enumerate(files):
                 _validate_file(item, f"{path}.files[{i}]", problems)
@@ -285,6 +324,8 @@ def validate_manifest(data: Any, architectures: Sequence[str] | None = None) -> 
     if "models" in data:
         if not isinstance(models, dict) or not models:
             problems.append("$.models: expected a non-empty object of model entries")
+        elif len(models) > MAX_MODELS:
+            problems.append(f"$.models: {len(models)} model entries; at most {MAX_MODELS}")
         else:
             for name, entry in models.items():
                 if not _MODEL_NAME.fullmatch(name):
@@ -343,10 +384,12 @@ def load_manifest(path: str | os.PathLike | None = None, *, architectures: Seque
     if path is None:
         path = os.environ.get(MANIFEST_ENV) or DEFAULT_MANIFEST
     path = pathlib.Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
+    try:  # only a regular file, bounded: a FIFO or /dev/zero named here would hang or never end
+        text = read_regular(path, MAX_BYTES, "the manifest").decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(str(path), [f"cannot read the file: {exc}"]) from None
+    if (deep := _too_deep(text)) is not None:
+        raise ManifestError(str(path), [f"{deep}: nested more than {MAX_DEPTH} levels deep"])
     try:
         data = _parse(text)
     except json.JSONDecodeError as exc:

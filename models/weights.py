@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import download
+from ._files import open_regular
 from .cache import load_bytes
 from .description import ModelDescription, description_in_checkpoint
 from .manifest import Manifest, ModelEntry, load_manifest
@@ -30,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
     "Weights",
+    "checkpoint_limit",
     "get_weights",
     "pretrained_state_dict",
     "read_checkpoint",
@@ -49,13 +51,23 @@ class UnsafeCheckpointError(CheckpointError):
     """The file holds pickled objects beyond tensors and plain containers: refused unread."""
 
 
-def _sniff_format(data: bytes, path: pathlib.Path) -> str:
-    head = data[:9]
+def _sniff_format(head: bytes, size: int, path: pathlib.Path) -> str:
+    """The format of a file of ``size`` bytes from its first bytes ``head``, read before the rest."""
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes)")
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive, or a legacy pickle
         return "torch"
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < len(data):
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
         return "safetensors"  # 8-byte header length, then a JSON header
     raise CheckpointError(f"{path} is neither a torch checkpoint nor a safetensors file")
+
+
+def checkpoint_limit(model: nn.Module) -> int:
+    """The most bytes any checkpoint of ``model``'s architecture can take: every value in
+    float64, four times over (weights, two optimizer moments, an EMA copy), plus 16 MiB of
+    everything else. A larger file is not a checkpoint of it, and is not read."""
+    values = sum(t.numel() for t in model.state_dict().values())
+    return 8 * 4 * values + (16 << 20)
 
 
 @lru_cache(maxsize=1)
@@ -112,7 +124,7 @@ def _refusal(path: pathlib.Path, exc: Exception) -> str:
 
 def _deserialize(data: bytes, path: pathlib.Path, format: str | None, device: torch.device) -> Any:
     """Tensors from ``data``, the bytes that were checked: nothing is read from disk again."""
-    format = format or _sniff_format(data, path)
+    format = format or _sniff_format(data[:16], len(data), path)
     if format == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load
@@ -132,8 +144,26 @@ def _deserialize(data: bytes, path: pathlib.Path, format: str | None, device: to
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from None
 
 
+def _check_head(path: pathlib.Path, format: str | None, max_bytes: int | None) -> None:
+    """Refuse from its first bytes and its size, before it is read, a file that is not a
+    checkpoint or that is larger than ``max_bytes``."""
+    try:
+        fd, st = open_regular(path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        head = f.read(16)
+    if format is None:
+        _sniff_format(head, st.st_size, path)
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise CheckpointError(f"{path} is {st.st_size:,} bytes, far more than any checkpoint of this model can be "
+                              f"({max_bytes:,} bytes at most: every value in float64, with optimizer state and an "
+                              "EMA copy); it was not read. Is it the right file?")
+
+
 def read_state_dict(path: str | os.PathLike, *, format: str | None = None,
-                    map_location: torch.device | str = "cpu", sha256: str | None = None) -> Any:
+                    map_location: torch.device | str = "cpu", sha256: str | None = None,
+                    max_bytes: int | None = None) -> Any:
     """Tensors of a checkpoint file, placed on ``map_location`` as they are read.
 
     The file is read once into memory and those bytes are deserialized: a cached file this
@@ -142,15 +172,19 @@ def read_state_dict(path: str | os.PathLike, *, format: str | None = None,
     ``torch.load(weights_only=True)``, whose unpickler builds only tensors and plain
     containers (plus training scripts' ``argparse.Namespace`` and numpy scalars), so a file
     crafted to run code is refused before any of it runs. safetensors files hold no code.
-    With ``sha256`` those bytes must have it, checked before they are deserialized.
+    With ``sha256`` those bytes must have it, checked before they are deserialized. The
+    format is checked from the first bytes, and ``max_bytes`` against the size, before the
+    file is read.
     """
     path = pathlib.Path(path)
-    data, _ = _checked_bytes(path, sha256)
+    data, _ = _checked_bytes(path, sha256, format, max_bytes)
     return _deserialize(data, path, format, torch.device(map_location))
 
 
-def _checked_bytes(path: pathlib.Path, sha256: str | None) -> tuple[bytes, str]:
+def _checked_bytes(path: pathlib.Path, sha256: str | None, format: str | None = None,
+                   max_bytes: int | None = None) -> tuple[bytes, str]:
     """The file's bytes, read once (see ``read_state_dict``), and their SHA-256."""
+    _check_head(path, format, max_bytes)
     data, wrong = load_bytes(path)
     if wrong:
         raise CheckpointError(f"{path} changed on disk after it was verified ({'; '.join(wrong)}); it was not "
@@ -310,13 +344,15 @@ class Checkpoint:
 
 
 def read_checkpoint(source: str | os.PathLike, *, sha256: str | None = None, progress: bool = True,
-                    map_location: torch.device | str = "cpu", **fetch_options: Any) -> Checkpoint:
+                    map_location: torch.device | str = "cpu", max_bytes: int | None = None,
+                    **fetch_options: Any) -> Checkpoint:
     """A user's checkpoint (local path or http(s) URL), e.g. a fine-tuned model.
 
     With ``sha256`` the file must match it: the bytes hashed are the bytes loaded. A
     training checkpoint is unwrapped: the state dict nested under ``state_dict``/
     ``model_state_dict``/``model``, and DDP's ``module.`` prefix removed. A checkpoint written
-    by ``finetune`` (or any file with a ``description``) brings its model description.
+    by ``finetune`` (or any file with a ``description``) brings its model description. A file
+    larger than ``max_bytes`` (see ``checkpoint_limit``) is refused unread.
     """
     source = os.fspath(source)
     if download.is_url(source):
@@ -326,14 +362,15 @@ def read_checkpoint(source: str | os.PathLike, *, sha256: str | None = None, pro
         path = pathlib.Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} does not exist")
-    data, actual = _checked_bytes(path, sha256)
+    data, actual = _checked_bytes(path, sha256, None, max_bytes)
     obj = _deserialize(data, path, None, torch.device(map_location))
     description = description_in_checkpoint(obj, str(path))
     return Checkpoint(path, _as_state_dict(_unwrap(obj), path), description, actual)
 
 
 def user_state_dict(weights: str | os.PathLike, *, sha256: str | None = None, progress: bool = True,
-                    map_location: torch.device | str = "cpu", **fetch_options: Any) -> dict[str, torch.Tensor]:
+                    map_location: torch.device | str = "cpu", max_bytes: int | None = None,
+                    **fetch_options: Any) -> dict[str, torch.Tensor]:
     """The state dict of a user's checkpoint: ``read_checkpoint(...).state``."""
     return read_checkpoint(weights, sha256=sha256, progress=progress, map_location=map_location,
-                           **fetch_options).state
+                           max_bytes=max_bytes, **fetch_options).state

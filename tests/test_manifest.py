@@ -210,3 +210,61 @@ def test_manifest_check_refuses_a_model_without_architecture(tmp_path):
     path.write_text(json.dumps(data))
     result = cli("manifest", "check", "--manifest", str(path))
     assert result.returncode == 2 and "$.models.tinynet_z: no model of that name in this package" in result.stderr
+
+
+@fault("A manifest is nested 100,000 levels deep (in a file, or in a repository `torch.hub.load` reads)",
+       "refused before it is parsed: a manifest error with the JSON path where it passes 32 levels; no "
+       "`RecursionError`, no traceback")
+def test_deeply_nested_manifest_is_refused_with_its_path(tmp_path, monkeypatch):
+    raw = copy.deepcopy(RAW)
+    raw["models"]["tinynet_e"]["files"][0]["notes"] = "@"
+    deep = json.dumps(raw).replace('"@"', "[" * 100_000 + "]" * 100_000)
+    path = tmp_path / "deep.json"
+    path.write_text(deep)
+    result = cli("manifest", "check", "--manifest", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "$.models.tinynet_e.files[0].notes" + "[0]" * 25 in result.stderr
+    assert "nested more than 32 levels deep" in result.stderr and len(result.stderr) < 2000
+    monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", str(path))
+    with pytest.raises(ManifestError, match="nested more than 32 levels deep"):
+        __import__("models").tinynet_e(pretrained=True)
+
+
+@fault("A manifest lists 200,000 URLs for one file (or thousands of models, files or problems)",
+       "refused with the count and the limit at its JSON path; the error stays short (at most 20 problems "
+       "shown, each at most 300 characters, then how many more)")
+def test_huge_manifests_give_short_errors(tmp_path):
+    raw = copy.deepcopy(RAW)
+    raw["models"]["tinynet_e"]["files"][0]["urls"] = [f"http://example.com/{i}" for i in range(200_000)]
+    path = tmp_path / "urls.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    message = str(err.value)
+    assert "$.models.tinynet_e.files[0].urls: 200000 URLs; at most 32" in message and len(message) < 2000
+    raw = copy.deepcopy(RAW)
+    raw["models"]["tinynet_e"]["license"] = 7
+    raw["models"]["tinynet_e"]["paper"] = "ftp://" + "x" * 1_000_000
+    for name in list(raw["models"]):
+        raw["models"][name]["macs"] = -1
+    raw["models"].update({f"m{i}": 1 for i in range(500)})
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    message = str(err.value)
+    assert "$.models: 506 model entries; at most 256" in message and len(message) < 8000
+    raw["models"] = {k: v for k, v in raw["models"].items() if not k.startswith("m")}
+    raw["models"].update({f"m{i}": 1 for i in range(40)})
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    message = str(err.value)
+    assert "... and 28 more problem(s)" in message and len(message) < 8000
+    assert max(map(len, message.splitlines())) <= 310
+
+
+def test_a_manifest_larger_than_16_mib_is_refused_unparsed(tmp_path):
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps({**RAW, "comment": "x" * (17 << 20)}))
+    with pytest.raises(ManifestError, match="larger than 16 MiB"):
+        load_manifest(path)

@@ -54,7 +54,7 @@ def checksums(data: bytes) -> dict[str, str]:
 
 class WeightsServer:
     """Behaviours (tuples):
-    ("ok",)                    serve, honouring Range and If-Range
+    ("ok",)                    serve, honouring Range and If-Range, and If-None-Match/If-Modified-Since (304)
     ("status", code[, headers]) answer with that status and no body
     ("redirect", location)     302 to another path on this server (or any Location)
     ("drop", n)                announce the full body, send n bytes, cut the connection
@@ -137,6 +137,8 @@ class WeightsServer:
             return
         if kind == "endless":
             return self._endless(handler, hit)
+        if kind == "ok" and self._not_modified(handler, entry):
+            return self._status(handler, hit, 304)
         if kind == "corrupt":
             data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
         start = 0
@@ -182,6 +184,19 @@ class WeightsServer:
         if kind in ("drop", "gzip_drop", "length"):
             handler.connection.shutdown(socket.SHUT_RDWR)
             handler.close_connection = True
+
+    @staticmethod
+    def _not_modified(handler, entry: _File) -> bool:
+        """A conditional GET (If-None-Match, else If-Modified-Since) that the file still meets (RFC 9110)."""
+        etag, since = handler.headers.get("If-None-Match"), handler.headers.get("If-Modified-Since")
+        if etag is not None:
+            return "etag" in entry.validators and etag == entry.etag
+        if since is not None and "last_modified" in entry.validators:
+            try:
+                return email.utils.parsedate_to_datetime(since).timestamp() >= int(entry.modified)
+            except (TypeError, ValueError):
+                return False
+        return False
 
     def _endless(self, handler, hit: Hit) -> None:
         hit.status = 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,37 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
     return parse
+
+
+def real_in(low: float, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False) -> Callable[[str | float], float]:
+    """A parser of a finite real number in [low, high] (an end left out with ``*_open``;
+    no ``high``: unbounded). NaN and infinity are refused: they would pass as numbers and
+    turn a run into NaN."""
+    span = (("(" if low_open else "[") + f"{low:g}, " + (f"{high:g}" if high is not None else "inf")
+            + (")" if high_open or high is None else "]"))
+
+    def parse(text: str | float) -> float:
+        try:
+            value = float(text) if not isinstance(text, bool) else math.nan
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (
+                high is not None and (value > high or (high_open and value == high))):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
+        return value
+    return parse
+
+
+def check_numbers(options: dict[str, Any], parsers: dict[str, Callable[[Any], float]]) -> None:
+    """The Python API's numbers through the parsers the command line uses (a ``ValueError``
+    naming the option); each value becomes what its parser returns."""
+    for name, parse in parsers.items():
+        if options.get(name) is not None:
+            try:
+                options[name] = parse(options[name])
+            except argparse.ArgumentTypeError as exc:
+                raise ValueError(f"{name} {exc}") from None
 
 
 class _Renamed(argparse.Action):

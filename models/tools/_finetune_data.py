@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from ._finetuned import class_name
 from .predict import IMAGE_SUFFIXES, open_image
 
 
@@ -29,21 +30,30 @@ class Splits:
 
 def image_files(folder: pathlib.Path) -> list[pathlib.Path]:
     # As torchvision's ImageFolder: image files anywhere under the class folder; hidden ones
-    # (.ipynb_checkpoints, .DS_Store) are not images of the class.
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    # (.ipynb_checkpoints, .DS_Store) are not images of the class. Whatever is named like an image
+    # but is not a regular file (a FIFO, a dangling link) is kept, to be reported as unreadable.
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def class_folders(root: pathlib.Path) -> list[str]:
-    """The class folders of an ImageFolder root, sorted; hidden ones (.ipynb_checkpoints) are none."""
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def named_folders(root: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Class name -> folder of an ImageFolder root, sorted by name: names in Unicode NFC, hidden
+    folders (.ipynb_checkpoints) are no class, and two folders whose names differ only in
+    Unicode spelling are refused. The one reading of class folders (finetune, evaluate)."""
+    named: dict[str, pathlib.Path] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        name = class_name(folder.name)
+        if name in named:
+            raise DataError(f"{named[name]} and {folder} are the same class name in two Unicode spellings "
+                            f"(NFC and NFD, {name!r}): merge them into one folder")
+        named[name] = folder
+    return dict(sorted(named.items()))
 
 
 def _class_folders(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
     if not root.is_dir():
         raise DataError(f"{root} does not exist or is not a directory")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    found = {f.name: image_files(f) for f in folders}
+    found = {name: image_files(folder) for name, folder in named_folders(root).items()}
     if not any(found.values()):
         loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         hint = (f" ({len(loose)} images lie directly in it: put them into one folder per class)" if loose else "")
@@ -85,13 +95,14 @@ def find_splits(data: str | pathlib.Path, val_split: float | None = None, seed: 
             raise DataError(f"{data} already has train/ and val/ folders: drop --val-split to use them")
         found = _class_folders(data)
         train, val = _stratified_split(found, val_split, seed)
-        return Splits(list(found), train, val, f"{data}, {val_split:g} of each class held out (seed {seed})")
+        return Splits(list(found), train, val, f"{data}, {val_split:g} of each class held out (seed {seed})"
+                      + _nfc_note(data))
     if not (data / "train").is_dir() or not (data / "val").is_dir():
         raise DataError(f"{data} needs train/ and val/ folders, each with one folder per class (ImageFolder "
                         "layout); or pass --val-split 0.1 to hold out part of a single folder of class folders")
     train_found = _class_folders(data / "train")
     val_root = data / "val"
-    val_found = {name: image_files(val_root / name) for name in class_folders(val_root)}
+    val_found = {name: image_files(folder) for name, folder in named_folders(val_root).items()}
     missing = [name for name in train_found if not val_found.get(name)]
     if missing:
         raise DataError(f"class(es) missing from {val_root}: {', '.join(missing[:10])}; every class in train/ "
@@ -102,7 +113,34 @@ def find_splits(data: str | pathlib.Path, val_split: float | None = None, seed: 
     classes = list(train_found)
     train = [(str(p), i) for i, name in enumerate(classes) for p in train_found[name]]
     val = [(str(p), i) for i, name in enumerate(classes) for p in val_found[name]]
-    return Splits(classes, train, val, f"{data}/train and {data}/val")
+    return Splits(classes, train, val, f"{data}/train and {data}/val" + _nfc_note(data / "train", val_root))
+
+
+def _nfc_note(*roots: pathlib.Path) -> str:
+    """Says so when a class folder's name is not already NFC (it is read as NFC)."""
+    renamed = sorted({class_name(p.name) for root in roots for p in root.iterdir()
+                      if p.is_dir() and class_name(p.name) != p.name})
+    return f" (folder names read as Unicode NFC: {', '.join(renamed)})" if renamed else ""
+
+
+def check_readable(splits: Splits) -> None:
+    """Before any epoch: every class has a readable image in train and in val (found by
+    opening each class's images in order until one decodes: usually the first)."""
+    for kind, items in (("training", splits.train), ("validation", splits.val)):
+        by_class: dict[int, list[str]] = {}
+        for path, target in items:
+            by_class.setdefault(target, []).append(path)
+        for target, paths in sorted(by_class.items()):
+            errors = []
+            for path in paths:
+                try:
+                    open_image(path)
+                    break
+                except Exception as exc:  # noqa: BLE001 - any decoding failure means unreadable
+                    errors.append(f"{path}: {type(exc).__name__}: {exc}")
+            else:
+                raise DataError(f"no readable {kind} image in class {splits.classes[target]}: none of its "
+                                f"{len(paths)} file(s) could be read, e.g. {errors[0]}")
 
 
 # -- transforms ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .. import __version__, _cache_files, _commands, api, download
 from .._hashing import sha256_file
-from ..cache import CacheDirError, cache_dir, default_cache_dir, exports_dir, verify_cached
+from ..cache import CacheDirError, cache_dir, default_cache_dir, exports_dir, url_prefix, verify_cached
 from ..manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
 from ..weights import get_weights
 from . import backends, benchmark, evaluate, export, finetune, predict
@@ -236,12 +236,14 @@ def _cache_prune(args) -> int:
 
 def _cache_clear(args) -> int:
     names, _ = _cache_models(args)
-    unknown = [m for m in args.models if m not in names]
+    unknown = [m for m in args.models if m not in names and m != "url" and not download.is_url(m)]
     if unknown:
-        raise SystemExit(f"error: unknown model {', '.join(unknown)}; models: {', '.join(names)}")
+        raise SystemExit(f"error: unknown model {', '.join(unknown)}; models: {', '.join(names)} (or url for every "
+                         "user URL's files, or one URL)")
+    only = [url_prefix(m) if download.is_url(m) else m for m in args.models]
     removed, busy = [], []
     for directory, exports in _cache_dirs(writable=True):
-        gone, held = _cache_files.clear(directory, names, args.models, exports=exports)
+        gone, held = _cache_files.clear(directory, names, only, exports=exports)
         removed, busy = removed + gone, busy + held
     for entry in removed:
         print(f"removed {entry.path.name} ({_size(entry.size)})")
@@ -288,7 +290,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     sub.add_argument("--days", type=float, default=7.0, help="minimum age in days (default: 7)")
     sub = add_command(cache_commands, "clear", _cache_clear,
                       "remove the cached weights and exports of MODEL (default: of every model and user URL)")
-    sub.add_argument("models", nargs="*", metavar="MODEL")
+    sub.add_argument("models", nargs="*", metavar="MODEL|url|URL",
+                     help="a model, url (every file downloaded from a user's URL, checkpoint=URL), or one such URL")
 
     manifest = commands.add_parser("manifest", help="maintainer commands on the weights manifest")
     manifest_commands = manifest.add_subparsers(dest="manifest_command", required=True, metavar="COMMAND")

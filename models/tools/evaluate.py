@@ -27,7 +27,7 @@ from ..manifest import Manifest
 from ..pretrained import categories_for, transforms_for
 from . import backends
 from ._args import add_command, int_at_least, model_from_args, model_source_arguments, published_weights
-from ._finetune_data import class_folders, image_files
+from ._finetune_data import image_files, named_folders
 from .predict import ImageFiles, collate_images
 
 _SYNSETS = pathlib.Path(__file__).resolve().parents[1] / "data" / "imagenet_synsets.txt"
@@ -89,7 +89,7 @@ def class_indices(data: pathlib.Path, classes: Sequence[str], class_map: str | o
     if not data.is_dir():
         raise EvaluationError(f"data directory {data} does not exist")
     num_classes = len(classes)
-    folders = class_folders(data)
+    folders = list(named_folders(data))  # (names in Unicode NFC, as finetune reads them)
     if not folders:
         raise EvaluationError(f"{data} has no class folders (expected the ImageFolder layout: one folder per class)")
     named = list(classes) != [f"class {i}" for i in range(num_classes)]
@@ -126,7 +126,8 @@ def class_indices(data: pathlib.Path, classes: Sequence[str], class_map: str | o
 
 
 def samples(data: pathlib.Path, classes: dict[str, int], limit: int | None) -> list[tuple[str, int]]:
-    items = [(str(p), index) for folder, index in classes.items() for p in image_files(data / folder)]
+    folders = named_folders(data)
+    items = [(str(p), index) for name, index in classes.items() for p in image_files(folders[name])]
     if not items:
         raise EvaluationError(f"no image files under {data}")
     return items[:limit] if limit else items

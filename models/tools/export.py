@@ -16,19 +16,24 @@ as GhostNet's authors advise (iamhankai/ghostnet.pytorch issue 28).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import pathlib
+import secrets
+import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import filelock
 import torch
 from torch import nn
 
 from .. import api
+from .._files import WriteError, check_room, probe_writable
 from ..description import DESCRIPTION_KEY, ModelDescription, describe
 from ..ghostnet import GhostNet, pad_ghost_halves
 from ..layers import SqueezeExcite
@@ -214,8 +219,58 @@ def _to_executorch(net: nn.Module, path: pathlib.Path, size: tuple[int, int], in
 def _to_pt2(net: nn.Module, path: pathlib.Path, size: tuple[int, int], described: ModelDescription) -> None:
     example = torch.randn(2, 3, *size)
     dynamic = {"x": {0: torch.export.Dim("batch")}}
-    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=dynamic), str(path),
+    # Into memory, then written by Python: torch's zip writer, writing a file, aborts the whole
+    # interpreter when the disk fills (its destructor throws again: SIGABRT, not an exception).
+    archive = io.BytesIO()
+    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=dynamic), archive,
                       extra_files={DESCRIPTION_KEY: described.to_json()})
+    path.write_bytes(archive.getbuffer())
+
+
+_WORK = ".export-"  # work folders, beside --out so that the finished file is renamed into place, never copied
+
+
+def _lock_free(lock: pathlib.Path) -> bool:
+    """Whether nobody holds ``lock`` (its export died, or finished)."""
+    try:
+        with filelock.FileLock(str(lock)).acquire(timeout=0):
+            return True
+    except (filelock.Timeout, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def _work_folder(parent: pathlib.Path):
+    """A work folder beside ``--out``, held by a lock taken before it exists and released after
+    it is gone. Folders that a killed export left here (their lock free) are removed first;
+    one whose export still runs is left alone."""
+    for lock in parent.glob(f"{_WORK}*.lock"):
+        folder = lock.with_suffix("")
+        if _lock_free(lock):
+            shutil.rmtree(folder, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+    for folder in parent.glob(f"{_WORK}*"):  # (its lock file gone too: nothing can hold it)
+        if folder.is_dir() and not folder.with_name(folder.name + ".lock").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+    name = f"{_WORK}{os.getpid()}-{secrets.token_hex(4)}"
+    lock = filelock.FileLock(str(parent / f"{name}.lock"))
+    try:
+        with lock:
+            folder = parent / name
+            folder.mkdir()
+            try:
+                yield folder
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        pathlib.Path(lock.lock_file).unlink(missing_ok=True)
+
+
+def _room_needed(net: nn.Module, format: str, int8: bool) -> int:
+    """Bytes the export writes beside ``--out`` at least: its weights in float32 (an ONNX INT8
+    export writes the float32 model first), a quarter of that for an ExecuTorch INT8 file."""
+    weights = sum(t.numel() * 4 for t in net.state_dict().values() if t.is_floating_point())
+    return weights // 4 if int8 and format == "executorch" else weights
 
 
 def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool = False,
@@ -253,20 +308,30 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
     size = tuple(images.shape[-2:])
     batches = calibration_batches(transforms, calibration) if int8 else []
     backend = {"onnx": "onnxruntime", "executorch": "executorch", "pt2": "eager"}[format]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
-        written = pathlib.Path(tmp) / f"model{FORMATS[format]}"
+    nothing = "Nothing was written; free space there, or choose another --out"
+    needed = _room_needed(net, format, int8)
+    probe_writable(out.parent, "Nothing was written; choose another --out")  # before minutes of work, not after
+    check_room(out, needed, nothing, at_least=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(out.parent, out.name, needed, exc, nothing, at_least=True) from None
+    with _work_folder(out.parent) as tmp:
+        written = tmp / f"model{FORMATS[format]}"
         progress(f"exporting to {format}{' int8' if int8 else ''}")
-        if format == "onnx":
-            fp32 = pathlib.Path(tmp) / "fp32.onnx" if int8 else written
-            _to_onnx(net, torch.randn(2, 3, *size), fp32)
-            if int8:
-                _onnx_int8(fp32, written, float_depthwise, batches)
-            _describe_onnx(written, described)
-        elif format == "executorch":
-            _to_executorch(net, written, size, int8, float_depthwise, batches, max_batch, described)
-        else:
-            _to_pt2(net, written, size, described)
+        try:  # a full disk, a file size limit, a read-only folder: one error, for every format
+            if format == "onnx":
+                fp32 = tmp / "fp32.onnx" if int8 else written
+                _to_onnx(net, torch.randn(2, 3, *size), fp32)
+                if int8:
+                    _onnx_int8(fp32, written, float_depthwise, batches)
+                _describe_onnx(written, described)
+            elif format == "executorch":
+                _to_executorch(net, written, size, int8, float_depthwise, batches, max_batch, described)
+            else:
+                _to_pt2(net, written, size, described)
+        except OSError as exc:
+            raise WriteError(out.parent, out.name, needed, exc, nothing, at_least=True) from None
         progress("checking the export against the eager model")
         runner = backends.load_file(written, backend, threads=torch.get_num_threads())
         if runner.description != described:

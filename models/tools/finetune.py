@@ -30,20 +30,22 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import api
+from .._files import probe_writable, write_file
 from ..description import ModelDescription, describe, preprocessing_for
 from ..weights import get_weights
 from . import _finetune_dist, _finetune_loop
-from ._args import add_command, int_at_least
+from ._args import add_command, check_numbers, int_at_least, real_in
 from ._finetune_data import (
     DataError,
     EpochSampler,
     TrainImages,
+    check_readable,
     collate_train,
     find_splits,
     sample_seed,
     train_transform,
 )
-from ._finetuned import save_checkpoint
+from ._finetuned import checkpoint_room, resume_state, save_checkpoint
 from .predict import ImageFiles, collate_images
 
 # Every option, with its default: the one table the Python API and the command line share.
@@ -52,10 +54,18 @@ DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 1.0, "min_lr": 1e-6, "label_smoothing": 0.1, "input_size": None, "min_scale": 0.08, "hflip": 0.5,
     "amp": False, "amp_dtype": None, "accum_steps": 1, "drop_rate": None, "drop_path_rate": 0.0, "seed": 0,
     "val_split": None, "pretrained": True, "checkpoint": None, "freeze_backbone": False, "sync_bn": False,
-    "workers": None, "device": None, "progress": True, "manifest": None,
+    "workers": None, "device": None, "progress": True, "manifest": None, "max_skipped": 0.1,
 }
 # What a resumed run may change: where it runs and how it shows progress; the data may have moved.
-_RESUME_MAY_CHANGE = {"data", "workers", "device", "progress", "epochs"}
+_RESUME_MAY_CHANGE = {"data", "workers", "device", "progress", "epochs", "max_skipped"}
+# Each real option's range, checked when parsed and by finetune(): no NaN, infinity, lr 0, momentum 1.
+_NUMBERS = {
+    "lr": real_in(0, low_open=True), "momentum": real_in(0, 1, high_open=True), "weight_decay": real_in(0),
+    "warmup_epochs": real_in(0), "min_lr": real_in(0), "label_smoothing": real_in(0, 1, high_open=True),
+    "min_scale": real_in(0, 1, low_open=True), "hflip": real_in(0, 1), "drop_rate": real_in(0, 1, high_open=True),
+    "drop_path_rate": real_in(0, 1, high_open=True), "val_split": real_in(0, 1, low_open=True, high_open=True),
+    "max_skipped": real_in(0, 1),
+}
 
 
 @dataclass
@@ -92,7 +102,7 @@ def _configure(model, data, out, resume, options) -> tuple[dict, dict | None]:
         last = pathlib.Path(resume) / "last.pth"
         if not last.is_file():
             raise FileNotFoundError(f"nothing to resume: {last} does not exist")
-        state = torch.load(last, map_location="cpu", weights_only=True)
+        state = resume_state(last)
         config = {**DEFAULTS, **state["args"], "out": str(resume)}
         changed = [k for k, v in given.items() if k not in _RESUME_MAY_CHANGE and v != config.get(k)]
         if changed:
@@ -106,6 +116,8 @@ def _configure(model, data, out, resume, options) -> tuple[dict, dict | None]:
         raise ValueError(f"unknown model {config['model']!r}; models: {', '.join(api.list_models())}")
     if config["checkpoint"] and not config["pretrained"]:
         raise ValueError("--checkpoint and --no-pretrained contradict each other: pass one")
+    check_numbers(config, _NUMBERS)
+    probe_writable(config["out"], "Choose another --out")  # before training, not after an epoch
     config["data"] = str(config["data"])
     return {k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v)) for k, v in config.items()}, state
 
@@ -212,10 +224,15 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
         raise ValueError(f"--batch-size {cfg['batch_size']} is the global batch: it must divide by the number of "
                          f"processes times --accum-steps ({size} x {accum})")
     micro = cfg["batch_size"] // (size * accum)
+    if micro < 2 and not cfg["freeze_backbone"]:  # BatchNorm cannot train on one image
+        raise ValueError(f"--batch-size {cfg['batch_size']} over {size} process(es) x {accum} accumulation step(s) "
+                         "is 1 image per micro-batch: BatchNorm needs at least 2 images per micro-batch (or train "
+                         "only the head with --freeze-backbone)")
     steps_per_epoch = len(splits.train) // size // micro // accum
     if steps_per_epoch == 0:
         raise ValueError(f"{len(splits.train)} training images do not fill one batch of {cfg['batch_size']}: "
                          "lower --batch-size")
+    check_readable(splits)
     pre = preprocessing_for(cfg["model"], cfg["input_size"])
     net, source = _start_model(cfg, splits.classes, world)
     if cfg["freeze_backbone"]:
@@ -227,6 +244,8 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
     if size > 1:
         net = DistributedDataParallel(net, device_ids=[world.device] if world.device.type == "cuda" else None)
     optimizer = _optimizer(module, cfg)
+    # (on every rank, as every rank probed --out: one rank stopping alone would leave the others waiting)
+    checkpoint_room(out, module, 2 if cfg["opt"] == "adamw" else int(cfg["momentum"] > 0), state is not None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
     dtype = cfg["amp_dtype"] or ("float16" if world.device.type == "cuda" else "bfloat16")
     autocast = torch.autocast(world.device.type, dtype=getattr(torch, dtype), enabled=cfg["amp"])
@@ -279,6 +298,7 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
         seconds = time.perf_counter() - started
         record = {"epoch": epoch, **train, **val, "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
                   "images_per_s": round(train["train_images"] / seconds, 2)}
+        notes = _finetune_loop.check_epoch(record, cfg["max_skipped"])
         history.append(record)
         improved = (val["val_top1"], -val["val_loss"]) > (best["val_top1"], -best["val_loss"])
         if improved:
@@ -293,7 +313,7 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
                 save_checkpoint(out / "best.pth", payload)
             metrics = {"model": cfg["model"], "classes": splits.classes, "best_epoch": best["epoch"],
                        "best_val_top1": best["val_top1"], "epochs": history}
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            write_file(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
             _finetune_loop.plot_curves(history, out / "curves.png")
             save_checkpoint(out / "last.pth", {**payload, "resume": {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -301,7 +321,7 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
         _say(world, f"epoch {epoch}/{cfg['epochs']}  train loss {train['train_loss']:.4f} top-1 "
                     f"{train['train_top1']:.2f} %  val loss {val['val_loss']:.4f} top-1 {val['val_top1']:.2f} %  "
                     f"lr {record['lr']:.2e}  {seconds:.1f} s ({record['images_per_s']:.0f} img/s)"
-                    f"{'  * best' if improved else ''}")
+                    f"{'  * best' if improved else ''}{notes}")
         world.barrier()
     if world.main and not _finetune_loop.plot_curves(history, out / "curves.png"):
         print("curves.png not drawn: install matplotlib for it", file=sys.stderr)
@@ -329,7 +349,7 @@ def register(commands) -> None:
                       "fine-tune a model on your images (ImageFolder: DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg); "
                       "under torchrun, DDP over the processes")
     sub.argument_default = argparse.SUPPRESS  # only what is given reaches finetune(), whose DEFAULTS apply
-    d = DEFAULTS
+    d, n = DEFAULTS, _NUMBERS
     add = sub.add_argument
     add("--model", metavar="MODEL", choices=api.list_models(), help="the model to fine-tune, e.g. tinynet_e")
     add("--data", metavar="DIR", help="DIR/train and DIR/val, one folder per class (or one such folder with "
@@ -340,27 +360,28 @@ def register(commands) -> None:
     add("--batch-size", type=int_at_least(1), help=f"global batch per optimizer step, over all processes and "
                                                     f"accumulation steps (default: {d['batch_size']})")
     add("--opt", choices=("adamw", "sgd"), help=f"optimizer (default: {d['opt']}; sgd has Nesterov momentum)")
-    add("--lr", type=float, help=f"peak learning rate (default: {d['lr']})")
-    add("--momentum", type=float, help=f"SGD momentum (default: {d['momentum']})")
-    add("--weight-decay", type=float, help=f"weight decay, not on biases and norms (default: "
-                                           f"{d['weight_decay']})")
-    add("--warmup-epochs", type=float, help=f"linear warmup, then cosine decay per step (default: "
-                                            f"{d['warmup_epochs']})")
-    add("--min-lr", type=float, help=f"learning rate at the end of the cosine (default: {d['min_lr']})")
-    add("--label-smoothing", type=float, help=f"default: {d['label_smoothing']}")
+    add("--lr", type=n["lr"], help=f"peak learning rate (default: {d['lr']})")
+    add("--momentum", type=n["momentum"], help=f"SGD momentum (default: {d['momentum']})")
+    add("--weight-decay", type=n["weight_decay"], help=f"weight decay, not on biases and norms (default: "
+                                                        f"{d['weight_decay']})")
+    add("--warmup-epochs", type=n["warmup_epochs"], help=f"linear warmup, then cosine decay per step "
+                                                          f"(default: {d['warmup_epochs']})")
+    add("--min-lr", type=n["min_lr"], help=f"learning rate at the end of the cosine (default: {d['min_lr']})")
+    add("--label-smoothing", type=n["label_smoothing"], help=f"default: {d['label_smoothing']}")
     add("--input-size", type=int_at_least(32), help="training and eval crop (default: the model's own)")
-    add("--min-scale", type=float, help=f"RandomResizedCrop's smallest area fraction (default: {d['min_scale']})")
-    add("--hflip", type=float, help=f"horizontal flip probability (default: {d['hflip']})")
+    add("--min-scale", type=n["min_scale"], help=f"RandomResizedCrop's smallest area fraction (default: "
+                                                  f"{d['min_scale']})")
+    add("--hflip", type=n["hflip"], help=f"horizontal flip probability (default: {d['hflip']})")
     add("--amp", action="store_true", help="mixed precision: bfloat16 autocast on CPU, float16 (with gradient "
                                            "scaling) on CUDA")
     add("--amp-dtype", choices=("bfloat16", "float16"), help="the autocast dtype instead")
     add("--accum-steps", type=int_at_least(1), help="micro-batches accumulated per optimizer step (default: 1)")
-    add("--drop-rate", type=float, help="dropout before the classifier (default: the model's, 0.2)")
-    add("--drop-path-rate", type=float, help="stochastic depth, for models that have it (default: 0)")
+    add("--drop-rate", type=n["drop_rate"], help="dropout before the classifier (default: the model's, 0.2)")
+    add("--drop-path-rate", type=n["drop_path_rate"], help="stochastic depth, for models that have it (default: 0)")
     add("--seed", type=int, help=f"seeds the initialisation, the sampler, every augmentation and dropout "
                                  f"(default: {d['seed']})")
-    add("--val-split", type=float, metavar="FRACTION", help="hold out this fraction of each class of DIR "
-                                                            "(seeded, stratified) when DIR has no train/ and val/")
+    add("--val-split", type=n["val_split"], metavar="FRACTION",
+        help="hold out this fraction of each class of DIR (seeded, stratified) when DIR has no train/ and val/")
     add("--no-pretrained", dest="pretrained", action="store_false", help="train from scratch (default: start "
                                                                           "from the published weights)")
     add("--checkpoint", metavar="FILE", help="start from your own checkpoint (a state dict, or a best.pth)")
@@ -369,4 +390,6 @@ def register(commands) -> None:
     add("--workers", type=int_at_least(0), help="DataLoader worker processes per rank (default: half the CPUs, "
                                                      "at most 4)")
     add("--device", help="cpu, cuda, cuda:1, mps (default: this rank's GPU if there is one, else cpu)")
+    add("--max-skipped", type=n["max_skipped"], metavar="FRACTION", help="stop when more than this share of an "
+        f"epoch's train or val images cannot be read (default: {d['max_skipped']})")
     add("--quiet", action="store_true", help="no progress bars")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import api
+from .._files import open_regular
 from ..download import fetch_bytes, is_url
 from ..pretrained import categories_for, released_models, transforms_for
 from . import backends
@@ -52,21 +53,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def open_image(source: str) -> Image.Image:
+    """A URL's or a regular file's image; anything else (a FIFO would block forever, a device
+    never end) is refused unread."""
     if is_url(source):
         image = Image.open(io.BytesIO(fetch_bytes(source)))
-    else:
-        image = Image.open(source)
-    image.load()  # decode now: a truncated file fails here, inside the try of the caller
+        image.load()  # decode now: a truncated file fails here, inside the try of the caller
+        return to_rgb(image)
+    fd, _ = open_regular(source)
+    with os.fdopen(fd, "rb") as f:
+        image = Image.open(f)
+        image.load()
     return to_rgb(image)
 
 
 def expand_sources(sources: Sequence[str]) -> list[str]:
-    """Files, URLs, and the image files under each directory (recursively, sorted)."""
+    """Files, URLs, and what is named like an image under each directory (recursively,
+    sorted): what is not a regular file among them is reported by the reader, not left out."""
     expanded = []
     for source in sources:
         path = pathlib.Path(source)
         if not is_url(source) and path.is_dir():
-            expanded += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            expanded += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
         else:
             expanded.append(source)
     return expanded
