@@ -9,7 +9,7 @@ import torch
 
 from ._base import ImageClassifier, Variant
 from .description import describe
-from .weights import Checkpoint
+from .weights import Checkpoint, checkpoint_limit
 
 
 def build_arguments(name: str, variant: Variant, loaded: Checkpoint, num_classes: int | None,
@@ -84,3 +84,11 @@ def fits_instead(name: str, state: dict[str, torch.Tensor], variants: dict[str, 
         if not mismatch(candidate, state):
             fits.append(other)
     return f". It fits {' and '.join(fits)} (num_classes={classes}): load it with that model" if fits else ""
+
+
+def size_limit(variants: dict[str, Variant], names: list[str], num_classes: int | None) -> int:
+    """The largest checkpoint file any of these models can have (``checkpoint_limit``), with a
+    head of ``num_classes``, or of up to ImageNet-21k's 21,843 classes when the file is to say."""
+    classes = max(num_classes if num_classes is not None else 21843, 1)
+    with torch.device("meta"):
+        return max(checkpoint_limit(variants[n].build(num_classes=classes)) for n in names if n in variants)

@@ -24,7 +24,7 @@ from ._base import ImageClassifier, Variant
 from ._devices import resolve_device
 from .manifest import DEFAULT_MANIFEST, Manifest, ModelEntry, load_manifest
 from .pretrained import WeightsEnum, get_model_weights, get_weight, resolve_weights
-from .weights import Checkpoint, CheckpointError, Weights, checkpoint_limit, get_weights, read_checkpoint
+from .weights import Checkpoint, CheckpointError, Weights, get_weights, read_checkpoint
 
 # Where this repository lives on GitHub, for the examples in the help text.
 GITHUB_REPO = "OWNER/REPO"
@@ -208,14 +208,6 @@ def get_model(
     return model
 
 
-def _size_limit(names: list[str], num_classes: int | None) -> int:
-    """The largest checkpoint file any of these models can have (``checkpoint_limit``), with a
-    head of ``num_classes``, or of up to ImageNet-21k's 21,843 classes when the file is to say."""
-    classes = num_classes if num_classes is not None else 21843
-    with torch.device("meta"):
-        return max(checkpoint_limit(_VARIANTS[n].build(num_classes=max(classes, 1))) for n in names if n in _VARIANTS)
-
-
 def from_checkpoint(checkpoint: str | os.PathLike, *, model: str | None = None, checkpoint_sha256: str | None = None,
                     num_classes: int | None = None, progress: bool = True, device: str | torch.device | None = None,
                     **options: Any) -> ImageClassifier:
@@ -225,7 +217,8 @@ def from_checkpoint(checkpoint: str | os.PathLike, *, model: str | None = None, 
     ``get_model``'s (``fuse``, ``channels_last``, ``drop_rate``, ...)."""
     target = resolve_device(device)
     loaded = read_checkpoint(checkpoint, sha256=checkpoint_sha256, progress=progress, map_location=target,
-                             max_bytes=_size_limit([model] if model else list(_VARIANTS), num_classes))
+                             max_bytes=_checkpoints.size_limit(_VARIANTS, [model] if model else list(_VARIANTS),
+                                                                num_classes))
     if loaded.description is not None:
         loaded.description.check(str(loaded.path), model=model, num_classes=num_classes)
         model = loaded.description.architecture
@@ -274,7 +267,7 @@ def _build(name: str, variant: Variant, *, target: torch.device, num_classes: in
     else:
         loaded = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(
             checkpoint, sha256=checkpoint_sha256, progress=progress, map_location=target,
-            max_bytes=_size_limit([name], num_classes))
+            max_bytes=_checkpoints.size_limit(_VARIANTS, [name], num_classes))
         source = str(loaded.path)
         load_classes, options = _checkpoints.build_arguments(name, variant, loaded, num_classes, options)
         state = loaded.state

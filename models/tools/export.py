@@ -16,19 +16,15 @@ as GhostNet's authors advise (iamhankai/ghostnet.pytorch issue 28).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import os
 import pathlib
-import secrets
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import filelock
 import torch
 from torch import nn
 
@@ -41,6 +37,7 @@ from ..weights import get_weights
 from . import backends
 from ._args import add_command, int_at_least
 from ._samples import calibration_batches, calibration_id, check_images, default_transforms
+from ._workdir import work_folder
 
 __all__ = ["FORMATS", "TOLERANCE", "ExportCheckError", "ExportReport", "calibration_id", "export", "load_model"]
 
@@ -227,45 +224,6 @@ def _to_pt2(net: nn.Module, path: pathlib.Path, size: tuple[int, int], described
     path.write_bytes(archive.getbuffer())
 
 
-_WORK = ".export-"  # work folders, beside --out so that the finished file is renamed into place, never copied
-
-
-def _lock_free(lock: pathlib.Path) -> bool:
-    """Whether nobody holds ``lock`` (its export died, or finished)."""
-    try:
-        with filelock.FileLock(str(lock)).acquire(timeout=0):
-            return True
-    except (filelock.Timeout, OSError):
-        return False
-
-
-@contextlib.contextmanager
-def _work_folder(parent: pathlib.Path):
-    """A work folder beside ``--out``, held by a lock taken before it exists and released after
-    it is gone. Folders that a killed export left here (their lock free) are removed first;
-    one whose export still runs is left alone."""
-    for lock in parent.glob(f"{_WORK}*.lock"):
-        folder = lock.with_suffix("")
-        if _lock_free(lock):
-            shutil.rmtree(folder, ignore_errors=True)
-            lock.unlink(missing_ok=True)
-    for folder in parent.glob(f"{_WORK}*"):  # (its lock file gone too: nothing can hold it)
-        if folder.is_dir() and not folder.with_name(folder.name + ".lock").exists():
-            shutil.rmtree(folder, ignore_errors=True)
-    name = f"{_WORK}{os.getpid()}-{secrets.token_hex(4)}"
-    lock = filelock.FileLock(str(parent / f"{name}.lock"))
-    try:
-        with lock:
-            folder = parent / name
-            folder.mkdir()
-            try:
-                yield folder
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-    finally:
-        pathlib.Path(lock.lock_file).unlink(missing_ok=True)
-
-
 def _room_needed(net: nn.Module, format: str, int8: bool) -> int:
     """Bytes the export writes beside ``--out`` at least: its weights in float32 (an ONNX INT8
     export writes the float32 model first), a quarter of that for an ExecuTorch INT8 file."""
@@ -316,7 +274,7 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise WriteError(out.parent, out.name, needed, exc, nothing, at_least=True) from None
-    with _work_folder(out.parent) as tmp:
+    with work_folder(out.parent) as tmp:
         written = tmp / f"model{FORMATS[format]}"
         progress(f"exporting to {format}{' int8' if int8 else ''}")
         try:  # a full disk, a file size limit, a read-only folder: one error, for every format
