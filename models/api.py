@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 import os
 import pathlib
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, NoReturn, TypeVar, cast
 
 import torch
 
 from . import ghostnet, tinynet
 from ._base import ImageClassifier, Variant
+from ._builder import Builder, check_dtype, is_meta
 from ._devices import resolve_device
+from .ghostnet import GhostNet
 from .manifest import DEFAULT_MANIFEST, Manifest, ModelEntry, load_manifest
 from .pretrained import WeightsEnum, get_model_weights, get_weight, resolve_weights
+from .tinynet import TinyNet
 from .weights import Weights, get_weights, user_state_dict
 
 # Where this repository lives on GitHub, for the examples in the help text.
@@ -41,11 +45,12 @@ _ARGUMENT_DOCS = {
                 "verified against weights_manifest.json (downloaded once, then read from the cache) and the model "
                 "comes back in eval mode. A file path or URL here is an error: that is checkpoint=."),
     "progress": ("bool", "True", "show the download progress bar on stderr."),
-    "device": ("", "None", "'cpu' (default), 'cuda', 'cuda:1', 'mps' or a torch.device; weights load "
-               "straight onto it."),
-    "num_classes": ("int", "1000", "classifier outputs. With published weights and another value the backbone is "
-                    "pretrained and the head is new: a warning says so and the model comes back in train mode, "
-                    "ready to fine-tune. 0 returns the pooled 1280-d features."),
+    "device": ("", "None", "'cpu' (default), 'cuda', 'cuda:1', 'mps' or a torch.device; weights load straight onto "
+               "it. 'meta': no storage, nothing fetched (with weights=, the model they give, pretrained_weights set: "
+               "to_empty(device=...), then load_state_dict(pretrained_weights.get_state_dict())); no checkpoint=."),
+    "num_classes": ("int", "None", "classifier outputs; None is 1000 (ImageNet). With published weights and another "
+                    "value the backbone is pretrained and the head is new: a warning says so and the model comes back "
+                    "in train mode, ready to fine-tune. 0 returns the pooled 1280-d features."),
     "checkpoint": ("str | path", "None", "your own checkpoint (e.g. fine-tuned), a local path or http(s) URL, "
                    "loaded strictly and without running code from it; training checkpoints ({'state_dict': ...}, "
                    "DDP 'module.') are unwrapped. The model comes back in eval mode."),
@@ -58,9 +63,12 @@ _ARGUMENT_DOCS = {
     "out_indices": ("tuple", "(0, 1, 2, 3, 4)", "which feature maps features_only returns."),
     "fuse": ("bool", "False", "fold BatchNorm into the convolutions for faster inference (eval-only model)."),
     "channels_last": ("bool", "False", "keep weights and inputs in channels_last memory layout."),
+    "dtype": ("torch.dtype", "None", "a floating dtype (torch.bfloat16, torch.float16, torch.float64) the model is "
+              "cast to once its weights are loaded (and fused); inputs must then have it too. None keeps float32."),
 }
 _BUILD_ARGUMENTS = ("pretrained", "weights", "progress", "device", "num_classes", "checkpoint", "checkpoint_sha256",
-                    "fuse", "channels_last")
+                    "fuse", "channels_last", "dtype")
+
 # Spellings that changed: using one is an error that names the new one.
 _RENAMED = {"weights_sha256": "checkpoint_sha256"}
 
@@ -116,7 +124,7 @@ def _reject_unknown_kwargs(builder: str, kwargs: dict, accepted: Iterable[str]) 
     The original GhostNet hub entry swallowed ``**kwargs``, so ``num_classes=10`` silently
     built a 1000-class model; here a misspelt option stops the build.
     """
-    accepted = sorted(accepted)
+    accepted = sorted(set(accepted))  # each once, however many lists name it
     unknown = [key for key in kwargs if key not in accepted]
     if not unknown:
         return
@@ -160,28 +168,40 @@ def _check_flag(name: str, value: Any) -> bool:
 
 def get_model(
     name: str,
-    *,
     pretrained: bool = False,
+    *,
     weights: WeightsEnum | Weights | str | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
-    num_classes: int = 1000,
-    checkpoint: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_sha256: str | None = None,
+    in_chans: int = 3,
+    drop_rate: float = 0.2,
+    drop_path_rate: float = 0.0,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3, 4),
     fuse: bool = False,
     channels_last: bool = False,
-    **options: Any,
+    dtype: torch.dtype | None = None,
+    **unknown: NoReturn,
 ) -> ImageClassifier:
     """Build model ``name``; see ``help(models.tinynet_a)`` for the arguments.
 
     ``weights`` may also be a ``Weights`` handle from another manifest, ``get_weights(name,
     manifest)``, which is how the command-line tools pass ``--manifest``.
     """
-    variant = get_variant(name)
-    _reject_unknown_kwargs(name, options, _BUILD_ARGUMENTS + variant.options)
+    variant = get_variant(name)  # (**unknown is typed NoReturn: type checkers flag a misspelt keyword)
+    _reject_unknown_kwargs(name, unknown, _DEFAULTS)
     for flag, value in (("pretrained", pretrained), ("progress", progress), ("fuse", fuse),
                         ("channels_last", channels_last)):
         _check_flag(flag, value)
+    check_dtype(dtype)
+    # The class's own options, passed on only when given, so the class checks them and keeps its defaults.
+    given = {"in_chans": in_chans, "drop_rate": drop_rate, "drop_path_rate": drop_path_rate,
+             "features_only": features_only, "out_indices": out_indices}
+    options = {key: value for key, value in given.items() if value is not _DEFAULTS[key]}
+    num_classes = 1000 if num_classes is None else num_classes
     if pretrained and weights is not None:
         raise ValueError("pretrained=True is weights='DEFAULT': pass one of them, not both")
     # Resolved before anything is built or downloaded: a model without weights fails here.
@@ -193,15 +213,28 @@ def get_model(
             raise TypeError(f"checkpoint must be a path or URL, got {type(checkpoint).__name__} {checkpoint!r}")
     elif checkpoint_sha256 is not None:
         raise ValueError("checkpoint_sha256 checks the file given with checkpoint=; none was given")
-    target = resolve_device(device)
-    model = _build(name, variant, target=target, num_classes=num_classes, published=published,
-                   checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256, progress=progress, options=options)
+    target = torch.device("meta") if is_meta(device) else resolve_device(device)
+    if target.type == "meta" and checkpoint is not None:
+        raise ValueError("device='meta' reads no file: build the model on 'meta' without checkpoint=, then "
+                         "model.to_empty(device=...) and load your checkpoint into it")
+    # Tensors without storage take no weights: on 'meta', the model the weights would give, nothing fetched.
+    fetch = published if target.type != "meta" else None
+    model = _build(name, variant, target=target, num_classes=num_classes, published=fetch, checkpoint=checkpoint,
+                   checkpoint_sha256=checkpoint_sha256, progress=progress, options=options)
+    if published is not None and fetch is None:
+        model = _describe(model.train(not model.features_only and num_classes not in (1000, 0)), name, published)
     if fuse:
         model.fuse(channels_last=channels_last)
     elif channels_last:
         model.to(memory_format=torch.channels_last)
         model.channels_last = True
+    if dtype is not None:  # after loading and fusing (folding BatchNorm is done in float64)
+        model.to(dtype=dtype)
     return model
+
+
+_GET_MODEL_SIGNATURE = inspect.signature(get_model)
+_DEFAULTS = {p.name: p.default for p in list(_GET_MODEL_SIGNATURE.parameters.values())[1:-1]}  # name, **unknown
 
 
 # Files whose frames a warning about the user's call skips: this package, hubconf.py and torch.hub.
@@ -332,18 +365,17 @@ def _help_text(name: str) -> str:
     return "\n".join(lines)
 
 
-def _entry_point(name: str) -> Callable[..., ImageClassifier]:
-    def entry(
-        pretrained: bool = False,
-        progress: bool = True,
-        device: str | torch.device | None = None,
-        num_classes: int = 1000,
-        weights: WeightsEnum | Weights | str | None = None,
-        **options: Any,
-    ) -> ImageClassifier:
-        return get_model(name, pretrained=pretrained, weights=weights, progress=progress, device=device,
-                         num_classes=num_classes, **options)
+_M = TypeVar("_M", bound=ImageClassifier)
 
+
+def _entry_point(name: str, family: type[_M]) -> Builder[_M]:
+    """``get_model(name, ...)`` with its signature (for help() and IDEs), typed ``Builder[family]``."""
+
+    def entry(*args: Any, **kwargs: Any) -> _M:
+        return cast(_M, get_model(name, *args, **kwargs))
+
+    entry.__signature__ = _GET_MODEL_SIGNATURE.replace(  # type: ignore[attr-defined]
+        parameters=list(_GET_MODEL_SIGNATURE.parameters.values())[1:], return_annotation=family.__name__)
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = _help_text(name)
     return entry
@@ -351,14 +383,16 @@ def _entry_point(name: str) -> Callable[..., ImageClassifier]:
 
 # The entry points: one line per model, kept explicit because they are the public contract
 # (hubconf.py repeats them for torch.hub). A test checks this list against VARIANTS.
-ghostnet_0_5x = _entry_point("ghostnet_0_5x")
-ghostnet_1x = _entry_point("ghostnet_1x")
-ghostnet_1_3x = _entry_point("ghostnet_1_3x")
-tinynet_a = _entry_point("tinynet_a")
-tinynet_b = _entry_point("tinynet_b")
-tinynet_c = _entry_point("tinynet_c")
-tinynet_d = _entry_point("tinynet_d")
-tinynet_e = _entry_point("tinynet_e")
+ghostnet_0_5x = _entry_point("ghostnet_0_5x", GhostNet)
+ghostnet_1x = _entry_point("ghostnet_1x", GhostNet)
+ghostnet_1_3x = _entry_point("ghostnet_1_3x", GhostNet)
+tinynet_a = _entry_point("tinynet_a", TinyNet)
+tinynet_b = _entry_point("tinynet_b", TinyNet)
+tinynet_c = _entry_point("tinynet_c", TinyNet)
+tinynet_d = _entry_point("tinynet_d", TinyNet)
+tinynet_e = _entry_point("tinynet_e", TinyNet)
 
 __all__ = ["GITHUB_REPO", "Weights", "WeightsEnum", "get_model", "get_model_weights", "get_variant", "get_weight",
-           "get_weights", "list_models", "resolve_device", *_VARIANTS]
+           "get_weights", "list_models", "resolve_device",  # and the builders, by name for type checkers:
+           "ghostnet_0_5x", "ghostnet_1x", "ghostnet_1_3x",
+           "tinynet_a", "tinynet_b", "tinynet_c", "tinynet_d", "tinynet_e"]

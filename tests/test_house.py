@@ -52,7 +52,9 @@ def test_every_public_builder_name_is_one_object():
         # hubconf loads the package under a private name: the same object of that copy.
         assert getattr(hubconf, name) is getattr(private_package.api, name), name
     hub_names = [n for n in vars(hubconf) if not n.startswith("_") and callable(getattr(hubconf, n))]
-    assert hub_names == models.list_models()
+    # The models, then torchvision's two weights lookups (its hubconf offers them too).
+    assert hub_names == [*models.list_models(), "get_weight", "get_model_weights"]
+    assert hubconf.get_weight is private_package.get_weight
 
 
 def test_keyword_arguments_are_checked_against_one_list():
