@@ -132,8 +132,9 @@ def test_adding_a_model_takes_the_edits_contributing_lists(tmp_path):
     edits = {
         "models/ghostnet.py": ('VARIANTS = {\n', 'VARIANTS = {\n    "ghostnet_2x": Variant(GhostNet, {"width": 2.0}, '
                                '"GhostNet 2.0x (Han et al., CVPR 2020)", "ghostnet_200", num_params=1, macs=1),\n'),
-        "models/api.py": ('tinynet_e = _entry_point("tinynet_e")\n',
-                          'tinynet_e = _entry_point("tinynet_e")\nghostnet_2x = _entry_point("ghostnet_2x")\n'),
+        "models/api.py": ('tinynet_e = _entry_point("tinynet_e", TinyNet)\n',
+                          'tinynet_e = _entry_point("tinynet_e", TinyNet)\n'
+                          'ghostnet_2x = _entry_point("ghostnet_2x", GhostNet)\n'),
         "hubconf.py": ("tinynet_e = _models.tinynet_e\n",
                        "tinynet_e = _models.tinynet_e\nghostnet_2x = _models.ghostnet_2x\n"),
     }
