@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import hashlib
 import math
 import os
 import pathlib
@@ -125,18 +126,18 @@ class TinyNet_E_Weights(WeightsEnum):
     DEFAULT = IMAGENET1K_V1
 
 
-# The manifest in use, read once per version of its file: enum attributes are read often
-# (url, meta, transforms), and $GHOSTNET_HUB_MANIFEST or the file may change between two reads.
-_MANIFESTS: dict[tuple[str, int, int, int], Manifest] = {}
+# The manifest in use, parsed and validated once per content of its file: enum attributes are
+# read often (url, meta, transforms), and $GHOSTNET_HUB_MANIFEST or the file may change between
+# two reads. Keyed by the bytes' digest, not the mtime: a rewrite within one clock tick counts too.
+_MANIFESTS: dict[tuple[str, bytes], Manifest] = {}
 
 
 def _manifest_in_use() -> Manifest:
     path = pathlib.Path(os.environ.get(MANIFEST_ENV) or DEFAULT_MANIFEST)
     try:
-        stat = path.stat()
+        key = (str(path.resolve()), hashlib.sha256(path.read_bytes()).digest())
     except OSError:
         return load_manifest(path)  # its error names the file
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, stat.st_ino)
     manifest = _MANIFESTS.get(key)
     if manifest is None:
         manifest = load_manifest(path)

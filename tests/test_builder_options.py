@@ -174,9 +174,9 @@ def test_hub_offers_get_weight_and_get_model_weights(published):
     assert model.pretrained_weights.name == "tinynet_e"
 
 
-# -- the manifest, read once per version of the file ----------------------------------------
+# -- the manifest, read once per content of the file ----------------------------------------
 
-def test_weights_enum_reads_the_manifest_once_per_file_version(published, tmp_path, monkeypatch):
+def test_weights_enum_reads_the_manifest_once_per_file_content(published, tmp_path, monkeypatch):
     parsed = []
     real_parse = manifest_module._parse
     monkeypatch.setattr(manifest_module, "_parse", lambda text: parsed.append(1) or real_parse(text))
@@ -193,8 +193,8 @@ def test_weights_enum_reads_the_manifest_once_per_file_version(published, tmp_pa
     monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", str(path))
     assert member.url == first + "?moved"
     count = len(parsed)
-    path.write_text(text.replace(first, first + "?again"))
     stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # (a coarse clock could miss the rewrite)
+    path.write_text(text.replace(first, first + "?again"))  # the same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and mtime (a rewrite within one clock tick)
     assert member.url == first + "?again" and len(parsed) == count + 1
     assert re.fullmatch(r"Weights\('tinynet_e'.*\)", repr(member.resolve()))
