@@ -47,3 +47,6 @@ tinynet_b = _models.tinynet_b
 tinynet_c = _models.tinynet_c
 tinynet_d = _models.tinynet_d
 tinynet_e = _models.tinynet_e
+# torchvision's hubconf offers these too: torch.hub.load(repo, "get_weight", "TinyNet_A_Weights.DEFAULT").
+get_weight = _models.get_weight
+get_model_weights = _models.get_model_weights

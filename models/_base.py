@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._timm_hooks import TimmHooks
 from .layers import init_weights
 
 
@@ -61,7 +62,8 @@ def _check_rate(name: str, value: Any) -> float:
 # ImageNet's mean and standard deviation, per RGB channel: what both families were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_GLOBAL_POOLS = ("avg", "max")
+# "": no pooling (timm's), only without a classifier: forward_head returns the feature map.
+_GLOBAL_POOLS = ("avg", "max", "")
 
 
 def _shape_error(name: str, in_chans: int, shape: list[int]) -> str:
@@ -73,7 +75,7 @@ def _shape_error(name: str, in_chans: int, shape: list[int]) -> str:
             + ", ".join([str(d) for d in shape]) + ")" + hint)
 
 
-class ImageClassifier(nn.Module):
+class ImageClassifier(TimmHooks, nn.Module):
     """Base of GhostNet and TinyNet: stem, ``blocks`` stages, a pooled head, a classifier.
 
     Subclasses build ``conv_stem``/``bn1``/``act1``, ``blocks`` (an ``nn.Sequential`` of
@@ -82,7 +84,8 @@ class ImageClassifier(nn.Module):
     ``head_hidden_size`` values); then they call ``_finish_init``.
 
     ``forward`` compiles with ``torch.jit.script`` (unfused and fused): the flags it branches
-    on are TorchScript constants, read when the model is scripted.
+    on are TorchScript constants, read when the model is scripted. timm's other hooks
+    (``forward_intermediates``, ``group_matcher``, ...) come from ``TimmHooks``.
     """
 
     __constants__ = ["features_only", "channels_last", "global_pool"]
@@ -145,18 +148,26 @@ class ImageClassifier(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier by a fresh one for ``num_classes`` (0: no classifier), as
-        timm's ``reset_classifier``; ``global_pool`` ("avg", "max") changes the pooling too.
+        timm's ``reset_classifier``; ``global_pool`` ("avg", "max", or "" for no pooling, only
+        with ``num_classes=0``: the head then returns the feature map) changes the pooling too.
 
-        The new layer takes ``head_hidden_size`` inputs (the pooled head width, 1280), on
-        the device and dtype of the model, in the model's train/eval mode.
+        A new head (``num_classes`` > 0) is untrained, so the model goes to train mode, as the
+        builders do for ``num_classes=N`` with weights: fine-tuning it right away updates
+        BatchNorm too (call ``.eval()`` for inference). ``num_classes=0`` keeps the mode. The
+        new layer takes ``head_hidden_size`` inputs (the pooled head width, 1280), on the
+        device and dtype of the model. A fused model cannot train and refuses a new head.
         """
         if self.features_only:
             raise RuntimeError("a features_only model has no classifier to reset")
         num_classes = check_int("num_classes", num_classes, 0)
+        if global_pool is not None and global_pool not in _GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {', '.join(map(repr, _GLOBAL_POOLS))}, got {global_pool!r}")
+        if (self.global_pool if global_pool is None else global_pool) == "" and num_classes:
+            raise ValueError("global_pool='' (no pooling) needs num_classes=0: a classifier takes pooled features")
+        if num_classes and self.fused:
+            raise RuntimeError(f"this {type(self).__name__} is fused for inference and cannot train a new head; "
+                               "reset the classifier before fusing")
         if global_pool is not None:
-            if global_pool not in _GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {', '.join(map(repr, _GLOBAL_POOLS))}, "
-                                 f"got {global_pool!r}")
             self.global_pool = global_pool
         if num_classes == 0:
             classifier: nn.Module = nn.Identity()
@@ -166,6 +177,8 @@ class ImageClassifier(nn.Module):
             init_weights(classifier)
         self.classifier = classifier.train(self.training)
         self.num_classes = num_classes
+        if num_classes:
+            self.train()
 
     # -- training ---------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -192,6 +205,17 @@ class ImageClassifier(nn.Module):
                 "convolutions) and cannot be trained; build it again without fuse to train"
             )
         return super().train(mode)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """torch's ``load_state_dict``; a fused model first checks that the state dict fits
+        (names, shapes, and fused: no BatchNorm statistics) and refuses it untouched if not."""
+        if self.fused and isinstance(state_dict, Mapping):
+            from .fuse import fused_state_dict_problem
+
+            problem = fused_state_dict_problem(self, state_dict, strict)
+            if problem:
+                raise RuntimeError(problem)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- forward ----------------------------------------------------------------------
     def _stages(self) -> list[tuple[str, nn.Module]]:
@@ -232,7 +256,13 @@ class ImageClassifier(nn.Module):
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.global_pool == "max":
             return F.adaptive_max_pool2d(x, 1)
-        return F.adaptive_avg_pool2d(x, 1)
+        if self.global_pool == "avg":
+            return F.adaptive_avg_pool2d(x, 1)
+        return x
+
+    def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+        # Without pooling the head returns the map as it is (timm's global_pool="").
+        return x.flatten(1) if self.global_pool != "" else x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map -> logits, or the pooled (N, ``head_hidden_size``) features."""

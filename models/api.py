@@ -9,62 +9,30 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 import os
 import pathlib
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import torch
 
 from . import _checkpoints, ghostnet, tinynet
 from ._base import ImageClassifier, Variant
+from ._builder import Builder, check_dtype, is_meta
 from ._devices import resolve_device
+from ._help import GITHUB_REPO, help_text
+from .ghostnet import GhostNet
 from .manifest import DEFAULT_MANIFEST, Manifest, ModelEntry, load_manifest
 from .pretrained import WeightsEnum, get_model_weights, get_weight, resolve_weights
+from .tinynet import TinyNet
 from .weights import Checkpoint, CheckpointError, Weights, get_weights, read_checkpoint
-
-# Where this repository lives on GitHub, for the examples in the help text.
-GITHUB_REPO = "OWNER/REPO"
 
 _VARIANTS: dict[str, Variant] = {**ghostnet.VARIANTS, **tinynet.VARIANTS}
 
-# The arguments every builder takes (the build arguments, then its class's own options,
-# ``Variant.options``): type, default, what it does. The one source of the help text; the
-# README's argument table is tested against it.
-_ARGUMENT_DOCS = {
-    "pretrained": ("bool", "False", "the same as weights='DEFAULT', as in the original hub entry and timm."),
-    "weights": ("str | WeightsEnum", "None", "published ImageNet weights, named as in torchvision: 'DEFAULT', "
-                "'IMAGENET1K_V1', TinyNet_A_Weights.DEFAULT or 'TinyNet_A_Weights.IMAGENET1K_V1'. They are "
-                "verified against weights_manifest.json (downloaded once, then read from the cache) and the model "
-                "comes back in eval mode. A file path or URL here is an error: that is checkpoint=."),
-    "progress": ("bool", "True", "show the download progress bar on stderr."),
-    "device": ("", "None", "'cpu' (default), 'cuda', 'cuda:1', 'mps' or a torch.device; weights load "
-               "straight onto it."),
-    "num_classes": ("int", "None", "classifier outputs: 1000, or the classes a checkpoint= records (a "
-                    "finetune checkpoint names them; a plain state dict's head has them). With published weights and "
-                    "another value the backbone is pretrained and the head is new: a warning says so and the model "
-                    "comes back in train mode, ready to fine-tune. 0 returns the pooled 1280-d features."),
-    "checkpoint": ("str | path", "None", "your own checkpoint (e.g. fine-tuned), a local path or http(s) URL, "
-                   "loaded strictly and without running code from it; training checkpoints ({'state_dict': ...}, "
-                   "DDP 'module.') are unwrapped, and float16/bfloat16/float64 tensors are cast to float32 (with a "
-                   "warning). A checkpoint written by finetune brings its class names and preprocessing "
-                   "(model.pretrained_weights.meta['categories'], .transforms()); a model name or num_classes that "
-                   "contradicts it is an error. The model comes back in eval mode."),
-    "checkpoint_sha256": ("str", "None", "the SHA-256 that the checkpoint= file must have."),
-    "in_chans": ("int", "3", "input channels; pretrained stem filters are adapted."),
-    "drop_rate": ("float", "0.2", "dropout before the classifier during training."),
-    "drop_path_rate": ("float", "0.0", "stochastic depth for training, as timm's: residual branches are dropped "
-                       "with a probability rising linearly to this at the last block; 0 leaves the model as it was."),
-    "features_only": ("bool", "False", "return feature maps at strides 2..32 instead of logits."),
-    "out_indices": ("tuple", "(0, 1, 2, 3, 4)", "which feature maps features_only returns."),
-    "fuse": ("bool", "False", "fold BatchNorm into the convolutions for faster inference (eval-only model)."),
-    "channels_last": ("bool", "False", "keep weights and inputs in channels_last memory layout."),
-}
-_BUILD_ARGUMENTS = ("pretrained", "weights", "progress", "device", "num_classes", "checkpoint", "checkpoint_sha256",
-                    "fuse", "channels_last")
 # Spellings that changed: using one is an error that names the new one.
 _RENAMED = {"weights_sha256": "checkpoint_sha256"}
 
@@ -120,7 +88,7 @@ def _reject_unknown_kwargs(builder: str, kwargs: dict, accepted: Iterable[str]) 
     The original GhostNet hub entry swallowed ``**kwargs``, so ``num_classes=10`` silently
     built a 1000-class model; here a misspelt option stops the build.
     """
-    accepted = sorted(accepted)
+    accepted = sorted(set(accepted))  # each once, however many lists name it
     unknown = [key for key in kwargs if key not in accepted]
     if not unknown:
         return
@@ -164,28 +132,39 @@ def _check_flag(name: str, value: Any) -> bool:
 
 def get_model(
     name: str,
-    *,
     pretrained: bool = False,
+    *,
     weights: WeightsEnum | Weights | str | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
     num_classes: int | None = None,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_sha256: str | None = None,
+    in_chans: int = 3,
+    drop_rate: float = 0.2,
+    drop_path_rate: float = 0.0,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3, 4),
     fuse: bool = False,
     channels_last: bool = False,
-    **options: Any,
+    dtype: torch.dtype | None = None,
+    **unknown: NoReturn,
 ) -> ImageClassifier:
     """Build model ``name``; see ``help(models.tinynet_a)`` for the arguments.
 
     ``weights`` may also be a ``Weights`` handle from another manifest, ``get_weights(name,
     manifest)``, which is how the command-line tools pass ``--manifest``.
     """
-    variant = get_variant(name)
-    _reject_unknown_kwargs(name, options, _BUILD_ARGUMENTS + variant.options)
+    variant = get_variant(name)  # (**unknown is typed NoReturn: type checkers flag a misspelt keyword)
+    _reject_unknown_kwargs(name, unknown, _DEFAULTS)
     for flag, value in (("pretrained", pretrained), ("progress", progress), ("fuse", fuse),
                         ("channels_last", channels_last)):
         _check_flag(flag, value)
+    check_dtype(dtype)
+    # The class's own options, passed on only when given, so the class checks them and keeps its defaults.
+    given = {"in_chans": in_chans, "drop_rate": drop_rate, "drop_path_rate": drop_path_rate,
+             "features_only": features_only, "out_indices": out_indices}
+    options = {key: value for key, value in given.items() if value is not _DEFAULTS[key]}
     if pretrained and weights is not None:
         raise ValueError("pretrained=True is weights='DEFAULT': pass one of them, not both")
     # Resolved before anything is built or downloaded: a model without weights fails here.
@@ -197,14 +176,23 @@ def get_model(
             raise TypeError(f"checkpoint must be a path or URL, got {type(checkpoint).__name__} {checkpoint!r}")
     elif checkpoint_sha256 is not None:
         raise ValueError("checkpoint_sha256 checks the file given with checkpoint=; none was given")
-    target = resolve_device(device)
-    model = _build(name, variant, target=target, num_classes=num_classes, published=published,
-                   checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256, progress=progress, options=options)
+    target = torch.device("meta") if is_meta(device) else resolve_device(device)
+    if target.type == "meta" and checkpoint is not None:
+        raise ValueError("device='meta' reads no file: build the model on 'meta' without checkpoint=, then "
+                         "model.to_empty(device=...) and load your checkpoint into it")
+    # Tensors without storage take no weights: on 'meta', the model the weights would give, nothing fetched.
+    fetch = published if target.type != "meta" else None
+    model = _build(name, variant, target=target, num_classes=num_classes, published=fetch, checkpoint=checkpoint,
+                   checkpoint_sha256=checkpoint_sha256, progress=progress, options=options)
+    if published is not None and fetch is None:
+        model = _describe(model.train(not model.features_only and num_classes not in (None, 1000, 0)), name, published)
     if fuse:
         model.fuse(channels_last=channels_last)
     elif channels_last:
         model.to(memory_format=torch.channels_last)
         model.channels_last = True
+    if dtype is not None:  # after loading and fusing (folding BatchNorm is done in float64)
+        model.to(dtype=dtype)
     return model
 
 
@@ -226,6 +214,10 @@ def from_checkpoint(checkpoint: str | os.PathLike, *, model: str | None = None, 
         raise ValueError(f"{loaded.path} is a plain state dict that does not name its model: say which it is "
                          f"(one of {', '.join(_VARIANTS)})")
     return get_model(model, checkpoint=loaded, num_classes=num_classes, progress=progress, device=target, **options)
+
+
+_GET_MODEL_SIGNATURE = inspect.signature(get_model)
+_DEFAULTS = {p.name: p.default for p in list(_GET_MODEL_SIGNATURE.parameters.values())[1:-1]}  # name, **unknown
 
 
 # Files whose frames a warning about the user's call skips: this package, hubconf.py and torch.hub.
@@ -325,75 +317,35 @@ def _describe(model: ImageClassifier, name: str, published: Weights | None) -> I
     return model
 
 
-def _help_text(name: str) -> str:
-    manifest = _default_manifest()
-    variant = _VARIANTS[name]
-    lines = [f"{variant.title}.", ""]
-    if name in manifest.models:
-        e = manifest[name]
-        lines += [
-            f"ImageNet-1k: top-1 {e.top1} %, top-5 {e.top5} % ({e.metrics_source}).",
-            f"Size: {e.num_params:,} parameters, {e.macs / 1e6:.2f} M MACs at {e.input_size}x{e.input_size}.",
-            f"Preprocessing: RGB in [0, 1], resize the shorter side to {e.resize_size} ({e.interpolation}), "
-            f"center-crop {e.input_size}, normalise with mean {tuple(e.mean)} and std {tuple(e.std)}.",
-            f"Weights: {get_model_weights(name).__name__}.IMAGENET1K_V1 (the DEFAULT; also pretrained=True). "
-            "A model loaded with them carries them: model.pretrained_weights.transforms() is that "
-            "preprocessing (torchvision's ImageClassification) and model.pretrained_weights.meta['categories'] "
-            "the 1000 class names.",
-            f"Weights license: {e.license}. Paper: {e.paper}",
-        ]
-    else:
-        lines += [
-            "No released weights: weights= and pretrained=True are errors; train it yourself or pass "
-            "checkpoint=.",
-            f"Size: {variant.num_params:,} parameters, {variant.macs / 1e6:.2f} M MACs at 224x224.",
-        ]
-    lines += ["", "Args:"]
-    model_options = tuple(o for o in variant.options if o not in _BUILD_ARGUMENTS)
-    for arg in _BUILD_ARGUMENTS[:7] + model_options + _BUILD_ARGUMENTS[7:]:
-        kind, default, doc = _ARGUMENT_DOCS[arg]
-        lines.append(f"    {arg}{f' ({kind})' if kind else ''}: {doc} Default: {default}.")
-    lines += ["", "Example:"]
-    if name in manifest.models:
-        lines += [
-            f"    model = torch.hub.load('{GITHUB_REPO}', '{name}', weights='DEFAULT', trust_repo=True)",
-            "    top5 = model(model.pretrained_weights.transforms()(image).unsqueeze(0)).softmax(-1).topk(5)",
-        ]
-    else:
-        lines += [
-            f"    model = torch.hub.load('{GITHUB_REPO}', '{name}', num_classes=10, trust_repo=True)",
-            "    logits = model(torch.randn(8, 3, 224, 224))",
-        ]
-    return "\n".join(lines)
+_M = TypeVar("_M", bound=ImageClassifier)
 
 
-def _entry_point(name: str) -> Callable[..., ImageClassifier]:
-    def entry(
-        pretrained: bool = False,
-        progress: bool = True,
-        device: str | torch.device | None = None,
-        num_classes: int | None = None,
-        weights: WeightsEnum | Weights | str | None = None,
-        **options: Any,
-    ) -> ImageClassifier:
-        return get_model(name, pretrained=pretrained, weights=weights, progress=progress, device=device,
-                         num_classes=num_classes, **options)
+def _entry_point(name: str, family: type[_M]) -> Builder[_M]:
+    """``get_model(name, ...)`` with its signature (for help() and IDEs), typed ``Builder[family]``."""
 
+    def entry(*args: Any, **kwargs: Any) -> _M:
+        return cast(_M, get_model(name, *args, **kwargs))
+
+    entry.__signature__ = _GET_MODEL_SIGNATURE.replace(  # type: ignore[attr-defined]
+        parameters=list(_GET_MODEL_SIGNATURE.parameters.values())[1:], return_annotation=family.__name__)
     entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = _help_text(name)
+    entry.__doc__ = help_text(name, _VARIANTS[name], _default_manifest())
     return entry
 
 
 # The entry points: one line per model, kept explicit because they are the public contract
 # (hubconf.py repeats them for torch.hub). A test checks this list against VARIANTS.
-ghostnet_0_5x = _entry_point("ghostnet_0_5x")
-ghostnet_1x = _entry_point("ghostnet_1x")
-ghostnet_1_3x = _entry_point("ghostnet_1_3x")
-tinynet_a = _entry_point("tinynet_a")
-tinynet_b = _entry_point("tinynet_b")
-tinynet_c = _entry_point("tinynet_c")
-tinynet_d = _entry_point("tinynet_d")
-tinynet_e = _entry_point("tinynet_e")
+ghostnet_0_5x = _entry_point("ghostnet_0_5x", GhostNet)
+ghostnet_1x = _entry_point("ghostnet_1x", GhostNet)
+ghostnet_1_3x = _entry_point("ghostnet_1_3x", GhostNet)
+tinynet_a = _entry_point("tinynet_a", TinyNet)
+tinynet_b = _entry_point("tinynet_b", TinyNet)
+tinynet_c = _entry_point("tinynet_c", TinyNet)
+tinynet_d = _entry_point("tinynet_d", TinyNet)
+tinynet_e = _entry_point("tinynet_e", TinyNet)
 
 __all__ = ["GITHUB_REPO", "Weights", "WeightsEnum", "from_checkpoint", "get_model", "get_model_weights", "get_variant",
            "get_weight", "get_weights", "list_models", "resolve_device", *_VARIANTS]
+if TYPE_CHECKING:  # they cannot read *_VARIANTS: the builders by name (a test checks them)
+    __all__ += ["ghostnet_0_5x", "ghostnet_1x", "ghostnet_1_3x", "tinynet_a", "tinynet_b", "tinynet_c", "tinynet_d",
+                "tinynet_e"]

@@ -6,11 +6,17 @@ the BatchNorm statistics are baked into the weights, so training it would be wro
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fold_batchnorm", "optimize_for_inference"]
+__all__ = ["fold_batchnorm", "fused_state_dict_problem", "optimize_for_inference"]
+
+# What only a BatchNorm holds: a state dict with such keys that a fused model lacks is unfused.
+_BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -36,7 +42,10 @@ class PooledLinear(nn.Module):
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.flatten(1), self.weight, self.bias)[:, :, None, None]
+        if x.shape[2] == 1 and x.shape[3] == 1:
+            return F.linear(x.flatten(1), self.weight, self.bias)[:, :, None, None]
+        # An unpooled map (reset_classifier(0, global_pool="")): the 1x1 convolution it stands for.
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
 
 
 def _get(root: nn.Module, path: str) -> nn.Module | None:
@@ -81,3 +90,34 @@ def optimize_for_inference(model: nn.Module, channels_last: bool = False) -> nn.
     model.fused = True
     model.channels_last = channels_last
     return model
+
+
+def _listed(keys: list[str]) -> str:
+    return ", ".join(map(repr, keys[:2])) + (f" and {len(keys) - 2} more" if len(keys) > 2 else "")
+
+
+def fused_state_dict_problem(model: nn.Module, state_dict: Mapping[str, Any], strict: bool) -> str | None:
+    """Why the fused ``model`` cannot take ``state_dict`` (one line), or None if it can.
+
+    torch's ``load_state_dict`` copies every tensor that fits before it reports the ones that
+    do not; checked first, a refused state dict leaves the model as it was. An unfused state
+    dict is refused even with ``strict=False``: its convolution weights have the fused model's
+    names and shapes, but without their BatchNorm they compute something else.
+    """
+    own = model.state_dict()
+    name = type(model).__name__
+    unfused = [k for k in state_dict if k not in own and k.rpartition(".")[2] in _BATCHNORM_STATISTICS]
+    if unfused:
+        return (f"this {name} is fused (BatchNorm folded into its convolutions) and the state dict is not "
+                f"(it holds BatchNorm statistics: {_listed(unfused)}); nothing was loaded. Load the weights before "
+                "fusing: build the model without fuse, load_state_dict, then .fuse()")
+    shapes = [k for k, v in state_dict.items()
+              if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state_dict] if strict else []
+    unexpected = [k for k in state_dict if k not in own] if strict else []
+    problems = [f"{what}: {_listed(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                             ("wrong shape", shapes)) if keys]
+    if not problems:
+        return None
+    return (f"the state dict does not fit this fused {name} ({'; '.join(problems)}); nothing was loaded. A fused "
+            "model takes a fused model's state dict: load unfused weights before fusing, then .fuse()")

@@ -187,7 +187,7 @@ class GhostNet(ImageClassifier):
         self._finish_init(features_only, out_indices)
 
     def _pre_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act2(self.conv_head(self._pool(x))).flatten(1)
+        return self._flatten(self.act2(self.conv_head(self._pool(x))))
 
 
 # Where each real channel of a map sits, and the map's padded width.

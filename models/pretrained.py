@@ -9,9 +9,13 @@ another manifest (the CLI's ``--manifest``); ``weights=`` takes that handle as w
 """
 from __future__ import annotations
 
+import difflib
 import enum
+import hashlib
 import math
 import os
+import pathlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .manifest import Manifest
+from .manifest import DEFAULT_MANIFEST, MANIFEST_ENV, Manifest, load_manifest
 from .weights import Weights, classification_preset, get_weights, imagenet_categories
 
 __all__ = [
@@ -50,9 +54,9 @@ class WeightsEnum(enum.Enum):
     def model_name(self) -> str:
         return self.value.model
 
-    def resolve(self, manifest: Manifest | str | os.PathLike | None = None) -> Weights:
+    def resolve(self, manifest: Manifest | str | os.PathLike[str] | None = None) -> Weights:
         """The ``Weights`` handle of this release in ``manifest`` (default: the one in use)."""
-        return get_weights(self.value.model, manifest)
+        return get_weights(self.value.model, _manifest_in_use() if manifest is None else manifest)
 
     @property
     def url(self) -> str:
@@ -62,8 +66,13 @@ class WeightsEnum(enum.Enum):
     def meta(self) -> dict[str, Any]:
         return self.resolve().meta
 
-    def transforms(self) -> nn.Module:
-        return self.resolve().transforms()
+    def transforms(self, *, crop_size: int | None = None, resize_size: int | None = None,
+                   mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                   interpolation: Any = None, antialias: bool | None = True) -> nn.Module:
+        """torchvision's ``ImageClassification`` preset of this release; each argument (as
+        torchvision's presets take them) replaces the published recipe's value."""
+        return self.resolve().transforms(crop_size=crop_size, resize_size=resize_size, mean=mean, std=std,
+                                         interpolation=interpolation, antialias=antialias)
 
     def get_state_dict(self, progress: bool = True, map_location: torch.device | str = "cpu",
                        **fetch_options: Any) -> dict[str, torch.Tensor]:
@@ -117,12 +126,33 @@ class TinyNet_E_Weights(WeightsEnum):
     DEFAULT = IMAGENET1K_V1
 
 
+# The manifest in use, parsed and validated once per content of its file: enum attributes are
+# read often (url, meta, transforms), and $GHOSTNET_HUB_MANIFEST or the file may change between
+# two reads. Keyed by the bytes' digest, not the mtime: a rewrite within one clock tick counts too.
+_MANIFESTS: dict[tuple[str, bytes], Manifest] = {}
+
+
+def _manifest_in_use() -> Manifest:
+    path = pathlib.Path(os.environ.get(MANIFEST_ENV) or DEFAULT_MANIFEST)
+    try:
+        key = (str(path.resolve()), hashlib.sha256(path.read_bytes()).digest())
+    except OSError:
+        return load_manifest(path)  # its error names the file
+    manifest = _MANIFESTS.get(key)
+    if manifest is None:
+        manifest = load_manifest(path)
+        _MANIFESTS.clear()  # only the newest is worth keeping
+        _MANIFESTS[key] = manifest
+    return manifest
+
+
 _ENUMS: dict[str, type[WeightsEnum]] = {
     cls.DEFAULT.model_name: cls
     for cls in (GhostNet_1X_Weights, TinyNet_A_Weights, TinyNet_B_Weights, TinyNet_C_Weights, TinyNet_D_Weights,
                 TinyNet_E_Weights)
 }
 _BY_CLASS_NAME = {cls.__name__: cls for cls in _ENUMS.values()}
+_VERSIONS = tuple(TinyNet_A_Weights.__members__)  # every model's: IMAGENET1K_V1 and its alias DEFAULT
 
 
 def get_model_weights(name: str | Callable) -> type[WeightsEnum]:
@@ -150,6 +180,13 @@ def _checkpoint_hint(value: Any) -> str:
             f"pass checkpoint={os.fspath(value)!r} instead")
 
 
+def _version_like(text: str) -> bool:
+    """Whether ``weights=text`` means a release (IMAGENET1K_V2, default, Keras' "imagenet"),
+    not a file: one word, no such file, upper-case or close to a version's name."""
+    return (re.fullmatch(r"\w+", text) is not None and not os.path.exists(text)
+            and (text.isupper() or bool(difflib.get_close_matches(text.upper(), _VERSIONS, n=1))))
+
+
 def resolve_weights(model: str, weights: Any) -> Weights | None:
     """What ``weights=`` names for ``model``, as a ``Weights`` handle (None for None).
 
@@ -172,9 +209,15 @@ def resolve_weights(model: str, weights: Any) -> Weights | None:
                         f"or a Weights handle, got {type(weights).__name__} {weights!r}")
     elif weights.partition(".")[0] in _BY_CLASS_NAME and "/" not in weights:
         return resolve_weights(model, get_weight(weights))
-    elif weights in ("DEFAULT", "IMAGENET1K_V1"):
+    elif weights in _VERSIONS:
         # The environment's manifest decides which models have weights, as for pretrained=True.
-        handle = get_weights(model)
+        handle = get_weights(model, _manifest_in_use())
+    elif _version_like(weights):
+        get_weights(model, _manifest_in_use())  # (a model without weights: that error)
+        close = difflib.get_close_matches(weights.upper(), _VERSIONS, n=1)
+        raise ValueError(f"weights={weights!r} is not the name of published weights of {model}"
+                         + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; its versions: {', '.join(_VERSIONS)} (DEFAULT is the best, as in torchvision)")
     else:
         raise ValueError(f"weights={weights!r} is not the name of published weights of {model}: "
                          f"{_checkpoint_hint(weights)}")

@@ -170,7 +170,7 @@ class TinyNet(ImageClassifier):
         return self.act2(self.bn2(self.conv_head(x)))
 
     def _pre_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._pool(x).flatten(1)
+        return self._flatten(self._pool(x))
 
 
 # The published models, from the paper's (resolution, width, depth) factors. Adding one: a row

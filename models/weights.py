@@ -229,15 +229,16 @@ def imagenet_categories() -> list[str]:
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def classification_preset(*, crop_size: int, resize_size: int, interpolation: str, mean: tuple[float, ...],
-                          std: tuple[float, ...]) -> nn.Module:
+def classification_preset(*, crop_size: int, resize_size: int, interpolation: Any, mean: tuple[float, ...],
+                          std: tuple[float, ...], antialias: bool | None = True) -> nn.Module:
     """torchvision's ``ImageClassification`` preset: resize the shorter side, center-crop,
-    scale to [0, 1], normalise (PIL image or uint8/float tensor in, float tensor out)."""
+    scale to [0, 1], normalise (PIL image or uint8/float tensor in, float tensor out).
+    ``interpolation``: a name ("bicubic") or an ``InterpolationMode``; ``antialias`` as torchvision's."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms._presets import ImageClassification
 
     return ImageClassification(crop_size=crop_size, resize_size=resize_size, mean=mean, std=std,
-                               interpolation=InterpolationMode(interpolation))
+                               interpolation=InterpolationMode(interpolation), antialias=antialias)
 
 
 @dataclass(frozen=True, repr=False)
@@ -266,13 +267,20 @@ class Weights:
     def url(self) -> str:
         return self.entry.files[0].urls[0]
 
-    def transforms(self) -> nn.Module:
+    def transforms(self, *, crop_size: int | None = None, resize_size: int | None = None,
+                   mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                   interpolation: Any = None, antialias: bool | None = True) -> nn.Module:
         """torchvision's ``ImageClassification`` preset with this model's resize, crop,
         interpolation and normalisation (PIL image or uint8/float tensor in, batch-ready
-        float tensor out)."""
+        float tensor out). Its arguments, as torchvision's presets take them (e.g.
+        ``antialias=False``), replace the published values."""
         e = self.entry
-        return classification_preset(crop_size=e.input_size, resize_size=e.resize_size,
-                                     interpolation=e.interpolation, mean=e.mean, std=e.std)
+        return classification_preset(
+            crop_size=e.input_size if crop_size is None else crop_size,
+            resize_size=e.resize_size if resize_size is None else resize_size,
+            interpolation=e.interpolation if interpolation is None else interpolation,
+            mean=tuple(e.mean) if mean is None else mean, std=tuple(e.std) if std is None else std,
+            antialias=antialias)
 
     @property
     def meta(self) -> dict[str, Any]:

@@ -52,7 +52,9 @@ def test_every_public_builder_name_is_one_object():
         # hubconf loads the package under a private name: the same object of that copy.
         assert getattr(hubconf, name) is getattr(private_package.api, name), name
     hub_names = [n for n in vars(hubconf) if not n.startswith("_") and callable(getattr(hubconf, n))]
-    assert hub_names == models.list_models()
+    # The models, then torchvision's two weights lookups (its hubconf offers them too).
+    assert hub_names == [*models.list_models(), "get_weight", "get_model_weights"]
+    assert hubconf.get_weight is private_package.get_weight
 
 
 def test_keyword_arguments_are_checked_against_one_list():
@@ -130,8 +132,9 @@ def test_adding_a_model_takes_the_edits_contributing_lists(tmp_path):
     edits = {
         "models/ghostnet.py": ('VARIANTS = {\n', 'VARIANTS = {\n    "ghostnet_2x": Variant(GhostNet, {"width": 2.0}, '
                                '"GhostNet 2.0x (Han et al., CVPR 2020)", "ghostnet_200", num_params=1, macs=1),\n'),
-        "models/api.py": ('tinynet_e = _entry_point("tinynet_e")\n',
-                          'tinynet_e = _entry_point("tinynet_e")\nghostnet_2x = _entry_point("ghostnet_2x")\n'),
+        "models/api.py": ('tinynet_e = _entry_point("tinynet_e", TinyNet)\n',
+                          'tinynet_e = _entry_point("tinynet_e", TinyNet)\n'
+                          'ghostnet_2x = _entry_point("ghostnet_2x", GhostNet)\n'),
         "hubconf.py": ("tinynet_e = _models.tinynet_e\n",
                        "tinynet_e = _models.tinynet_e\nghostnet_2x = _models.ghostnet_2x\n"),
     }

@@ -49,6 +49,7 @@ def test_reset_classifier_uses_pooled_head_width(name):
     with torch.no_grad():
         features = model.forward_head(model.forward_features(x), pre_logits=True)
     model.reset_classifier(7)
+    model.eval()  # (a new head puts the model in train mode)
     # The head's input is the 1280-d pooled vector, not the last feature map's channels
     # (960 * width for GhostNet): the bug another library shipped.
     assert model.classifier.in_features == model.head_hidden_size == 1280
@@ -68,7 +69,7 @@ def test_reset_classifier_keeps_dtype_and_mode():
     assert model.classifier.weight.dtype == torch.float64
     assert model.classifier.training
     model.eval().reset_classifier(3)
-    assert not model.classifier.training
+    assert model.classifier.training and model.training  # a new head is for training (test_load_and_mode.py)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64, dtype=torch.float64)).shape == (1, 3)
 

@@ -67,16 +67,16 @@ def test_pretrained_weights_example_runs(server, tmp_path, monkeypatch):
 
 
 def test_argument_table_is_the_help_text():
-    """One source: api._ARGUMENT_DOCS makes the help text, and the README's table says the
+    """One source: _help._ARGUMENT_DOCS makes the help text, and the README's table says the
     same, in the same order (its code spans aside)."""
-    from models import api
+    from models import _help, api
 
     lines = README[README.index("| argument | |"):].splitlines()[2:]
     rows = [re.fullmatch(r"\| `(\w+)=(.*?)` \| (.*) \|", line).groups()
             for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("|"))]]
-    options = tuple(o for o in api.get_variant("tinynet_a").options if o not in api._BUILD_ARGUMENTS)
-    order = api._BUILD_ARGUMENTS[:7] + options + api._BUILD_ARGUMENTS[7:]
-    expected = [(arg, *api._ARGUMENT_DOCS[arg][1:]) for arg in order]
+    options = tuple(o for o in api.get_variant("tinynet_a").options if o not in _help._BUILD_ARGUMENTS)
+    order = _help._BUILD_ARGUMENTS[:7] + options + _help._BUILD_ARGUMENTS[7:]
+    expected = [(arg, *_help._ARGUMENT_DOCS[arg][1:]) for arg in order]
     assert [(arg, default, doc.replace("`", "")) for arg, default, doc in rows] == expected
     for arg, default, doc in expected:
         assert f"{doc} Default: {default}." in api.tinynet_a.__doc__, arg
