@@ -30,7 +30,8 @@ def _results(path: str) -> tuple[dict, list[str], list[int]]:
     with open(path) as f:
         results = json.load(f)["results"]
     ours = {(r["model"], r["mode"], r["batch"]): r for r in results if r["implementation"] == "ours"}
-    timm = {(r["model"], r["batch"]): r for r in results if r["implementation"] == "timm"}
+    # (timm's rows: eager, and the peer "onnxruntime" on timm's ONNX export)
+    timm = {(r["model"], r["batch"]): r for r in results if r["implementation"] == "timm" and r["mode"] == "eager"}
     models = list(dict.fromkeys(r["model"] for r in results if r["implementation"] == "ours"))
     batches = sorted({r["batch"] for r in results})
     return {"ours": ours, "timm": timm}, models, batches
