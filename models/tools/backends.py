@@ -200,13 +200,13 @@ class _OpenVINOModel:
     KEEP = 4
     COPY_BYTES = 1 << 22
 
-    def __init__(self, ov, core, graph, path: pathlib.Path, config: dict):
+    def __init__(self, ov, core, graph, path: pathlib.Path, config: dict, precision: str):
         self._ov, self._core, self._graph, self._path, self._config = ov, core, graph, path, config
         self._compiled: OrderedDict[tuple, tuple] = OrderedDict()
         self._lock = threading.Lock()  # one infer request per shape: one caller at a time
         shape = graph.input(0).get_partial_shape()
         self._item = tuple(d.get_length() if d.is_static else None for d in shape)[1:]
-        self.inference_precision = config["INFERENCE_PRECISION_HINT"]
+        self.inference_precision = precision  # what will run; read back from each compiled model
 
     def _compile(self, shape: tuple) -> tuple:
         graph = self._graph.clone()
@@ -257,12 +257,14 @@ def _openvino(path: pathlib.Path, threads: int | None) -> Runner:
     # Chosen, never left to OpenVINO: its default on AMX CPUs is bf16, which a file exported
     # elsewhere did not ask for.
     precision = graph.get_rt_info(key).astype(str) if graph.has_rt_info(key) else "f32"
+    runs = precision
     if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         warnings.warn(f"{path.name} asks for bfloat16, which this CPU has no instructions for (AVX-512 BF16 or "
                       "AMX): OpenVINO runs it in f32", stacklevel=3)
+        runs = "f32"
     config = {**_OPENVINO_CONFIG, "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
               "INFERENCE_PRECISION_HINT": precision}
-    return Runner("openvino", path, _OpenVINOModel(ov, core, graph, path, config),
+    return Runner("openvino", path, _OpenVINOModel(ov, core, graph, path, config, runs),
                   description=_described(text, path))
 
 

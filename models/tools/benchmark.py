@@ -309,12 +309,13 @@ def _run(args) -> int:
     if args.compile and "compiled" not in modes:
         modes.append("compiled")
     if args.modes is DEFAULT_MODES:  # the defaults measure the runtimes that are installed
-        for runtime in ("onnxruntime", "executorch", "openvino"):
+        for runtime, prefix in (("onnxruntime", "onnxruntime"), ("executorch", "executorch"),
+                                ("openvino", "openvino"), ("nncf", "openvino_int8")):
             try:
                 backends.require(runtime)
             except backends.MissingRuntime as exc:
-                print(f"{exc}: no {runtime} modes", file=sys.stderr)
-                modes = [m for m in modes if not m.startswith(runtime)]
+                print(f"{exc}: no {prefix} modes", file=sys.stderr)
+                modes = [m for m in modes if not m.startswith(prefix)]
     references = set(args.references)
     if "timm" in references:
         try:
@@ -345,8 +346,9 @@ def _run(args) -> int:
 
 def register(commands) -> None:
     sub = add_command(commands, "benchmark", _run,
-                      "latency and throughput per model and mode, against timm and torchvision, and the "
-                      "accuracy-latency figure (maintainers' start-up and verification benchmarks: benchmarks/)")
+                      "latency and throughput per model and mode, against timm (eager, and ONNX Runtime on timm's "
+                      "ONNX) and torchvision, on a CPU whose features are printed, and the accuracy-latency figure "
+                      "(maintainers' start-up and verification benchmarks: benchmarks/)")
     sub.add_argument("--models", nargs="+", choices=api.list_models(), metavar="MODEL",
                      help="models to measure (default: the six with weights)")
     sub.add_argument("--modes", nargs="+", choices=MODES, default=DEFAULT_MODES, metavar="MODE",
