@@ -264,8 +264,9 @@ def test_int8_accuracy_on_held_out_images(learned, tmp_path, fmt):
     for mode in ("int8", "int8, depthwise in float"):
         assert figures[mode]["agreement"] >= 0.75, figures  # (a broken quantization: ~1/6)
         assert figures[mode]["top1"] >= figures["fp32 eager"]["top1"] - 0.1, figures
-    # (a 6-class head: the 1000-class models' INT8 files are 0.27x of fp32, this one a little more)
-    assert sizes["int8"] <= 0.35 * sizes["fp32"]
+    # (a 6-class head: the 1000-class models' INT8 files are 0.27x of fp32, this one a little more;
+    # an OpenVINO IR's .xml, a graph of 0.3 MB with quantization nodes, does not shrink)
+    assert sizes["int8"] <= (0.42 if fmt == "openvino" else 0.35) * sizes["fp32"]
 
 
 # -- the README's Deploy section runs as written ------------------------------------------------
