@@ -22,18 +22,28 @@ RUNTIMES = {
     "onnxruntime_int8_fdw": "ONNX Runtime INT8, dw float",
     "executorch_int8": "ExecuTorch INT8",
     "executorch_int8_fdw": "ExecuTorch INT8, dw float",
+    "openvino": "OpenVINO",
+    "openvino_bf16": "OpenVINO bf16",
+    "compile_bf16": "torch.compile bf16",
+    "openvino_int8": "OpenVINO INT8",
+    "openvino_int8_fdw": "OpenVINO INT8, dw float",
+    "compile_int8_x86": "torch.compile INT8 (x86)",
 }
-FILES = {"onnxruntime": "onnxruntime_int8", "executorch": "executorch_int8"}  # fp32 file -> its INT8 file
+# fp32 file -> its INT8 file
+FILES = {"onnxruntime": "onnxruntime_int8", "executorch": "executorch_int8", "openvino": "openvino_int8"}
+PEER = "ONNX Runtime on timm's ONNX"  # timm's "onnxruntime" rows, when the run measured them
 
 
 def _results(path: str) -> tuple[dict, list[str], list[int]]:
     with open(path) as f:
         results = json.load(f)["results"]
     ours = {(r["model"], r["mode"], r["batch"]): r for r in results if r["implementation"] == "ours"}
-    timm = {(r["model"], r["batch"]): r for r in results if r["implementation"] == "timm"}
+    # (timm's rows: eager, and the peer "onnxruntime" on timm's ONNX export)
+    timm, peer = ({(r["model"], r["batch"]): r for r in results if r["implementation"] == "timm" and r["mode"] == mode}
+                  for mode in ("eager", "onnxruntime"))
     models = list(dict.fromkeys(r["model"] for r in results if r["implementation"] == "ours"))
     batches = sorted({r["batch"] for r in results})
-    return {"ours": ours, "timm": timm}, models, batches
+    return {"ours": ours, "timm": timm, "peer": peer}, models, batches
 
 
 def _cell(r: dict, batch: int, bold: bool = False, absolute: bool = False) -> str:
@@ -43,17 +53,21 @@ def _cell(r: dict, batch: int, bold: bool = False, absolute: bool = False) -> st
     return f"**{text}**" if bold else text
 
 
-def _table(data: dict, models: list[str], batches: list[int], columns: dict, best_groups: list[set]) -> str:
+def _table(data: dict, models: list[str], batches: list[int], columns: dict, best_groups: list[set],
+           peer: bool = False) -> str:
     modes = [m for m in columns if any((name, m, b) in data["ours"] for name in models for b in batches)]
+    peer = peer and bool(data["peer"])
     lines = []
     for batch in batches:
         what = "latency" if batch == 1 else "throughput"
-        lines.append(f"| batch {batch} {what}, vs timm eager | timm eager | "
+        lines.append(f"| batch {batch} {what}, vs timm eager | timm eager | " + (f"{PEER} | " if peer else "")
                      + " | ".join(columns[m] for m in modes) + " |")
-        lines.append("|---" * (len(modes) + 2) + "|")
+        lines.append("|---" * (len(modes) + 2 + peer) + "|")
         for name in models:
             ref = data["timm"][(name, batch)]
             cells = [name, f"{ref['median_ms']:.1f} ms" if batch == 1 else f"{ref['images_per_s']:.0f} img/s"]
+            if peer:
+                cells.append(_cell(data["peer"][(name, batch)], batch, absolute=True))
             rows = {m: data["ours"].get((name, m, batch)) for m in modes}
             best = set()
             for group in best_groups:  # the best of each group (fp32, INT8) is bold, with its absolute figure
@@ -84,10 +98,11 @@ def _files(data: dict, models: list[str]) -> str:
 def tables(path: str) -> dict[str, str]:
     """``{"speed": ..., "deploy": ..., "files": ...}``: markdown tables of the run at ``path``."""
     data, models, batches = _results(path)
-    fp32 = {"eager", "fused", "fused_cl", "compiled", "onnxruntime", "executorch"}
+    fp32 = {"eager", "fused", "fused_cl", "compiled", "onnxruntime", "executorch", "openvino"}
     int8 = {m for m in RUNTIMES if "int8" in m}
+    bf16 = {m for m in RUNTIMES if "bf16" in m}
     return {"speed": _table(data, models, batches, EAGER, [set(EAGER)]),
-            "deploy": _table(data, models, batches, RUNTIMES, [fp32, int8]),
+            "deploy": _table(data, models, batches, RUNTIMES, [fp32, int8, bf16], peer=True),
             "files": _files(data, models)}
 
 

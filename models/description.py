@@ -28,7 +28,7 @@ __all__ = ["DESCRIPTION_KEY", "DescriptionError", "ModelDescription", "describe"
 FORMAT = "ghostnet_hub.description/1"
 # The name under which files carry it: ONNX metadata key, pt2 extra file, ExecuTorch method.
 DESCRIPTION_KEY = "ghostnet_hub_description"
-PRECISIONS = ("fp32", "int8", "int8-float-depthwise")
+PRECISIONS = ("fp32", "bf16", "int8", "int8-float-depthwise")
 # Build options a description records beside num_classes (the builders' model options that
 # change what the weights mean or how the model trains; features_only models are not described).
 _OPTIONS = ("in_chans", "drop_rate", "drop_path_rate")
@@ -74,7 +74,7 @@ class ModelDescription:
     options: Mapping[str, Any] = field(default_factory=dict)
     weights: str = ""  # what the parameters were loaded from, in words (weights name, file)
     weights_sha256: str | None = None  # that file's SHA-256, where known
-    precision: str = "fp32"  # of an exported file: fp32, int8, int8-float-depthwise
+    precision: str = "fp32"  # of an exported file: fp32, bf16 (OpenVINO), int8, int8-float-depthwise
     version: str = ""
 
     def __post_init__(self):
@@ -101,8 +101,8 @@ class ModelDescription:
 
     @property
     def precision_text(self) -> str:
-        return {"fp32": "fp32", "int8": "INT8", "int8-float-depthwise": "INT8, depthwise convolutions in float"}[
-            self.precision]
+        return {"fp32": "fp32", "bf16": "bfloat16", "int8": "INT8",
+                "int8-float-depthwise": "INT8, depthwise convolutions in float"}[self.precision]
 
     def summary(self) -> str:
         shown = ", ".join(self.classes[:5]) + (", ..." if self.num_classes > 5 else "")

@@ -95,7 +95,8 @@ def test_a_file_runs_only_in_the_runtime_it_was_made_for(tmp_path):
         backends.load_file(onnx_file.rename(tmp_path / "m.bin"))
 
 
-@pytest.mark.parametrize("module, backend", [("onnxruntime", "onnxruntime"), ("executorch", "executorch")])
+@pytest.mark.parametrize("module, backend", [("onnxruntime", "onnxruntime"), ("executorch", "executorch"),
+                                             ("openvino", "openvino")])
 def test_missing_runtime_is_one_line_naming_the_extra(moderate_weights, monkeypatch, module, backend):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
     monkeypatch.chdir(ROOT)  # (a clone's hint names its requirements file from where the user is)
@@ -151,14 +152,14 @@ def test_runtimes_are_imported_only_when_used_and_missing_ones_are_one_line(mode
     # Without the block: starting the command line imports none of the optional runtimes.
     probe = subprocess.run([sys.executable, "-c", "import sys; from models.tools import cli; print(sorted(m for m in "
                             "sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'onnxscript', 'executorch', "
-                            "'torchao')))"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            "'torchao', 'openvino', 'nncf')))"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0 and probe.stdout.strip() == "[]", probe.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["onnx", "executorch", "pt2"])
+@pytest.mark.parametrize("fmt", ["onnx", "executorch", "pt2", "openvino"])
 def test_export_then_predict_with_the_file_gives_the_eager_labels(moderate_weights, photos, tmp_path, fmt):
-    suffix = {"onnx": ".onnx", "executorch": ".pte", "pt2": ".pt2"}[fmt]
+    suffix = {"onnx": ".onnx", "executorch": ".pte", "pt2": ".pt2", "openvino": ".xml"}[fmt]
     out = tmp_path / f"tinynet_e{suffix}"
     exported = cli("export", "tinynet_e", "--out", str(out), "--quiet")
     assert exported.returncode == 0, exported.stderr
@@ -250,3 +251,34 @@ def test_benchmark_measures_the_runtimes_fp32_and_int8_beside_timm(tmp_path):
     size = {r["mode"]: float(r["file_mb"]) for r in rows if r["file_mb"]}
     assert size["onnxruntime_int8"] < 0.35 * size["onnxruntime"]
     assert any("onnxruntime_int8" in line and "x time" in line for line in result.stdout.splitlines())
+
+
+def test_ratios_to_timm_eager_and_to_onnx_runtime_on_timms_onnx():
+    from models.tools.benchmark import Result, _ratios, table
+
+    def row(impl, mode, batch, ms):
+        return Result("tinynet_e", impl, mode, batch, 106, ms, 5.0, batch / ms * 1e3, 59.9)
+
+    results = [row("ours", "openvino", 1, 2.0), row("timm", "eager", 1, 8.0), row("timm", "onnxruntime", 1, 2.5),
+               row("ours", "openvino", 32, 40.0), row("timm", "eager", 32, 160.0), row("timm", "onnxruntime", 32, 80.0)]
+    results[0].note = "ran in f32: this CPU has no native bfloat16"
+    _ratios(results)
+    ours1, timm1, peer1, ours32, timm32, peer32 = results
+    assert (ours1.vs_timm, ours1.vs_peer) == (0.25, 0.8)  # latency ratios at batch 1
+    assert (ours32.vs_timm, ours32.vs_peer) == (4.0, 2.0)  # throughput ratios otherwise
+    assert (peer1.vs_timm, peer1.vs_peer, timm1.vs_timm, timm1.vs_peer) == (2.5 / 8, None, None, 8 / 2.5)
+    lines = table(results).splitlines()
+    assert lines[0].split("  ")[-1] == "vs ORT on timm" and " vs timm " in lines[0]
+    assert lines[1].split()[-4:] == ["0.25x", "time", "0.80x", "time"]
+    assert lines[4].split()[-4:] == ["4.00x", "img/s", "2.00x", "img/s"]
+    assert lines[-1] == "openvino: ran in f32: this CPU has no native bfloat16"
+
+
+def test_timm_reference_holds_our_models_weights():
+    from models.tools import benchmark
+
+    ours = benchmark._seeded("tinynet_e", torch.device("cpu"))
+    ref = benchmark.timm_reference("tinynet_e", torch.device("cpu"))
+    x = torch.randn(2, 3, 106, 106)
+    with torch.no_grad():
+        assert torch.equal(ref(x), ours(x))  # the same function: the peer is measured on the same weights

@@ -79,3 +79,30 @@ def test_compiled_is_measured_when_asked_for(monkeypatch, options):
     with pytest.raises(_Stop):
         cli("benchmark", "--models", "tinynet_e", "--references", "timm", "--quiet", *options)
     assert asked == [["eager", "compiled"]]
+
+
+def test_openvino_modes_beside_onnx_runtime_on_timms_onnx_on_a_named_cpu(tmp_path):
+    """The peer a user would pick (ONNX Runtime on timm's own ONNX export) is measured in the same
+    run, every row has its ratio to it, and the CPU's features are in the header and the JSON."""
+    from models.tools import _cpu
+
+    out = tmp_path / "bench.json"
+    result = run_models("benchmark", "--models", "tinynet_e", "--modes", "openvino", "openvino_bf16", "--batch-sizes",
+                        "1", "--repeats", "2", "--warmup", "1", "--threads", "1", "--quiet", "--references", "timm",
+                        "timm_onnx", "--json", str(out), timeout=1200)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    rows = {(r["implementation"], r["mode"]): r for r in report["results"]}
+    assert sorted(rows) == [("ours", "openvino"), ("ours", "openvino_bf16"), ("timm", "eager"), ("timm", "onnxruntime")]
+    peer = rows["timm", "onnxruntime"]
+    assert peer["vs_peer"] is None and peer["file_mb"] > 1 and peer["vs_timm"] > 0
+    for key in (("ours", "openvino"), ("ours", "openvino_bf16"), ("timm", "eager")):
+        assert abs(rows[key]["vs_peer"] - rows[key]["median_ms"] / peer["median_ms"]) < 1e-9
+    assert rows["ours", "openvino"]["file_mb"] > 1.8 * rows["ours", "openvino_bf16"]["file_mb"]  # 16-bit weights
+    cpu = report["environment"]["cpu"]
+    assert cpu == {**_cpu.cpu_features()} and "openvino" in report["environment"]
+    lines = result.stdout.splitlines()
+    assert lines[1] == f"cpu: {_cpu.summary()} ({cpu['source']})"
+    bf16_note = "openvino_bf16: ran in f32: this CPU has no native bfloat16"
+    assert (bf16_note in lines) == (not _cpu.native_bf16()) and rows["ours", "openvino_bf16"]["note"] == (
+        "" if _cpu.native_bf16() else bf16_note.split(": ", 1)[1])

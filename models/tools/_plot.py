@@ -9,7 +9,8 @@ FAMILIES = {"ghostnet": ("GhostNet", "o"), "tinynet": ("TinyNet", "s"), "mobilen
 COLOURS = {"timm eager": "#1f4e79", "torchvision eager": "#2e8b57", "ours eager": "#f5a623", "ours fused": "#e67e22",
            "ours fused_cl": "#c0392b", "ours compiled": "#6c3483", "ours onnxruntime": "#117a65",
            "ours executorch": "#2874a6", "ours onnxruntime_int8": "#48c9b0", "ours executorch_int8": "#85c1e9",
-           "ours onnxruntime_int8_fdw": "#76d7c4", "ours executorch_int8_fdw": "#aed6f1"}
+           "ours onnxruntime_int8_fdw": "#76d7c4", "ours executorch_int8_fdw": "#aed6f1", "ours openvino": "#7d3c98",
+           "ours openvino_int8": "#bb8fce", "ours openvino_bf16": "#a569bd", "timm onnxruntime": "#5d6d7e"}
 
 
 def family(model: str) -> tuple[str, str]:

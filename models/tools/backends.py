@@ -1,11 +1,11 @@
-"""Runtimes as backends: the same model run eagerly, through ``torch.compile``, in ONNX Runtime
-or in ExecuTorch (XNNPACK), from a file made by ``python -m models export`` or from an export
-made on the fly and cached. Every backend is called like the eager model: a float batch
+"""Runtimes as backends: the same model run eagerly, through ``torch.compile``, in ONNX Runtime,
+in ExecuTorch (XNNPACK) or in OpenVINO, from a file made by ``python -m models export`` or from
+an export made on the fly and cached. Every backend is called like the eager model: a float batch
 (N, 3, H, W) in, logits out; so preprocessing and output stay the same whatever runs it.
 
-ONNX Runtime and ExecuTorch are optional (the ``export`` extra has ONNX and ONNX Runtime, the
-``deploy`` extra ExecuTorch too) and imported only when a backend needs them; a missing one is a
-``MissingRuntime`` error of one line naming the extra to install.
+ONNX Runtime, ExecuTorch and OpenVINO are optional (the ``export`` extra has ONNX and ONNX Runtime,
+the ``deploy`` extra ExecuTorch and OpenVINO too) and imported only when a backend needs them; a
+missing one is a ``MissingRuntime`` error of one line naming the extra to install.
 """
 from __future__ import annotations
 
@@ -33,14 +33,16 @@ from ..description import DESCRIPTION_KEY, ModelDescription, describe
 __all__ = ["BACKENDS", "MissingRuntime", "Runner", "add_arguments", "device_of", "lend",
            "load_file", "options_from_args", "require", "wrap"]
 
-BACKENDS = ("eager", "compile", "onnxruntime", "executorch")
+BACKENDS = ("eager", "compile", "onnxruntime", "executorch", "openvino")
 # The pip package behind each optional module, and the smallest extra of this package that has it
 # (requirements-export.txt, requirements-deploy.txt).
 _PIP_NAMES = {"onnxruntime": "onnxruntime", "onnx": "onnx", "onnxscript": "onnxscript", "executorch": "executorch",
-              "torchao": "executorch"}
+              "torchao": "executorch", "openvino": "openvino", "nncf": "nncf"}
 _EXTRAS = {"onnxruntime": "export", "onnx": "export", "onnxscript": "export", "executorch": "deploy",
-           "torchao": "deploy"}
-SUFFIXES = {".onnx": "onnxruntime", ".pte": "executorch", ".pt2": "eager"}
+           "torchao": "deploy", "openvino": "deploy", "nncf": "deploy"}
+SUFFIXES = {".onnx": "onnxruntime", ".pte": "executorch", ".pt2": "eager", ".xml": "openvino"}
+# The export format behind each runtime backend.
+FORMAT_OF = {"onnxruntime": "onnx", "executorch": "executorch", "openvino": "openvino"}
 
 
 class MissingRuntime(ImportError):
@@ -115,6 +117,11 @@ class Runner:
         self.pretrained_weights: Any = description
         self.num_classes = description.num_classes if description is not None else None
 
+    @property
+    def inference_precision(self) -> str:
+        """What the runtime computes the float parts in (OpenVINO: ``f32`` or ``bf16`` as compiled)."""
+        return getattr(self._run, "inference_precision", "f32")
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.detach().to("cpu", torch.float32).contiguous()
         step = self.max_batch or len(images)
@@ -151,7 +158,7 @@ def _onnxruntime(path: pathlib.Path, threads: int | None) -> Runner:
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: images.numpy()})[0])
 
-    return Runner("onnxruntime", path, run, description=_described(text, path))
+    return Runner("onnxruntime", path, run, description=described(text, path))
 
 
 def _executorch(path: pathlib.Path, threads: int | None) -> Runner:
@@ -172,7 +179,7 @@ def _executorch(path: pathlib.Path, threads: int | None) -> Runner:
         return method.execute((images,))[0]
 
     run.program = program  # keeps the program (and its buffers) alive as long as the method
-    return Runner("executorch", path, run, max_batch=max_batch, description=_described(text, path))
+    return Runner("executorch", path, run, max_batch=max_batch, description=described(text, path))
 
 
 def _pt2(path: pathlib.Path, backend: str) -> Runner:
@@ -180,30 +187,36 @@ def _pt2(path: pathlib.Path, backend: str) -> Runner:
     module = torch.export.load(str(path), extra_files=extra).module()  # (it refuses .eval(): a Runner holds it)
     if backend == "compile":
         module = torch.compile(module)
-    return Runner(backend, path, module, description=_described(extra[DESCRIPTION_KEY] or None, path))
+    return Runner(backend, path, module, description=described(extra[DESCRIPTION_KEY] or None, path))
 
 
-def _described(text: str | bytes | None, path: pathlib.Path) -> ModelDescription | None:
+def described(text: str | bytes | None, path: pathlib.Path) -> ModelDescription | None:
     return None if text is None else ModelDescription.from_json(text, str(path))
 
 
 def load_file(path: str | os.PathLike, backend: str | None = None, *, threads: int | None = None) -> Runner:
-    """A file written by ``export`` (``.onnx``, ``.pte`` or ``.pt2``) in ``backend``, which is
-    inferred from the suffix when not given. A ``.pt2`` runs eagerly or compiled. The runner
+    """A file written by ``export`` (``.onnx``, ``.pte``, ``.pt2`` or OpenVINO's ``.xml``) in
+    ``backend``, which is inferred from the suffix when not given. A ``.pt2`` runs eagerly or
+    compiled; an OpenVINO file in the inference precision it records (f32 if none). The runner
     carries the file's model description (``runner.description``: model, class names,
     preprocessing, precision), or None for a file exported elsewhere."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ValueError(f"exported model {path} does not exist")
     backend = backend or SUFFIXES.get(path.suffix)
-    expected = {".onnx": ("onnxruntime",), ".pte": ("executorch",), ".pt2": ("eager", "compile")}.get(path.suffix)
+    expected = {".onnx": ("onnxruntime",), ".pte": ("executorch",), ".pt2": ("eager", "compile"),
+                ".xml": ("openvino",)}.get(path.suffix)
     if backend not in BACKENDS or expected is None or backend not in expected:
         raise ValueError(f"{path}: backend {backend!r} cannot run it; {path.suffix or 'no suffix'} files run in "
-                         f"{' or '.join(expected) if expected else 'nothing known (use .onnx, .pte or .pt2)'}")
+                         f"{' or '.join(expected) if expected else 'nothing known (use .onnx, .pte, .pt2 or .xml)'}")
     if backend == "onnxruntime":
         runner = _onnxruntime(path, threads)
     elif backend == "executorch":
         runner = _executorch(path, threads)
+    elif backend == "openvino":
+        from . import _openvino  # (it imports this module)
+
+        runner = _openvino.load(path, threads)
     else:
         runner = _pt2(path, backend)
     return runner
@@ -230,7 +243,8 @@ def _source_digest() -> str:
 def _versions(fmt: str) -> dict:
     import importlib.metadata as metadata
 
-    names = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "executorch": ("executorch", "torchao"), "pt2": ()}[fmt]
+    names = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "executorch": ("executorch", "torchao"), "pt2": (),
+             "openvino": ("openvino", "nncf")}[fmt]
     found = {}
     for name in names:
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -253,60 +267,81 @@ def cache_key(model: nn.Module, fmt: str, options: dict) -> str:
 
 
 def wrap(model: nn.Module, backend: str = "eager", *, file: str | os.PathLike | None = None, int8: bool = False,
-         float_depthwise: bool = False, calibration: str | os.PathLike | None = None, threads: int | None = None,
-         name: str | None = None, progress: Callable[[str], None] | None = None) -> Any:
+         float_depthwise: bool = False, calibration: str | os.PathLike | None = None, precision: str = "fp32",
+         threads: int | None = None, name: str | None = None, progress: Callable[[str], None] | None = None) -> Any:
     """``model`` (a built ImageClassifier, with ``pretrained_weights`` if it has them) run by
     ``backend``. With ``file``, that exported file is run instead (the model only lends it
-    its preprocessing and labels). Otherwise ``onnxruntime``/``executorch`` export the model
-    on the fly into the export cache (``export_cache_dir()``) and reuse that file while the
-    weights, code, options and tool versions are the same; ``compile`` fuses the model in
-    place (channels_last) and compiles it."""
+    its preprocessing and labels). Otherwise ``onnxruntime``/``executorch``/``openvino`` export
+    the model on the fly into the export cache (``export_cache_dir()``) and reuse that file while
+    the weights, code, options and tool versions are the same; ``compile`` fuses the model in
+    place (channels_last) and compiles it. ``precision="bf16"``: an OpenVINO export that records
+    bfloat16, or ``compile`` under ``torch.autocast("cpu", torch.bfloat16)``; ``int8`` with
+    ``compile``: PT2E with PyTorch's ``X86InductorQuantizer`` (x86 CPUs), then compiled."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; precisions: fp32, bf16")
     weights = getattr(model, "pretrained_weights", None)
     if file is not None:
-        refuse_export_options(file, int8=int8, float_depthwise=float_depthwise, calibration=calibration)
+        refuse_export_options(file, int8=int8, float_depthwise=float_depthwise, calibration=calibration,
+                              precision=precision)
         return lend(load_file(file, backend, threads=threads), model)
-    if int8 and backend in ("eager", "compile"):
-        raise ValueError(f"--int8 needs an exported model: use --backend onnxruntime or executorch, not {backend}")
+    if int8 and backend == "eager":
+        raise ValueError("--int8 needs an exported model: use --backend onnxruntime, executorch or openvino (or "
+                         "compile, x86), not eager")
+    if precision == "bf16" and (backend not in ("openvino", "compile") or int8):
+        raise ValueError(f"--precision bf16 runs in openvino or compile (autocast), without --int8; not in {backend}")
     if backend == "eager":
         return model
     if backend == "compile":
-        if not getattr(model, "fused", False):
-            model.fuse(channels_last=True)
-        compiled = torch.compile(model)
+        if float_depthwise:
+            raise ValueError("--float-depthwise needs an exported model (onnxruntime, executorch, openvino); "
+                             "compile's INT8 quantizes every convolution")
+        from ._compiled import compiled as compile_model  # (it imports this module)
+
+        compiled = compile_model(model, precision, int8, calibration)
         compiled.pretrained_weights = weights
         return compiled
     from . import export as exporter
 
-    fmt = "onnx" if backend == "onnxruntime" else "executorch"
-    require("onnxruntime" if fmt == "onnx" else "executorch", f"for the {backend} backend")
+    fmt = FORMAT_OF[backend]
+    require({"onnx": "onnxruntime"}.get(fmt, fmt), f"for the {backend} backend")
     options = {"int8": int8, "float_depthwise": float_depthwise,
                "calibration": exporter.calibration_id(calibration) if int8 else None,
                "description": describe(model).to_dict()}  # the class names and preprocessing the file carries
+    if fmt == "openvino":
+        options["precision"] = precision
     key = cache_key(model, fmt, options)
     label = name or getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__.lower()
-    path = export_cache_dir() / f"{label}-{'int8-' if int8 else ''}{key[:20]}{exporter.FORMATS[fmt]}"
+    tag = "int8-" if int8 else "bf16-" if precision == "bf16" else ""
+    path = export_cache_dir() / f"{label}-{tag}{key[:20]}{exporter.FORMATS[fmt]}"
+    files = [path, path.with_suffix(".bin")] if fmt == "openvino" else [path]  # OpenVINO: the weights beside
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path):
         # Checked against the SHA-256 recorded when it was written: a damaged file (truncated,
         # overwritten) is made again rather than handed to the runtime.
-        damaged = verify_file(path, export_target(path))
+        found = [verify_file(f, export_target(f)) for f in files]
+        damaged = [problem if f == path else f"{f.name}: {problem}" for f, problems in zip(files, found, strict=True)
+                   for problem in problems or []]
         if damaged:
             (progress or say)(f"cached export {path.name} is damaged ({'; '.join(damaged)}): exporting it again")
-            path.unlink()
-        if damaged is None or damaged:
-            (progress or say)(f"exporting {label} to {fmt}{' int8' if int8 else ''} (once; cached in {path.parent})")
-            exporter.export(model, fmt, path, int8=int8, float_depthwise=float_depthwise, calibration=calibration)
-            record_sha256(path)
+            for f in files:
+                f.unlink(missing_ok=True)
+        if damaged or None in found:
+            what = f"{fmt}{' int8' if int8 else ' bf16' if precision == 'bf16' else ''}"
+            (progress or say)(f"exporting {label} to {what} (once; cached in {path.parent})")
+            exporter.export(model, fmt, path, int8=int8, float_depthwise=float_depthwise, calibration=calibration,
+                            precision=precision)
+            for f in files:
+                record_sha256(f)
     return lend(load_file(path, backend, threads=threads), model)
 
 
 def refuse_export_options(file: str | os.PathLike, *, int8: bool = False, float_depthwise: bool = False,
-                          calibration: str | os.PathLike | None = None) -> None:
-    if int8 or float_depthwise or calibration:  # the file is what it is: these would be ignored
-        raise ValueError(f"--int8, --float-depthwise and --calibration make an export; {file} is already one "
-                         "(export it with those options, or drop the file to export on the fly)")
+                          calibration: str | os.PathLike | None = None, precision: str = "fp32") -> None:
+    if int8 or float_depthwise or calibration or precision != "fp32":  # the file is what it is: these would be ignored
+        raise ValueError(f"--int8, --float-depthwise, --calibration and --precision make an export; {file} is already "
+                         "one (export it with those options, or drop the file to export on the fly)")
 
 
 def lend(runner: Runner, model: nn.Module) -> Runner:
@@ -328,11 +363,15 @@ def say(message: str) -> None:
 def add_arguments(parser) -> None:
     group = parser.add_argument_group("backend (how the model runs)")
     group.add_argument("--backend", choices=BACKENDS, default=None,
-                       help="eager (default), compile (torch.compile), onnxruntime or executorch (XNNPACK); "
+                       help="eager (default), compile (torch.compile), onnxruntime, executorch (XNNPACK) or openvino; "
                             "without --model-file the model is exported on the fly and cached")
     group.add_argument("--model-file", metavar="FILE",
-                       help="a file written by `export` (.onnx, .pte, .pt2); the backend follows its suffix")
-    group.add_argument("--int8", action="store_true", help="an INT8 export (onnxruntime, executorch)")
+                       help="a file written by `export` (.onnx, .pte, .pt2, .xml); the backend follows its suffix")
+    group.add_argument("--int8", action="store_true",
+                       help="an INT8 export (onnxruntime, executorch, openvino), or compile's x86 PT2E INT8")
+    group.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="bf16: an OpenVINO export in bfloat16, or compile under bfloat16 autocast; fast only on "
+                            "CPUs with AVX-512 BF16 or AMX (default: fp32)")
     group.add_argument("--float-depthwise", action="store_true",
                        help="with --int8: keep depthwise convolutions in float")
     group.add_argument("--calibration", metavar="DIR",
@@ -348,4 +387,5 @@ def options_from_args(args) -> dict:
     if (args.float_depthwise or args.calibration) and not args.int8:
         raise SystemExit("error: --float-depthwise and --calibration apply to --int8")
     return {"backend": backend, "model_file": args.model_file, "int8": args.int8,
-            "float_depthwise": args.float_depthwise, "calibration": args.calibration}
+            "float_depthwise": args.float_depthwise, "calibration": args.calibration,
+            "precision": getattr(args, "precision", "fp32")}

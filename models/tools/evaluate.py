@@ -146,8 +146,10 @@ def _what_ran(net, amp: bool, checkpoint) -> tuple[str, str | None]:
     if isinstance(net, backends.Runner):
         described = net.description
         precision = described.precision_text if described is not None else "precision unknown (no description)"
+        if described is not None and described.precision == "bf16" and net.inference_precision != "bf16":
+            precision += f" (run in {net.inference_precision}: this CPU has no native bfloat16)"
         return precision, str(net.path)
-    precision = "fp32" + (", bfloat16 autocast" if amp else "")
+    precision = getattr(net, "precision_text", "fp32") + (", bfloat16 autocast" if amp else "")
     return precision, (str(checkpoint) if checkpoint and not is_url(str(checkpoint)) else None)
 
 
@@ -158,7 +160,7 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
              channels_last: bool = False, amp: bool = False, progress: bool = True,
              manifest: Manifest | str | os.PathLike | None = None, backend: str | None = None,
              model_file: str | os.PathLike | None = None, int8: bool = False, float_depthwise: bool = False,
-             calibration: str | os.PathLike | None = None, **removed) -> Report:
+             calibration: str | os.PathLike | None = None, precision: str = "fp32", **removed) -> Report:
     """Top-1/top-k of ``model`` (the published weights, or your ``checkpoint``, for any model)
     on the ImageFolder tree ``data``; under torchrun, this rank's share, with the counts summed
     over all ranks. k is min(5, classes). A checkpoint written by ``finetune``, or a
@@ -177,7 +179,7 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
     args = argparse.Namespace(model=model, checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256,
                               num_classes=num_classes, manifest=manifest, backend=backend, model_file=model_file,
                               int8=int8, float_depthwise=float_depthwise, calibration=calibration,
-                              quiet=not progress)
+                              precision=precision, quiet=not progress)
     if model_file is None and checkpoint is None:
         published_weights(args)  # a model without weights: the error, before any work
     # Every rank asks; the cache lock makes one download that all of them then verify and share.

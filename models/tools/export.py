@@ -6,6 +6,10 @@
 - ``executorch``: a ``.pte`` lowered to the XNNPACK delegate, the format that runs on Android,
   iOS, Linux and macOS; ``--int8``: PT2E with ``XNNPACKQuantizer`` (per-channel symmetric).
 - ``pt2``: a ``torch.export`` archive (``torch.export.load(path).module()``).
+- ``openvino``: an OpenVINO IR (``M.xml`` + ``M.bin``) for Intel and AMD CPUs, converted by
+  ``openvino.convert_model`` from the ONNX export; ``--precision bf16`` records bfloat16 as its
+  inference precision (fast only on CPUs with AVX-512 BF16 or AMX; elsewhere OpenVINO runs it
+  in f32); ``--int8``: NNCF post-training quantization (``nncf.quantize``).
 
 The exported model is the fused one (BatchNorm folded); a GhostNet's fp32 ONNX export also has
 its ghost halves padded to 16 channels for ONNX Runtime (``ghostnet.pad_ghost_halves``). Before the file is written, its
@@ -22,6 +26,7 @@ import os
 import pathlib
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,19 +38,18 @@ from .._files import WriteError, check_room, probe_writable
 from ..description import DESCRIPTION_KEY, ModelDescription, describe
 from ..ghostnet import GhostNet, pad_ghost_halves
 from ..layers import SqueezeExcite
-from ..weights import get_weights
-from . import backends
-from ._args import add_command, int_at_least
+from . import _openvino, backends
+from ._args import add_command, build_model, int_at_least, model_source_arguments
 from ._samples import calibration_batches, calibration_id, check_images, default_transforms
 from ._workdir import work_folder
 
-__all__ = ["FORMATS", "TOLERANCE", "ExportCheckError", "ExportReport", "calibration_id", "export", "load_model"]
+__all__ = ["FORMATS", "TOLERANCE", "ExportCheckError", "ExportReport", "calibration_id", "export"]
 
-FORMATS = {"onnx": ".onnx", "executorch": ".pte", "pt2": ".pt2"}
+FORMATS = {"onnx": ".onnx", "executorch": ".pte", "pt2": ".pt2", "openvino": ".xml"}
 TOLERANCE = 1e-4  # fp32 exports: max |export - eager| / max |eager logit|
 OPSET = 18
-_RUNTIMES = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "executorch": ("executorch",), "pt2": ()}
-
+_RUNTIMES = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "executorch": ("executorch",), "pt2": (),
+             "openvino": ("onnx", "onnxscript", "openvino")}
 
 class ExportCheckError(RuntimeError):
     """The exported model does not compute what the eager model computes; nothing was written."""
@@ -62,14 +66,21 @@ class ExportReport:
     max_error: float  # max |export - eager| / max |eager| over the check images
     top1_agreement: float  # fraction of check images with the same top-1 class
     seconds: float
+    precision: str = "fp32"  # of the float parts: fp32, or bf16 (openvino)
+    checked_in: str = ""  # openvino: the precision the runtime computed the check in (f32 where bf16 is not native)
 
     def summary(self) -> str:
-        kind = ("int8" + (", depthwise in float" if self.float_depthwise else "")) if self.int8 else "fp32"
-        limit = "report only for int8" if self.int8 else f"limit {TOLERANCE:.0e}"
-        return (f"wrote {self.path} ({self.format}, {kind}): {self.size_bytes / 1e6:.2f} MB in {self.seconds:.0f} s\n"
+        kind = ("int8" + (", depthwise in float" if self.float_depthwise else "")) if self.int8 else self.precision
+        limit = f"report only for {kind.split(',')[0]}" if kind != "fp32" else f"limit {TOLERANCE:.0e}"
+        size = self.size_bytes / 1e6
+        note = ""
+        if self.precision == "bf16" and self.checked_in != "bf16":
+            note = (f"\nthis CPU has no native bfloat16 (AVX-512 BF16 or AMX): OpenVINO computed the check in "
+                    f"{self.checked_in or 'f32'}, as it will run this file on any such CPU")
+        return (f"wrote {self.path} ({self.format}, {kind}): {size:.2f} MB in {self.seconds:.0f} s\n"
                 f"checked against eager fp32 on {self.images} images (the bundled photo + {self.images - 1} "
                 f"generated): max |export - eager| = {self.max_error:.1e} of the largest logit ({limit}); "
-                f"top-1 the same on {round(self.top1_agreement * self.images)}/{self.images}")
+                f"top-1 the same on {round(self.top1_agreement * self.images)}/{self.images}{note}")
 
 
 def _inference_copy(model: nn.Module, format: str = "onnx", int8: bool = False) -> tuple[nn.Module, nn.Module]:
@@ -233,10 +244,12 @@ def _room_needed(net: nn.Module, format: str, int8: bool) -> int:
 
 def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool = False,
            float_depthwise: bool = False, calibration: str | os.PathLike | None = None, transforms=None,
-           max_batch: int = 32, classes: Sequence[str] | None = None,
+           max_batch: int = 32, classes: Sequence[str] | None = None, precision: str = "fp32",
            progress: Callable[[str], None] = lambda s: None) -> ExportReport:
     """Export ``model`` (an ImageClassifier; it is copied, not changed) to ``out`` in
-    ``format`` ("onnx", "executorch", "pt2"), check it against the eager model, then write it.
+    ``format`` ("onnx", "executorch", "pt2", "openvino"), check it against the eager model,
+    then write it. ``precision="bf16"`` (openvino) records bfloat16 as the file's inference
+    precision; OpenVINO uses it where the CPU has native bfloat16 (AVX-512 BF16, AMX).
 
     ``int8`` quantizes after calibrating on the images of the folder ``calibration`` (by
     default the bundled photo and generated images: a quick try, not a calibration set).
@@ -253,19 +266,28 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
     if float_depthwise and not int8:
         raise ValueError("float_depthwise applies to int8 exports only")
     if int8 and format == "pt2":
-        raise ValueError("INT8 exports are onnx or executorch files; a pt2 archive holds the fp32 model")
+        raise ValueError("INT8 exports are onnx, executorch or openvino files; a pt2 archive holds the fp32 model")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; precisions: fp32, bf16")
+    if precision == "bf16" and (format != "openvino" or int8):
+        raise ValueError("bf16 is an openvino precision for float models (not with int8)")
+    if format == "openvino" and pathlib.Path(out).suffix != ".xml":
+        raise ValueError(f"an OpenVINO model is M.xml with its weights in M.bin: give an --out ending in .xml, "
+                         f"not {pathlib.Path(out).name}")
+    if format == "openvino" and int8:
+        backends.require("nncf", "for OpenVINO INT8")
     for module in _RUNTIMES[format]:  # fail before the work, not after it
         backends.require(module, f"to export to {format} and check it")
     start = time.perf_counter()
     out = pathlib.Path(out)
-    precision = ("int8-float-depthwise" if float_depthwise else "int8") if int8 else "fp32"
-    described = describe(model, classes=classes, precision=precision)
+    described = describe(model, classes=classes,
+                         precision=("int8-float-depthwise" if float_depthwise else "int8") if int8 else precision)
     reference, net = _inference_copy(model, format, int8)
     transforms = transforms or default_transforms(model)
     images = check_images(transforms)
     size = tuple(images.shape[-2:])
     batches = calibration_batches(transforms, calibration) if int8 else []
-    backend = {"onnx": "onnxruntime", "executorch": "executorch", "pt2": "eager"}[format]
+    backend = {"onnx": "onnxruntime", "executorch": "executorch", "pt2": "eager", "openvino": "openvino"}[format]
     nothing = "Nothing was written; free space there, or choose another --out"
     needed = _room_needed(net, format, int8)
     probe_writable(out.parent, "Nothing was written; choose another --out")  # before minutes of work, not after
@@ -286,12 +308,17 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
                 _describe_onnx(written, described)
             elif format == "executorch":
                 _to_executorch(net, written, size, int8, float_depthwise, batches, max_batch, described)
+            elif format == "openvino":
+                _to_onnx(net, torch.randn(2, 3, *size), tmp / "fp32.onnx")
+                _openvino.write(tmp / "fp32.onnx", written, described, batches)
             else:
                 _to_pt2(net, written, size, described)
         except OSError as exc:
             raise WriteError(out.parent, out.name, needed, exc, nothing, at_least=True) from None
         progress("checking the export against the eager model")
-        runner = backends.load_file(written, backend, threads=torch.get_num_threads())
+        with warnings.catch_warnings():  # (a bf16 file on a CPU without bf16: the report says it)
+            warnings.simplefilter("ignore")
+            runner = backends.load_file(written, backend, threads=torch.get_num_threads())
         if runner.description != described:
             raise ExportCheckError(f"the {format} file does not carry the model's description; {out} was not written")
         with torch.no_grad():
@@ -302,47 +329,36 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
                                    f"{bool(torch.isfinite(got).all())}), the eager model {tuple(expected.shape)}")
         error = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
         agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+        checked_in = getattr(runner, "inference_precision", "")
         del runner
-        if not int8 and error > TOLERANCE:
+        if described.precision == "fp32" and error > TOLERANCE:
             raise ExportCheckError(f"the {format} export differs from the eager model by {error:.1e} of the largest "
                                    f"logit (limit {TOLERANCE:.0e}); {out} was not written")
+        weights = written.with_suffix(".bin")
+        if weights.exists():  # OpenVINO's weights first: whoever finds the new .xml finds its .bin
+            os.replace(weights, out.with_suffix(".bin"))
         os.replace(written, out)
-    return ExportReport(out, format, int8, float_depthwise, out.stat().st_size, len(images), error, agreement,
-                        time.perf_counter() - start)
-
-
-def load_model(name: str | None, *, checkpoint: str | os.PathLike | None = None, num_classes: int | None = None,
-               manifest=None, progress: bool = True) -> nn.Module:
-    """The model to export: the published weights of ``name``, or the user's ``checkpoint``
-    (read once; one written by ``finetune`` names its model, class names and preprocessing,
-    so ``name`` may be None, and must agree if given)."""
-    if checkpoint is not None:
-        return api.from_checkpoint(checkpoint, model=name, num_classes=num_classes, progress=progress)
-    if name is None:
-        raise ValueError("a model name is needed (a checkpoint written by finetune names its own)")
-    if num_classes is not None:
-        raise ValueError("--num-classes applies to the file given with --checkpoint; none was given")
-    try:
-        published = get_weights(name, manifest)
-    except ValueError:
-        raise ValueError(f"{name!r} has no released weights; export your own with --checkpoint FILE") from None
-    return api.get_model(name, weights=published, progress=progress)
+    size_bytes = out.stat().st_size + (out.with_suffix(".bin").stat().st_size if format == "openvino" else 0)
+    return ExportReport(out, format, int8, float_depthwise, size_bytes, len(images), error, agreement,
+                        time.perf_counter() - start, precision, checked_in)
 
 
 def _run(args) -> int:
     out = pathlib.Path(args.out)
     fmt = args.format or {suffix: f for f, suffix in FORMATS.items()}.get(out.suffix)
     if fmt is None:
-        raise SystemExit(f"error: give --format (onnx, executorch, pt2) or an --out ending in "
+        raise SystemExit(f"error: give --format ({', '.join(FORMATS)}) or an --out ending in "
                          f"{', '.join(FORMATS.values())}")
     if (args.calibration or args.float_depthwise) and not args.int8:
         raise SystemExit("error: --calibration and --float-depthwise apply to --int8 exports")
-    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                       manifest=args.manifest, progress=not args.quiet)
+    if args.precision != "fp32" and (fmt != "openvino" or args.int8):
+        raise SystemExit(f"error: --precision {args.precision} applies to --format openvino without --int8")
+    model = build_model(args, progress=not args.quiet)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else (lambda s: None)
     try:
         report = export(model, fmt, out, int8=args.int8, float_depthwise=args.float_depthwise,
-                        calibration=args.calibration, max_batch=args.max_batch, progress=say)
+                        calibration=args.calibration, max_batch=args.max_batch, precision=args.precision,
+                        progress=say)
     except ExportCheckError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -352,20 +368,22 @@ def _run(args) -> int:
 
 def register(commands) -> None:
     sub = add_command(commands, "export", _run,
-                      "export a model to ONNX, ExecuTorch (.pte, XNNPACK) or torch.export (.pt2), fp32 or INT8, "
+                      "export a model to ONNX, ExecuTorch (.pte, XNNPACK), torch.export (.pt2) or OpenVINO (.xml + "
+                      ".bin), fp32, bf16 (OpenVINO) or INT8, "
                       "checked against the eager model before it is written")
     sub.add_argument("model", nargs="?", choices=api.list_models(), metavar="MODEL",
                      help="the model (not needed with a --checkpoint written by finetune, which names its own)")
-    sub.add_argument("--out", required=True, metavar="FILE", help="where to write it (.onnx, .pte, .pt2)")
+    sub.add_argument("--out", required=True, metavar="FILE",
+                     help="where to write it (.onnx, .pte, .pt2, .xml: OpenVINO writes its weights beside it, .bin)")
     sub.add_argument("--format", choices=tuple(FORMATS), default=None, help="default: from the --out suffix")
-    sub.add_argument("--int8", action="store_true", help="post-training INT8 quantization")
+    sub.add_argument("--int8", action="store_true", help="post-training INT8 quantization (openvino: NNCF)")
+    sub.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                     help="openvino: the inference precision the file records (default: fp32); bf16 is fast only "
+                          "on CPUs with AVX-512 BF16 or AMX, elsewhere OpenVINO runs it in f32")
     sub.add_argument("--calibration", metavar="DIR", help="with --int8: a folder of calibration images, e.g. a few "
                      "hundred training images (default: the bundled photo and generated images, for a quick try)")
     sub.add_argument("--float-depthwise", action="store_true", help="with --int8: keep depthwise convolutions in float")
-    sub.add_argument("--checkpoint", metavar="FILE",
-                     help="your checkpoint (path or URL) instead of the published weights")
-    sub.add_argument("--num-classes", type=int_at_least(1), default=None,
-                     help="classes of --checkpoint (default: those it records, or its classifier's rows)")
+    model_source_arguments(sub)
     sub.add_argument("--max-batch", type=int_at_least(1), default=32,
                      help="executorch: the largest batch the program takes (default: 32)")
     sub.add_argument("--quiet", action="store_true", help="no progress messages")
