@@ -102,7 +102,7 @@ def test_missing_runtime_is_one_line_naming_the_extra(moderate_weights, monkeypa
     monkeypatch.chdir(ROOT)  # (a clone's hint names its requirements file from where the user is)
     result = cli("predict", str(SAMPLE_IMAGE), "--model", "tinynet_e", "--backend", backend, "--quiet")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    extra = {"onnxruntime": "export", "executorch": "deploy"}[module]
+    extra = {"onnxruntime": "export", "executorch": "deploy", "openvino": "deploy"}[module]
     assert result.stderr.strip().splitlines() == [
         f'error: {module} is not installed (needed for the {backend} backend): pip install "ghostnet-hub[{extra}]" '
         f"(in this clone: pip install -r requirements-{extra}.txt), or just pip install {module}"]
