@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import _checkpoints, ghostnet, tinynet
+from . import _checkpoints, ghostnet, ghostnetv2, ghostnetv3, tinynet
 from ._base import ImageClassifier, Variant
 from ._devices import resolve_device
 from .manifest import DEFAULT_MANIFEST, Manifest, ModelEntry, load_manifest
@@ -29,7 +29,8 @@ from .weights import Checkpoint, CheckpointError, Weights, get_weights, read_che
 # Where this repository lives on GitHub, for the examples in the help text.
 GITHUB_REPO = "OWNER/REPO"
 
-_VARIANTS: dict[str, Variant] = {**ghostnet.VARIANTS, **tinynet.VARIANTS}
+_VARIANTS: dict[str, Variant] = {**ghostnet.VARIANTS, **ghostnetv2.VARIANTS, **ghostnetv3.VARIANTS,
+                                 **tinynet.VARIANTS}
 
 # The arguments every builder takes (the build arguments, then its class's own options,
 # ``Variant.options``): type, default, what it does. The one source of the help text; the
@@ -386,6 +387,13 @@ def _entry_point(name: str) -> Callable[..., ImageClassifier]:
 ghostnet_0_5x = _entry_point("ghostnet_0_5x")
 ghostnet_1x = _entry_point("ghostnet_1x")
 ghostnet_1_3x = _entry_point("ghostnet_1_3x")
+ghostnetv2_1x = _entry_point("ghostnetv2_1x")
+ghostnetv2_1_3x = _entry_point("ghostnetv2_1_3x")
+ghostnetv2_1_6x = _entry_point("ghostnetv2_1_6x")
+ghostnetv3_0_5x = _entry_point("ghostnetv3_0_5x")
+ghostnetv3_1x = _entry_point("ghostnetv3_1x")
+ghostnetv3_1_3x = _entry_point("ghostnetv3_1_3x")
+ghostnetv3_1_6x = _entry_point("ghostnetv3_1_6x")
 tinynet_a = _entry_point("tinynet_a")
 tinynet_b = _entry_point("tinynet_b")
 tinynet_c = _entry_point("tinynet_c")

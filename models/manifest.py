@@ -5,6 +5,7 @@ every field and reports every problem at once, each with its JSON path.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -64,6 +65,8 @@ class WeightFile:
     checksums: Mapping[str, str]
     size: int | None
     notes: str = ""
+    # False for a file nobody published a checksum for: trusted on first use (see _trust.py).
+    pinned: bool = True
 
     @property
     def cache_name(self) -> str:
@@ -71,8 +74,12 @@ class WeightFile:
 
         The digest in the name keeps two different files out of one cache slot. The first
         recorded one is used (not the strongest) so that pinning a SHA-256 later, which
-        appends it, does not move a file already in everyone's cache.
+        appends it, does not move a file already in everyone's cache. An unpinned file is
+        named by its URLs instead.
         """
+        if not self.pinned:
+            digest = hashlib.sha256("\n".join(self.urls).encode()).hexdigest()
+            return f"{self.model}-unpinned-{digest[:12]}{FORMATS[self.format]}"
         digest = next(iter(self.checksums.values()))
         return f"{self.model}-{digest[:16]}{FORMATS[self.format]}"
 
@@ -208,8 +215,13 @@ def _check_object(value: Any, path: str, required: set[str], optional: set[str],
 
 
 def _validate_file(entry: Any, path: str, problems: list[str]) -> None:
-    if not _check_object(entry, path, {"urls", "format", "checksums"}, {"size", "notes"}, problems):
+    if not _check_object(entry, path, {"urls", "format", "checksums"}, {"size", "notes", "unpinned"}, problems):
         return
+    unpinned = entry.get("unpinned", False)
+    if unpinned is not False and unpinned is not True:
+        problems.append(f"{path}.unpinned: expected true (or no such field), got {unpinned!r}")
+    elif unpinned and entry.get("checksums"):
+        problems.append(f"{path}.unpinned: a file with a recorded checksum is pinned; remove \"unpinned\"")
     urls = entry.get("urls")
     if "urls" in entry:
         if not isinstance(urls, list) or not urls:
@@ -225,10 +237,13 @@ def _validate_file(entry: Any, path: str, problems: list[str]) -> None:
         problems.append(f"{path}.format: expected one of {', '.join(FORMATS)}, got {entry['format']!r}")
     if "checksums" in entry:
         checksums = entry["checksums"]
-        if not isinstance(checksums, dict) or not checksums:
+        if isinstance(checksums, dict) and not checksums and unpinned is True:
+            pass  # declared: loaded on trust at first use, then held to what was seen (_trust.py)
+        elif not isinstance(checksums, dict) or not checksums:
             # A file with nothing to check it against would be loaded on trust: refused.
             problems.append(
-                f"{path}.checksums: at least one of {', '.join(CHECKSUM_LENGTHS)} is required"
+                f"{path}.checksums: at least one of {', '.join(CHECKSUM_LENGTHS)} is required "
+                "(or {} with \"unpinned\": true for a file nobody published a checksum for)"
             )
         else:
             for algo, digest in checksums.items():
@@ -311,6 +326,7 @@ def _build(source: str, data: dict) -> Manifest:
                 checksums=dict(f["checksums"]),
                 size=f.get("size"),
                 notes=f.get("notes", ""),
+                pinned=not f.get("unpinned", False),
             )
             for i, f in enumerate(entry["files"])
         )
