@@ -63,9 +63,12 @@ _ARGUMENT_DOCS = {
     "out_indices": ("tuple", "(0, 1, 2, 3, 4)", "which feature maps features_only returns."),
     "fuse": ("bool", "False", "fold BatchNorm into the convolutions for faster inference (eval-only model)."),
     "channels_last": ("bool", "False", "keep weights and inputs in channels_last memory layout."),
+    "require_pinned": ("bool", "None", "True refuses published weights that no checksum was ever published for "
+                       "(they are trusted on first use instead: the GhostNetV2/V3 files); None follows "
+                       "$GHOSTNET_HUB_REQUIRE_PINNED."),
 }
 _BUILD_ARGUMENTS = ("pretrained", "weights", "progress", "device", "num_classes", "checkpoint", "checkpoint_sha256",
-                    "fuse", "channels_last")
+                    "fuse", "channels_last", "require_pinned")
 # Spellings that changed: using one is an error that names the new one.
 _RENAMED = {"weights_sha256": "checkpoint_sha256"}
 
@@ -175,6 +178,7 @@ def get_model(
     checkpoint_sha256: str | None = None,
     fuse: bool = False,
     channels_last: bool = False,
+    require_pinned: bool | None = None,
     **options: Any,
 ) -> ImageClassifier:
     """Build model ``name``; see ``help(models.tinynet_a)`` for the arguments.
@@ -187,6 +191,8 @@ def get_model(
     for flag, value in (("pretrained", pretrained), ("progress", progress), ("fuse", fuse),
                         ("channels_last", channels_last)):
         _check_flag(flag, value)
+    if require_pinned is not None:
+        _check_flag("require_pinned", require_pinned)
     if pretrained and weights is not None:
         raise ValueError("pretrained=True is weights='DEFAULT': pass one of them, not both")
     # Resolved before anything is built or downloaded: a model without weights fails here.
@@ -200,7 +206,8 @@ def get_model(
         raise ValueError("checkpoint_sha256 checks the file given with checkpoint=; none was given")
     target = resolve_device(device)
     model = _build(name, variant, target=target, num_classes=num_classes, published=published,
-                   checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256, progress=progress, options=options)
+                   checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256, progress=progress, options=options,
+                   require_pinned=require_pinned)
     if fuse:
         model.fuse(channels_last=channels_last)
     elif channels_last:
@@ -253,7 +260,7 @@ def _recipe(name: str, published: Weights | None) -> ModelEntry | None:
 
 def _build(name: str, variant: Variant, *, target: torch.device, num_classes: int | None,
            published: Weights | None, checkpoint: str | os.PathLike | None, checkpoint_sha256: str | None,
-           progress: bool, options: dict) -> ImageClassifier:
+           progress: bool, options: dict, require_pinned: bool | None = None) -> ImageClassifier:
     if published is None and checkpoint is None:
         with torch.device(target):  # random init happens on the device itself
             model = variant.build(num_classes=1000 if num_classes is None else num_classes, **options)
@@ -262,7 +269,7 @@ def _build(name: str, variant: Variant, *, target: torch.device, num_classes: in
     loaded: Checkpoint | None = None
     if published is not None:
         load_classes, source = 1000, f"the published {name} weights"
-        state = published.get_state_dict(progress=progress, map_location=target)
+        state = published.get_state_dict(progress=progress, map_location=target, require_pinned=require_pinned)
     else:
         loaded = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(
             checkpoint, sha256=checkpoint_sha256, progress=progress, map_location=target)
@@ -275,11 +282,17 @@ def _build(name: str, variant: Variant, *, target: torch.device, num_classes: in
     stem = state.get("conv_stem.weight")
     if published is not None and stem is not None and stem.shape[1] != model.in_chans:
         state["conv_stem.weight"] = _adapt_stem(stem, model.in_chans)
-    if model.features_only:
-        # A backbone uses a subset of the checkpoint; the rest (head) is not needed.
-        wanted = model.state_dict().keys()
-        state = {key: value for key, value in state.items() if key in wanted}
-    problem = _checkpoints.mismatch(model, state)
+    checked = model
+    if model.features_only and _checkpoints.mismatch(model, state):
+        # A backbone uses a subset of a whole checkpoint (the head is not needed), but only of one of
+        # this model: GhostNet's keys are a subset of GhostNetV2's, so filtering alone would half-load it.
+        whole_options = {k: v for k, v in options.items() if k not in ("features_only", "out_indices")}
+        with torch.device("meta"):
+            checked = variant.build(num_classes=load_classes, **whole_options)
+        if not _checkpoints.mismatch(checked, state):
+            wanted = model.state_dict().keys()
+            state, checked = {key: value for key, value in state.items() if key in wanted}, model
+    problem = _checkpoints.mismatch(checked, state)
     if problem:
         fits = _checkpoints.fits_instead(name, state, _VARIANTS)
         raise CheckpointError(f"{source} does not fit {name} built with {options or 'default options'} and "

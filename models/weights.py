@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import download
+from . import _trust, download
 from .cache import load_bytes
 from .description import ModelDescription, description_in_checkpoint
 from .manifest import Manifest, ModelEntry, load_manifest
@@ -34,6 +34,7 @@ __all__ = [
     "pretrained_state_dict",
     "read_checkpoint",
     "read_state_dict",
+    "released_state_dict",
     "user_state_dict",
 ]
 
@@ -173,6 +174,22 @@ def _as_state_dict(obj: Any, path: pathlib.Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+# What released files hold beside this package's names: thop's profiler counters (buffers it adds
+# to every module it measures), and timm's names for GhostNetV3's branch BatchNorms (the authors'
+# ``.bn.``; timm's re-save says ``.bn1.``, see timm's ghostnet checkpoint_filter_fn).
+_COUNTERS = ("total_ops", "total_params")
+_TIMM_BRANCH_BN = re.compile(r"(_rpr_(?:conv\.\d+|scale))\.bn1\.")
+
+
+def released_state_dict(obj: Any, path: pathlib.Path) -> dict[str, torch.Tensor]:
+    """The weights of a published file (or a user's checkpoint) under this package's names: a
+    training checkpoint unwrapped (its ``state_dict``, not its ``state_dict_ema``), profiler
+    counters dropped, timm's GhostNetV3 branch names mapped to the authors'."""
+    state = _as_state_dict(_unwrap(obj), path)
+    return {_TIMM_BRANCH_BN.sub(r"\1.bn.", key): value for key, value in state.items()
+            if key.rpartition(".")[2] not in _COUNTERS}
+
+
 def _unwrap(obj: Any) -> Any:
     """A training checkpoint's model weights: the nested state dict, DDP's ``module.`` gone."""
     if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -270,12 +287,20 @@ class Weights:
                      f"({e.interpolation}).",
         }
 
+    @property
+    def pinned(self) -> bool:
+        """Whether every file of these weights has a published checksum; if not, they are
+        trusted on first use (see ``_trust.py``)."""
+        return all(f.pinned for f in self.entry.files)
+
     def get_state_dict(self, progress: bool = True, map_location: torch.device | str = "cpu",
-                       **fetch_options: Any) -> dict[str, torch.Tensor]:
-        """The verified tensors, read straight onto ``map_location``. ``fetch_options`` go
-        to ``download.fetch_first`` (cache, offline, mirror, options)."""
-        path, file = download.fetch_first(self.entry.files, progress=progress, **fetch_options)
-        return _as_state_dict(read_state_dict(path, format=file.format, map_location=map_location), path)
+                       require_pinned: bool | None = None, **fetch_options: Any) -> dict[str, torch.Tensor]:
+        """The verified tensors, read straight onto ``map_location``. ``require_pinned`` (default:
+        ``$GHOSTNET_HUB_REQUIRE_PINNED``) refuses weights without a published checksum.
+        ``fetch_options`` go to ``download.fetch_first`` (cache, offline, mirror, options)."""
+        path, file = _trust.fetch(self.entry.files, require_pinned_weights=require_pinned, progress=progress,
+                                  **fetch_options)
+        return released_state_dict(read_state_dict(path, format=file.format, map_location=map_location), path)
 
 
 def get_weights(name: str, manifest: Manifest | str | os.PathLike | None = None) -> Weights:
@@ -329,7 +354,7 @@ def read_checkpoint(source: str | os.PathLike, *, sha256: str | None = None, pro
     data, actual = _checked_bytes(path, sha256)
     obj = _deserialize(data, path, None, torch.device(map_location))
     description = description_in_checkpoint(obj, str(path))
-    return Checkpoint(path, _as_state_dict(_unwrap(obj), path), description, actual)
+    return Checkpoint(path, released_state_dict(obj, path), description, actual)
 
 
 def user_state_dict(weights: str | os.PathLike, *, sha256: str | None = None, progress: bool = True,
