@@ -195,3 +195,39 @@ def test_a_timm_trained_v3_checkpoint_loads_under_the_authors_names(tmp_path):
                 "state_dict_ema": {k: torch.zeros_like(v) for k, v in state.items()}}, path)
     loaded = models.ghostnetv3_0_5x(checkpoint=path)
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())  # state_dict, not the EMA
+
+
+@pytest.mark.parametrize("name", ["ghostnetv2_1x", "ghostnetv3_0_5x"])
+def test_an_image_too_small_for_the_attention_is_a_clear_error(name):
+    model = build(name).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 33, 40)).shape == (1, 1000)
+        with pytest.raises(ValueError, match="too small for GhostNetV2/V3.*at least 33x33"):
+            model(torch.randn(1, 3, 32, 64))
+
+
+@pytest.mark.slow
+def test_finetune_trains_ghostnetv3_and_its_checkpoint_fuses(tmp_path):
+    import contextlib
+    import io
+
+    from stripes import write_dataset
+
+    from models.tools.finetune import finetune
+
+    data = write_dataset(tmp_path / "data", train=4, val=2, size=72)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = finetune(model="ghostnetv3_0_5x", data=data, out=tmp_path / "out", pretrained=False, epochs=1,
+                          input_size=64, batch_size=8, workers=0, progress=False)
+    trained = models.from_checkpoint(result.best)  # the training form, with the user's classes
+    fused = models.from_checkpoint(result.best, fuse=True)
+    assert trained.num_classes == fused.num_classes == 4 and any("rpr" in k for k in trained.state_dict())
+    assert fused.fused and not any("rpr" in k for k in fused.state_dict())
+    assert fused.pretrained_weights.meta["categories"] == trained.pretrained_weights.meta["categories"]
+    # One epoch from scratch leaves BatchNorm statistics that blow activations up (logits ~1e13):
+    # compared in float64, where that costs no precision.
+    x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = trained.double()(x)
+        got = models.from_checkpoint(result.best).double().fuse()(x)
+    assert (got - expected).abs().max() <= 1e-9 * expected.abs().max()
