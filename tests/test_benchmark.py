@@ -79,3 +79,15 @@ def test_compiled_is_measured_when_asked_for(monkeypatch, options):
     with pytest.raises(_Stop):
         cli("benchmark", "--models", "tinynet_e", "--references", "timm", "--quiet", *options)
     assert asked == [["eager", "compiled"]]
+
+
+def test_ghostnetv2_and_v3_are_benchmarked_beside_timms_implementation():
+    from models.tools import benchmark
+
+    results = benchmark.run(["ghostnetv2_1x", "ghostnetv3_1x"], modes=["eager", "fused"], batch_sizes=[1], warmup=0,
+                            repeats=1, references=["timm"])
+    assert {(r.model, r.implementation, r.mode) for r in results} == {
+        (m, impl, mode) for m in ("ghostnetv2_1x", "ghostnetv3_1x")
+        for impl, mode in (("ours", "eager"), ("ours", "fused"), ("timm", "eager"))}
+    assert {r.model: r.top1 for r in results} == {"ghostnetv2_1x": 75.19, "ghostnetv3_1x": 76.94}
+    assert all(r.vs_timm > 0 for r in results if r.implementation == "ours")
