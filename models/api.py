@@ -29,8 +29,7 @@ from .weights import Checkpoint, CheckpointError, Weights, get_weights, read_che
 # Where this repository lives on GitHub, for the examples in the help text.
 GITHUB_REPO = "OWNER/REPO"
 
-_VARIANTS: dict[str, Variant] = {**ghostnet.VARIANTS, **ghostnetv2.VARIANTS, **ghostnetv3.VARIANTS,
-                                 **tinynet.VARIANTS}
+_VARIANTS: dict[str, Variant] = {**ghostnet.VARIANTS, **ghostnetv2.VARIANTS, **ghostnetv3.VARIANTS, **tinynet.VARIANTS}
 
 # The arguments every builder takes (the build arguments, then its class's own options,
 # ``Variant.options``): type, default, what it does. The one source of the help text; the
@@ -143,22 +142,6 @@ def _reject_unknown_kwargs(builder: str, kwargs: dict, accepted: Iterable[str]) 
 
 
 # -- building -----------------------------------------------------------------------------
-
-def _adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """RGB stem filters for ``in_chans`` inputs, keeping the sum over input channels, so a
-    uniform image gives the same response as its RGB version: with fewer than 3 channels the
-    RGB filters are folded onto them (grayscale: summed); with more, they are cycled and
-    each copy divided by how many copies it has."""
-    out, _, kh, kw = weight.shape
-    if in_chans <= 3:
-        adapted = weight.new_zeros(out, in_chans, kh, kw)
-        for c in range(3):
-            adapted[:, c % in_chans] += weight[:, c]
-        return adapted
-    source = torch.arange(in_chans, device=weight.device) % 3
-    copies = torch.bincount(source, minlength=3)[source].to(weight.dtype)
-    return weight[:, source] / copies.view(1, -1, 1, 1)
-
 
 def _check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
@@ -281,17 +264,8 @@ def _build(name: str, variant: Variant, *, target: torch.device, num_classes: in
         model = variant.build(num_classes=load_classes, **options)
     stem = state.get("conv_stem.weight")
     if published is not None and stem is not None and stem.shape[1] != model.in_chans:
-        state["conv_stem.weight"] = _adapt_stem(stem, model.in_chans)
-    checked = model
-    if model.features_only and _checkpoints.mismatch(model, state):
-        # A backbone uses a subset of a whole checkpoint (the head is not needed), but only of one of
-        # this model: GhostNet's keys are a subset of GhostNetV2's, so filtering alone would half-load it.
-        whole_options = {k: v for k, v in options.items() if k not in ("features_only", "out_indices")}
-        with torch.device("meta"):
-            checked = variant.build(num_classes=load_classes, **whole_options)
-        if not _checkpoints.mismatch(checked, state):
-            wanted = model.state_dict().keys()
-            state, checked = {key: value for key, value in state.items() if key in wanted}, model
+        state["conv_stem.weight"] = _checkpoints.adapt_stem(stem, model.in_chans)
+    checked, state = _checkpoints.for_backbone(model, variant, state, load_classes, options)
     problem = _checkpoints.mismatch(checked, state)
     if problem:
         fits = _checkpoints.fits_instead(name, state, _VARIANTS)
