@@ -124,15 +124,18 @@ def _tensors(path: pathlib.Path, file: WeightFile) -> dict:
 
 def sources_agree(copies: Sequence[tuple[WeightFile, pathlib.Path, str]]) -> str | None:
     """None if every copy (file, local path, where it came from) holds the same tensors as
-    the first, as they would be loaded; else what differs, in one line."""
+    the first, as they would be loaded; else what differs, in one line. A copy that cannot be
+    read safely raises ``weights.CheckpointError``."""
+    return _compare([(url, _tensors(path, file)) for file, path, url in copies])
+
+
+def _compare(loaded: Sequence[tuple[str, dict]]) -> str | None:
     import torch
 
-    if len(copies) < 2:
+    if len(loaded) < 2:
         return None
-    first_file, first_path, first_url = copies[0]
-    reference = _tensors(first_path, first_file)
-    for file, path, url in copies[1:]:
-        other = _tensors(path, file)
+    first_url, reference = loaded[0]
+    for url, other in loaded[1:]:
         if other.keys() != reference.keys():
             odd = sorted(reference.keys() ^ other.keys())
             return f"{first_url} and {url} hold different tensors ({len(odd)} keys in one only, e.g. {odd[0]})"
@@ -217,6 +220,7 @@ def _first_use(files: Sequence[WeightFile], directory: pathlib.Path, *, progress
                 failures += exc.failures
                 continue
             staged.append((file, path, ", ".join(file.urls)))
+        staged, loaded = _readable(staged, failures)
         if not staged:
             pinned = [f for f in files if f.pinned]
             if pinned:
@@ -225,12 +229,12 @@ def _first_use(files: Sequence[WeightFile], directory: pathlib.Path, *, progress
             raise download.DownloadError(f"{model}: every source failed:", failures,
                                          "check the network; or load a local copy of the weights with checkpoint=PATH")
         if len(staged) < len([f for f in files if not f.pinned]):
-            _log.warning("%s: only %d of its unpinned sources could be reached, so they were not all compared; "
-                         "trusting what was downloaded", model, len(staged))
+            _log.warning("%s: only %d of its unpinned sources could be reached and read, so they were not all "
+                         "compared; trusting what was downloaded", model, len(staged))
         measured = {file.index: (sha256_file(path), path.stat().st_size) for file, path, _ in staged}
         for file, _, url in staged:
             _check_against_record(file, directory, *measured[file.index], url)
-        problem = sources_agree(staged)
+        problem = _compare(loaded)
         if problem:
             raise SourcesDisagree(
                 f"{model}: its sources disagree: {problem}. These weights are unpinned (no checksum was ever "
@@ -242,6 +246,23 @@ def _first_use(files: Sequence[WeightFile], directory: pathlib.Path, *, progress
         return entry_path(directory, first.cache_name), first
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _readable(staged: list, failures: list) -> tuple[list, list]:
+    """The staged copies that deserialise safely, and their tensors; the others join ``failures``
+    (a source whose file cannot be read is as good as unreachable, and is not recorded)."""
+    from .weights import CheckpointError
+
+    kept, loaded = [], []
+    for file, path, url in staged:
+        try:
+            loaded.append((url, _tensors(path, file)))
+        except CheckpointError as exc:
+            failures.append((url, str(exc)))
+            _log.warning("%s: %s cannot be used: %s", file.model, url, exc)
+            continue
+        kept.append((file, path, url))
+    return kept, loaded
 
 
 def _check_against_record(file: WeightFile, directory: pathlib.Path, sha256: str, size: int, url: str) -> None:

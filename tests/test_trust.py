@@ -135,14 +135,22 @@ def test_require_pinned_refuses_unpinned_weights_before_any_download(sources, mo
         models.ghostnetv2_1x(pretrained=True, require_pinned="yes")
 
 
-def test_one_reachable_source_is_trusted_alone_with_a_warning(server, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("second", ["missing", "unsafe"])
+def test_one_usable_source_is_trusted_alone_with_a_warning(server, tmp_path, monkeypatch, caplog, second):
+    import datetime
+
     server.add("/a.pth", _authors_file(_state()))
+    if second == "unsafe":  # a pickled object beside the tensors: refused unread, as any such file
+        buffer = io.BytesIO()
+        torch.save({"state_dict": _state(), "saved": datetime.date(2022, 11, 23)}, buffer)
+        server.add("/b.pth", buffer.getvalue())
     manifest = write_manifest(tmp_path / "m.json", {NAME: [_unpinned(server.url("/a.pth"), "torch"),
-                                                           _unpinned(server.url("/gone.safetensors"), "safetensors")]})
+                                                           _unpinned(server.url("/b.pth"), "torch")]})
     monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", manifest)
     with caplog.at_level(logging.WARNING):
         assert _equal(_load(), _state())
-    assert "only 1 of its unpinned sources could be reached" in caplog.text
+    assert "only 1 of its unpinned sources could be reached and read" in caplog.text
+    assert ("refused to load" in caplog.text) == (second == "unsafe")
     first, second = models.get_weights(NAME).entry.files
     assert _trust.read_record(first) is not None and _trust.read_record(second) is None
 

@@ -16,7 +16,7 @@ from .. import __version__, _cache_files, _trust, api, download
 from .._hashing import sha256_file
 from ..cache import CacheDirError, cache_dir, default_cache_dir, exports_dir
 from ..manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
-from ..weights import get_weights
+from ..weights import CheckpointError, get_weights
 from . import backends, benchmark, evaluate, export, finetune, predict
 from ._args import add_command
 
@@ -171,7 +171,10 @@ def _pin(args) -> int:
                     continue
                 if measured:
                     values.append((file, *next(iter(measured.values())), len(measured)))
-            disagreement = _trust.sources_agree(copies)
+            try:
+                disagreement = _trust.sources_agree(copies)
+            except CheckpointError as exc:
+                disagreement = str(exc)
             if disagreement:
                 problems += 1
                 print(f"REFUSED {name}: its files disagree: {disagreement}; nothing recorded for it", file=sys.stderr)
