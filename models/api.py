@@ -327,12 +327,18 @@ def _help_text(name: str) -> str:
             "the 1000 class names.",
             f"Weights license: {e.license}. Paper: {e.paper}",
         ]
+        if not all(f.pinned for f in e.files):
+            lines.append("No checksum was ever published for these weights: they are trusted on first use (every "
+                         "source compared, then held to what was seen); require_pinned=True refuses them.")
     else:
         lines += [
             "No released weights: weights= and pretrained=True are errors; train it yourself or pass "
             "checkpoint=.",
             f"Size: {variant.num_params:,} parameters, {variant.macs / 1e6:.2f} M MACs at 224x224.",
         ]
+    if hasattr(variant.cls, "reparameterize"):
+        lines.append("The size above is the deploy form's: the builder returns the training form (re-parameterisable "
+                     "branches, more parameters); fuse=True or model.reparameterize() folds them.")
     lines += ["", "Args:"]
     model_options = tuple(o for o in variant.options if o not in _BUILD_ARGUMENTS)
     for arg in _BUILD_ARGUMENTS[:7] + model_options + _BUILD_ARGUMENTS[7:]:

@@ -158,6 +158,14 @@ def test_ghost_padding_leaves_the_attention_models_alone():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_help_says_which_weights_are_unpinned_and_which_size_is_the_deploy_forms():
+    unpinned, deploy = "No checksum was ever published for these weights", "The size above is the deploy form's"
+    assert unpinned in models.ghostnetv3_1x.__doc__ and deploy in models.ghostnetv3_1x.__doc__
+    assert unpinned in models.ghostnetv2_1x.__doc__ and deploy not in models.ghostnetv2_1x.__doc__
+    assert deploy in models.ghostnetv3_0_5x.__doc__ and "No released weights" in models.ghostnetv3_0_5x.__doc__
+    assert unpinned not in models.ghostnet_1x.__doc__
+
+
 # -- the wrong file for the model: strict, and the error names the right one ---------------------
 
 def test_a_ghostnet_file_is_refused_by_ghostnetv2_naming_ghostnet(tmp_path):
