@@ -36,12 +36,11 @@ def dfc_attention(in_chs: int, out_chs: int) -> nn.Sequential:
 
 
 def half(x: torch.Tensor) -> torch.Tensor:
-    """The module's input pooled to half resolution: what the attention branch sees."""
-    if x.shape[-2] < 2 or x.shape[-1] < 2:
-        # (else avg_pool2d fails deep inside with "output size is too small")
-        raise ValueError("the image is too small for GhostNetV2/V3: their attention halves each block's input, "
-                         "and at 1/32 of the image it must still be 2 pixels or more (inputs of at least 33x33)")
-    return F.avg_pool2d(x, kernel_size=2, stride=2)
+    """The module's input pooled to half resolution (2x2 means): what the attention branch sees.
+    A map one pixel high or wide (at 1/32 of an image under 33 pixels) has nothing to pool in
+    that direction and is taken as it is; the authors' code fails there."""
+    kh, kw = min(2, x.shape[-2]), min(2, x.shape[-1])
+    return F.avg_pool2d(x, kernel_size=[kh, kw], stride=[kh, kw])
 
 
 def dfc_gate(attention: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -205,13 +205,13 @@ def test_a_timm_trained_v3_checkpoint_loads_under_the_authors_names(tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())  # state_dict, not the EMA
 
 
-@pytest.mark.parametrize("name", ["ghostnetv2_1x", "ghostnetv3_0_5x"])
-def test_an_image_too_small_for_the_attention_is_a_clear_error(name):
-    model = build(name).eval()
-    with torch.no_grad():
-        assert model(torch.randn(1, 3, 33, 40)).shape == (1, 1000)
-        with pytest.raises(ValueError, match="too small for GhostNetV2/V3.*at least 33x33"):
-            model(torch.randn(1, 3, 32, 64))
+def test_the_attention_pools_by_two_and_takes_a_one_pixel_map_as_it_is():
+    from models.ghostnetv2 import half
+
+    x = torch.arange(24.0).view(1, 1, 4, 6)
+    assert torch.equal(half(x), torch.tensor([[[[3.5, 5.5, 7.5], [15.5, 17.5, 19.5]]]]))
+    assert torch.equal(half(x[..., :1, :]), torch.tensor([[[[0.5, 2.5, 4.5]]]]))  # (timm's and the authors' fail)
+    assert torch.equal(half(x[..., :1, :1]), x[..., :1, :1])
 
 
 @pytest.mark.slow
