@@ -1,6 +1,7 @@
-"""PyTorch Hub entry points: GhostNet 1.0x and TinyNet A-E with verified ImageNet weights
-(``weights="DEFAULT"``, as in torchvision; ``pretrained=True`` too), and GhostNet 0.5x / 1.3x
-without. ``torch.hub.help(repo, name)`` documents each."""
+"""PyTorch Hub entry points: GhostNet 1.0x, GhostNetV2 1.0x/1.3x/1.6x, GhostNetV3 1.0x and TinyNet
+A-E with ImageNet weights (``weights="DEFAULT"``, as in torchvision; ``pretrained=True`` too), and
+GhostNet 0.5x / 1.3x and GhostNetV3 0.5x / 1.3x / 1.6x without. ``torch.hub.help(repo, name)``
+documents each."""
 import hashlib as _hashlib
 import importlib as _importlib
 import importlib.util as _importlib_util
@@ -42,6 +43,13 @@ _models = _load_package()
 ghostnet_0_5x = _models.ghostnet_0_5x
 ghostnet_1x = _models.ghostnet_1x
 ghostnet_1_3x = _models.ghostnet_1_3x
+ghostnetv2_1x = _models.ghostnetv2_1x
+ghostnetv2_1_3x = _models.ghostnetv2_1_3x
+ghostnetv2_1_6x = _models.ghostnetv2_1_6x
+ghostnetv3_0_5x = _models.ghostnetv3_0_5x
+ghostnetv3_1x = _models.ghostnetv3_1x
+ghostnetv3_1_3x = _models.ghostnetv3_1_3x
+ghostnetv3_1_6x = _models.ghostnetv3_1_6x
 tinynet_a = _models.tinynet_a
 tinynet_b = _models.tinynet_b
 tinynet_c = _models.tinynet_c

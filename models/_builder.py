@@ -46,6 +46,7 @@ class Builder(Protocol[_M_co]):
         fuse: bool = False,
         channels_last: bool = False,
         dtype: torch.dtype | None = None,
+        require_pinned: bool | None = None,
         **unknown: NoReturn,
     ) -> _M_co: ...
 

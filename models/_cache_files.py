@@ -19,15 +19,17 @@ from dataclasses import dataclass
 
 import filelock
 
+from . import _trust
 from .cache import Target, export_target, file_lock, target_for, verify_file
 from .manifest import WeightFile
 
 __all__ = ["Entry", "clear", "prune", "scan"]
 
-_SUFFIX = re.compile(r"(\.[0-9a-f]{8}\.partial(\.json)?|\.lock|\.failures(\.\d+\.tmp)?|\.sha256|\.corrupt-.*)$")
+_SUFFIX = re.compile(r"(\.[0-9a-f]{8}\.partial(\.json)?|\.lock|\.failures(\.\d+\.tmp)?|\.sha256|\.trusted(\.\d+\.tmp)?"
+                     r"|\.corrupt-.*)$")
 _WORK = ".export-"  # export's work folders (tempfile prefix), removed when it ends or by prune
 _KINDS = {"partial": "partial", "json": "resume record", "lock": "lock", "failures": "failure record",
-          "tmp": "temporary", "sha256": "checksum"}
+          "tmp": "temporary", "sha256": "checksum", "trusted": "trust record"}
 
 
 @dataclass
@@ -37,7 +39,7 @@ class Entry:
     model: str  # a model name, or "url" for a user's URL
     size: int
     age_days: float
-    state: str = ""  # weights: verified / corrupt: ... / not in the manifest; a lock: held
+    state: str = ""  # weights: verified / trusted on first use / corrupt: ... / not in the manifest; a lock: held
 
     @property
     def final_name(self) -> str:
@@ -76,6 +78,9 @@ def _url_target(path: pathlib.Path) -> Target:
 
 
 def _state(path: pathlib.Path, known: dict[str, WeightFile]) -> str:
+    if path.name in known and not known[path.name].pinned:  # checked against the record of its first use
+        state, detail = _trust.state_of(known[path.name], path.parent)
+        return "trusted on first use (unpinned)" if state == "ok" else f"corrupt: {detail}"
     if path.name in known:
         found = verify_file(path, target_for(known[path.name]))
     elif path.name.startswith("url-"):
@@ -153,7 +158,7 @@ def prune(directory: pathlib.Path, models: Sequence[str], days: float, exports: 
             if entry.state != "held" and entry.age_days * 86400 >= max(60.0, days * 86400):
                 _remove(entry.path)
                 removed.append(entry)
-        elif entry.kind not in ("weights", "checksum") and entry.age_days >= days:
+        elif entry.kind not in ("weights", "checksum", "trust record") and entry.age_days >= days:
             lock = directory / (entry.final_name + ".lock")
             if entry.kind in ("partial", "resume record") and lock.exists() and _held(lock):
                 continue  # being downloaded right now

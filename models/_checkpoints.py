@@ -1,6 +1,7 @@
-"""A user's checkpoint meets a model: which class count and options to build, how the state
-dict differs when it does not fit (in one line, with the model it would fit), float16/bfloat16/
-float64 files loaded as float32, and what the loaded model carries from the file."""
+"""A checkpoint meets a model: which class count and options to build, how the state dict
+differs when it does not fit (in one line, with the model it would fit), float16/bfloat16/
+float64 files loaded as float32, RGB stem filters for other input channels, what a backbone
+takes, and what the loaded model carries from the file."""
 from __future__ import annotations
 
 import warnings
@@ -10,6 +11,22 @@ import torch
 from ._base import ImageClassifier, Variant
 from .description import describe
 from .weights import Checkpoint, checkpoint_limit
+
+
+def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """RGB stem filters for ``in_chans`` inputs, keeping the sum over input channels, so a
+    uniform image gives the same response as its RGB version: with fewer than 3 channels the
+    RGB filters are folded onto them (grayscale: summed); with more, they are cycled and
+    each copy divided by how many copies it has."""
+    out, _, kh, kw = weight.shape
+    if in_chans <= 3:
+        adapted = weight.new_zeros(out, in_chans, kh, kw)
+        for c in range(3):
+            adapted[:, c % in_chans] += weight[:, c]
+        return adapted
+    source = torch.arange(in_chans, device=weight.device) % 3
+    copies = torch.bincount(source, minlength=3)[source].to(weight.dtype)
+    return weight[:, source] / copies.view(1, -1, 1, 1)
 
 
 def build_arguments(name: str, variant: Variant, loaded: Checkpoint, num_classes: int | None,
@@ -69,6 +86,23 @@ def mismatch(model: ImageClassifier, state: dict[str, torch.Tensor]) -> str:
         k = reshaped[0]
         parts.append(f"{len(reshaped)} of another shape (e.g. {k}: file {list(got[k])}, model {list(expected[k])})")
     return "; ".join(parts)
+
+
+def for_backbone(model: ImageClassifier, variant: Variant, state: dict[str, torch.Tensor], num_classes: int,
+                 options: dict) -> tuple[ImageClassifier, dict[str, torch.Tensor]]:
+    """(the model a state dict must fit, the state dict to load). A backbone (features_only) takes
+    the part of a whole checkpoint it uses, but only of a checkpoint of its own model: GhostNet's
+    keys are a subset of GhostNetV2's, so keeping what the backbone wants would half-load another
+    model; that checkpoint must then fit the whole model, and ``mismatch`` says how it does not."""
+    if not model.features_only or not mismatch(model, state):
+        return model, state
+    whole_options = {k: v for k, v in options.items() if k not in ("features_only", "out_indices")}
+    with torch.device("meta"):
+        whole = variant.build(num_classes=num_classes, **whole_options)
+    if mismatch(whole, state):
+        return whole, state
+    wanted = model.state_dict().keys()
+    return model, {key: value for key, value in state.items() if key in wanted}
 
 
 def fits_instead(name: str, state: dict[str, torch.Tensor], variants: dict[str, Variant]) -> str:

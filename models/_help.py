@@ -43,9 +43,12 @@ _ARGUMENT_DOCS = {
     "channels_last": ("bool", "False", "keep weights and inputs in channels_last memory layout."),
     "dtype": ("torch.dtype", "None", "a floating dtype (torch.bfloat16, torch.float16, torch.float64) the model is "
               "cast to once its weights are loaded (and fused); inputs must then have it too. None keeps float32."),
+    "require_pinned": ("bool", "None", "True refuses published weights that no checksum was ever published for "
+                       "(they are trusted on first use instead: the GhostNetV2/V3 files); None follows "
+                       "$GHOSTNET_HUB_REQUIRE_PINNED."),
 }
 _BUILD_ARGUMENTS = ("pretrained", "weights", "progress", "device", "num_classes", "checkpoint", "checkpoint_sha256",
-                    "fuse", "channels_last", "dtype")
+                    "fuse", "channels_last", "dtype", "require_pinned")
 
 
 def help_text(name: str, variant: Variant, manifest: Manifest) -> str:
@@ -65,12 +68,18 @@ def help_text(name: str, variant: Variant, manifest: Manifest) -> str:
             "the 1000 class names.",
             f"Weights license: {e.license}. Paper: {e.paper}",
         ]
+        if not all(f.pinned for f in e.files):
+            lines.append("No checksum was ever published for these weights: they are trusted on first use (every "
+                         "source compared, then held to what was seen); require_pinned=True refuses them.")
     else:
         lines += [
             "No released weights: weights= and pretrained=True are errors; train it yourself or pass "
             "checkpoint=.",
             f"Size: {variant.num_params:,} parameters, {variant.macs / 1e6:.2f} M MACs at 224x224.",
         ]
+    if hasattr(variant.cls, "reparameterize"):
+        lines.append("The size above is the deploy form's: the builder returns the training form (re-parameterisable "
+                     "branches, more parameters); fuse=True or model.reparameterize() folds them.")
     lines += ["", "Args:"]
     model_options = tuple(o for o in variant.options if o not in _BUILD_ARGUMENTS)
     for arg in _BUILD_ARGUMENTS[:7] + model_options + _BUILD_ARGUMENTS[7:]:

@@ -20,18 +20,20 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import torch
 
-from . import _checkpoints, ghostnet, tinynet
+from . import _checkpoints, ghostnet, ghostnetv2, ghostnetv3, tinynet
 from ._base import ImageClassifier, Variant
 from ._builder import Builder, check_dtype, is_meta
 from ._devices import resolve_device
 from ._help import GITHUB_REPO, help_text
 from .ghostnet import GhostNet
+from .ghostnetv2 import GhostNetV2
+from .ghostnetv3 import GhostNetV3
 from .manifest import DEFAULT_MANIFEST, Manifest, ModelEntry, load_manifest
 from .pretrained import WeightsEnum, get_model_weights, get_weight, resolve_weights
 from .tinynet import TinyNet
 from .weights import Checkpoint, CheckpointError, Weights, get_weights, read_checkpoint
 
-_VARIANTS: dict[str, Variant] = {**ghostnet.VARIANTS, **tinynet.VARIANTS}
+_VARIANTS: dict[str, Variant] = {**ghostnet.VARIANTS, **ghostnetv2.VARIANTS, **ghostnetv3.VARIANTS, **tinynet.VARIANTS}
 
 # Spellings that changed: using one is an error that names the new one.
 _RENAMED = {"weights_sha256": "checkpoint_sha256"}
@@ -108,22 +110,6 @@ def _reject_unknown_kwargs(builder: str, kwargs: dict, accepted: Iterable[str]) 
 
 # -- building -----------------------------------------------------------------------------
 
-def _adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """RGB stem filters for ``in_chans`` inputs, keeping the sum over input channels, so a
-    uniform image gives the same response as its RGB version: with fewer than 3 channels the
-    RGB filters are folded onto them (grayscale: summed); with more, they are cycled and
-    each copy divided by how many copies it has."""
-    out, _, kh, kw = weight.shape
-    if in_chans <= 3:
-        adapted = weight.new_zeros(out, in_chans, kh, kw)
-        for c in range(3):
-            adapted[:, c % in_chans] += weight[:, c]
-        return adapted
-    source = torch.arange(in_chans, device=weight.device) % 3
-    copies = torch.bincount(source, minlength=3)[source].to(weight.dtype)
-    return weight[:, source] / copies.view(1, -1, 1, 1)
-
-
 def _check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -148,6 +134,7 @@ def get_model(
     fuse: bool = False,
     channels_last: bool = False,
     dtype: torch.dtype | None = None,
+    require_pinned: bool | None = None,
     **unknown: NoReturn,
 ) -> ImageClassifier:
     """Build model ``name``; see ``help(models.tinynet_a)`` for the arguments.
@@ -161,6 +148,8 @@ def get_model(
                         ("channels_last", channels_last)):
         _check_flag(flag, value)
     check_dtype(dtype)
+    if require_pinned is not None:
+        _check_flag("require_pinned", require_pinned)
     # The class's own options, passed on only when given, so the class checks them and keeps its defaults.
     given = {"in_chans": in_chans, "drop_rate": drop_rate, "drop_path_rate": drop_path_rate,
              "features_only": features_only, "out_indices": out_indices}
@@ -183,7 +172,8 @@ def get_model(
     # Tensors without storage take no weights: on 'meta', the model the weights would give, nothing fetched.
     fetch = published if target.type != "meta" else None
     model = _build(name, variant, target=target, num_classes=num_classes, published=fetch, checkpoint=checkpoint,
-                   checkpoint_sha256=checkpoint_sha256, progress=progress, options=options)
+                   checkpoint_sha256=checkpoint_sha256, progress=progress, options=options,
+                   require_pinned=require_pinned)
     if published is not None and fetch is None:
         model = _describe(model.train(not model.features_only and num_classes not in (None, 1000, 0)), name, published)
     if fuse:
@@ -246,7 +236,7 @@ def _recipe(name: str, published: Weights | None) -> ModelEntry | None:
 
 def _build(name: str, variant: Variant, *, target: torch.device, num_classes: int | None,
            published: Weights | None, checkpoint: str | os.PathLike | None, checkpoint_sha256: str | None,
-           progress: bool, options: dict) -> ImageClassifier:
+           progress: bool, options: dict, require_pinned: bool | None = None) -> ImageClassifier:
     if published is None and checkpoint is None:
         with torch.device(target):  # random init happens on the device itself
             model = variant.build(num_classes=1000 if num_classes is None else num_classes, **options)
@@ -255,7 +245,7 @@ def _build(name: str, variant: Variant, *, target: torch.device, num_classes: in
     loaded: Checkpoint | None = None
     if published is not None:
         load_classes, source = 1000, f"the published {name} weights"
-        state = published.get_state_dict(progress=progress, map_location=target)
+        state = published.get_state_dict(progress=progress, map_location=target, require_pinned=require_pinned)
     else:
         loaded = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(
             checkpoint, sha256=checkpoint_sha256, progress=progress, map_location=target,
@@ -268,12 +258,9 @@ def _build(name: str, variant: Variant, *, target: torch.device, num_classes: in
         model = variant.build(num_classes=load_classes, **options)
     stem = state.get("conv_stem.weight")
     if published is not None and stem is not None and stem.shape[1] != model.in_chans:
-        state["conv_stem.weight"] = _adapt_stem(stem, model.in_chans)
-    if model.features_only:
-        # A backbone uses a subset of the checkpoint; the rest (head) is not needed.
-        wanted = model.state_dict().keys()
-        state = {key: value for key, value in state.items() if key in wanted}
-    problem = _checkpoints.mismatch(model, state)
+        state["conv_stem.weight"] = _checkpoints.adapt_stem(stem, model.in_chans)
+    checked, state = _checkpoints.for_backbone(model, variant, state, load_classes, options)
+    problem = _checkpoints.mismatch(checked, state)
     if problem:
         fits = _checkpoints.fits_instead(name, state, _VARIANTS)
         raise CheckpointError(f"{source} does not fit {name} built with {options or 'default options'} and "
@@ -338,6 +325,13 @@ def _entry_point(name: str, family: type[_M]) -> Builder[_M]:
 ghostnet_0_5x = _entry_point("ghostnet_0_5x", GhostNet)
 ghostnet_1x = _entry_point("ghostnet_1x", GhostNet)
 ghostnet_1_3x = _entry_point("ghostnet_1_3x", GhostNet)
+ghostnetv2_1x = _entry_point("ghostnetv2_1x", GhostNetV2)
+ghostnetv2_1_3x = _entry_point("ghostnetv2_1_3x", GhostNetV2)
+ghostnetv2_1_6x = _entry_point("ghostnetv2_1_6x", GhostNetV2)
+ghostnetv3_0_5x = _entry_point("ghostnetv3_0_5x", GhostNetV3)
+ghostnetv3_1x = _entry_point("ghostnetv3_1x", GhostNetV3)
+ghostnetv3_1_3x = _entry_point("ghostnetv3_1_3x", GhostNetV3)
+ghostnetv3_1_6x = _entry_point("ghostnetv3_1_6x", GhostNetV3)
 tinynet_a = _entry_point("tinynet_a", TinyNet)
 tinynet_b = _entry_point("tinynet_b", TinyNet)
 tinynet_c = _entry_point("tinynet_c", TinyNet)
@@ -347,5 +341,6 @@ tinynet_e = _entry_point("tinynet_e", TinyNet)
 __all__ = ["GITHUB_REPO", "Weights", "WeightsEnum", "from_checkpoint", "get_model", "get_model_weights", "get_variant",
            "get_weight", "get_weights", "list_models", "resolve_device", *_VARIANTS]
 if TYPE_CHECKING:  # they cannot read *_VARIANTS: the builders by name (a test checks them)
-    __all__ += ["ghostnet_0_5x", "ghostnet_1x", "ghostnet_1_3x", "tinynet_a", "tinynet_b", "tinynet_c", "tinynet_d",
-                "tinynet_e"]
+    __all__ += ["ghostnet_0_5x", "ghostnet_1x", "ghostnet_1_3x", "ghostnetv2_1x", "ghostnetv2_1_3x", "ghostnetv2_1_6x",
+                "ghostnetv3_0_5x", "ghostnetv3_1x", "ghostnetv3_1_3x", "ghostnetv3_1_6x", "tinynet_a", "tinynet_b",
+                "tinynet_c", "tinynet_d", "tinynet_e"]

@@ -190,6 +190,7 @@ def describe(model: nn.Module, *, classes: Sequence[str] | None = None, precisio
             checksums = source.entry.files[0].checksums
             sha256 = checksums.get("sha256")
             shown = ", ".join(f"{algo} {digest}" for algo, digest in checksums.items())
+            shown = shown or "unpinned: trusted on first use"
             weights = f"{name} published ImageNet weights ({shown})"
             known = tuple(imagenet_categories())
     if classes is not None:

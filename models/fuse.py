@@ -13,15 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fold_batchnorm", "fused_state_dict_problem", "optimize_for_inference"]
+__all__ = ["bn_affine", "fold_batchnorm", "fused_state_dict_problem", "optimize_for_inference"]
 
 # What only a BatchNorm holds: a state dict with such keys that a fused model lacks is unfused.
 _BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) in float64 such that eval-mode ``bn(y) == y * scale + shift`` per channel."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return scale, bn.bias.double() - bn.running_mean.double() * scale
+
+
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """One convolution computing ``bn(conv(x))`` in eval mode (computed in float64)."""
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    scale, _ = bn_affine(bn)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                       conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,

@@ -42,6 +42,21 @@ def _conv_bn(in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: in
     ]
 
 
+def squeeze_excite(channels: int, se_ratio: float) -> SqueezeExcite | None:
+    """The bottleneck's SE on its expanded channels (None for ratio 0): ReLU, hard-sigmoid gate."""
+    if se_ratio <= 0:
+        return None
+    reduced = make_divisible(channels * se_ratio, _DIVISOR)
+    return SqueezeExcite(channels, reduced, lambda: nn.ReLU(inplace=True), nn.Hardsigmoid)
+
+
+def shortcut(in_chs: int, out_chs: int, kernel: int, stride: int) -> nn.Sequential:
+    """The bottleneck's residual path: identity, or depthwise k x k + BN, 1x1 + BN where the shape changes."""
+    if in_chs == out_chs and stride == 1:
+        return nn.Sequential()
+    return nn.Sequential(*_conv_bn(in_chs, in_chs, kernel, stride, groups=in_chs), *_conv_bn(in_chs, out_chs, 1))
+
+
 class GhostModule(nn.Module):
     """Half the output from a 1x1 conv, the other half from a cheap depthwise 3x3 on it."""
 
@@ -56,6 +71,10 @@ class GhostModule(nn.Module):
         self.cheap_operation = nn.Sequential(*_conv_bn(primary_chs, primary_chs, 3, groups=primary_chs), *act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._halves(x)
+
+    def _halves(self, x: torch.Tensor) -> torch.Tensor:
+        # (a method of its own: GhostNetV2's gated module calls it; TorchScript has no super())
         primary = self.primary_conv(x)
         out = torch.cat([primary, self.cheap_operation(primary)], dim=1)
         # An odd out_chs makes the two halves one channel too many.
@@ -68,28 +87,19 @@ class GhostBottleneck(nn.Module):
     _FUSE = (("conv_dw", "bn_dw"), ("shortcut.0", "shortcut.1"), ("shortcut.2", "shortcut.3"))
 
     def __init__(self, in_chs: int, mid_chs: int, out_chs: int, kernel: int, stride: int, se_ratio: float,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, ghost1: nn.Module | None = None):
         super().__init__()
-        self.ghost1 = GhostModule(in_chs, mid_chs, relu=True)
+        # GhostNetV2 passes its attention-gated ghost module here (ghostnetv2.py).
+        self.ghost1 = GhostModule(in_chs, mid_chs, relu=True) if ghost1 is None else ghost1
         if stride > 1:
             self.conv_dw = nn.Conv2d(mid_chs, mid_chs, kernel, stride, kernel // 2, groups=mid_chs, bias=False)
             self.bn_dw = nn.BatchNorm2d(mid_chs)
         else:
             self.conv_dw = None
             self.bn_dw = None
-        if se_ratio > 0:
-            reduced = make_divisible(mid_chs * se_ratio, _DIVISOR)
-            self.se = SqueezeExcite(mid_chs, reduced, lambda: nn.ReLU(inplace=True), nn.Hardsigmoid)
-        else:
-            self.se = None
+        self.se = squeeze_excite(mid_chs, se_ratio)
         self.ghost2 = GhostModule(mid_chs, out_chs, relu=False)
-        if in_chs == out_chs and stride == 1:
-            self.shortcut = nn.Sequential()
-        else:
-            self.shortcut = nn.Sequential(
-                *_conv_bn(in_chs, in_chs, kernel, stride, groups=in_chs),
-                *_conv_bn(in_chs, out_chs, 1),
-            )
+        self.shortcut = shortcut(in_chs, out_chs, kernel, stride)
         self.drop_path = drop_path(drop_path_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +146,7 @@ class GhostNet(ImageClassifier):
     _FUSE = (("conv_stem", "bn1"),)
     _POOLED_1X1 = ("conv_head",)
     _INTERPOLATION = "bilinear"  # the authors' evaluation: resize 256 bilinear, crop 224
+    _PADDABLE = True  # see pad_ghost_halves
 
     def __init__(
         self,
@@ -160,14 +171,16 @@ class GhostNet(ImageClassifier):
         self.feature_info = FeatureInfo([dict(num_chs=stem_chs, reduction=2, module="conv_stem")])
 
         stages: list[nn.Module] = []
-        in_chs, reduction = stem_chs, 2
+        in_chs, reduction, block_index = stem_chs, 2, 0
         rates = iter(drop_path_rates(self.drop_path_rate, sum(map(len, _STAGES))))
         for stage_index, rows in enumerate(_STAGES):
             layers = []
             for kernel, expansion, out, se_ratio, stride in rows:
                 out_chs = make_divisible(out * width, _DIVISOR)
                 mid_chs = make_divisible(expansion * width, _DIVISOR)
-                layers.append(GhostBottleneck(in_chs, mid_chs, out_chs, kernel, stride, se_ratio, next(rates)))
+                layers.append(self._bottleneck(block_index, in_chs, mid_chs, out_chs, kernel, stride, se_ratio,
+                                               next(rates)))
+                block_index += 1
                 in_chs = out_chs
             stages.append(nn.Sequential(*layers))
             if rows[0][4] > 1:
@@ -185,6 +198,11 @@ class GhostNet(ImageClassifier):
 
         init_weights(self)
         self._finish_init(features_only, out_indices)
+
+    def _bottleneck(self, index: int, in_chs: int, mid_chs: int, out_chs: int, kernel: int, stride: int,
+                    se_ratio: float, drop_path_rate: float) -> nn.Module:
+        """Block ``index`` (0..15) of the stages; GhostNetV2 and V3 build theirs here."""
+        return GhostBottleneck(in_chs, mid_chs, out_chs, kernel, stride, se_ratio, drop_path_rate)
 
     def _pre_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self._flatten(self.act2(self.conv_head(self._pool(x))))
@@ -253,6 +271,7 @@ def _pad_pooled(linear: nn.Module, rows: _Layout | None, cols: _Layout | None) -
 def pad_ghost_halves(model: GhostNet, multiple: int = 16) -> GhostNet:
     """Pad every ghost half of a fused GhostNet to a multiple of ``multiple`` channels, in place.
 
+    GhostNetV2 and V3 come back unchanged (their attention branches are not padded).
     The outputs are the same: padded channels get zero filters and every consumer (the next
     convolutions, squeeze-excitation, shortcuts, the residual stream, the last 1x1 conv) zero
     weights for them, so they stay exactly zero. What changes is the layout a runtime sees:
@@ -263,6 +282,9 @@ def pad_ghost_halves(model: GhostNet, multiple: int = 16) -> GhostNet:
     PyTorch and XNNPACK (channels-last, no blocks) only pay for the extra zeros, so export.py
     pads the fp32 ONNX export alone.
     """
+    if not model._PADDABLE:
+        # GhostNetV2/V3: the DFC attention reads each block's input beside ghost1, in the unpadded layout.
+        return model
     if model.features_only:
         raise ValueError("pad_ghost_halves takes a classifier, not a features_only model")
     if not getattr(model, "fused", False) or not isinstance(model.bn1, nn.Identity):

@@ -5,7 +5,7 @@ every field and reports every problem at once, each with its JSON path.
 """
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import math
 import os
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._files import read_regular
+from ._strict_json import json_problems, parse, too_deep
 
 __all__ = [
     "DEFAULT_MANIFEST",
@@ -75,6 +76,8 @@ class WeightFile:
     checksums: Mapping[str, str]
     size: int | None
     notes: str = ""
+    # False for a file nobody published a checksum for: trusted on first use (see _trust.py).
+    pinned: bool = True
 
     @property
     def cache_name(self) -> str:
@@ -82,8 +85,12 @@ class WeightFile:
 
         The digest in the name keeps two different files out of one cache slot. The first
         recorded one is used (not the strongest) so that pinning a SHA-256 later, which
-        appends it, does not move a file already in everyone's cache.
+        appends it, does not move a file already in everyone's cache. An unpinned file is
+        named by its URLs instead.
         """
+        if not self.pinned:
+            digest = hashlib.sha256("\n".join(self.urls).encode()).hexdigest()
+            return f"{self.model}-unpinned-{digest[:12]}{FORMATS[self.format]}"
         digest = next(iter(self.checksums.values()))
         return f"{self.model}-{digest[:16]}{FORMATS[self.format]}"
 
@@ -129,68 +136,6 @@ class Manifest:
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and (
         isinstance(value, int) or math.isfinite(value))
-
-
-class _Object(dict):
-    """A JSON object that remembers the keys it was given more than once."""
-
-    duplicates: tuple[str, ...] = ()
-
-
-class _NonFinite(str):
-    """NaN, Infinity or a number too large for a float: not JSON, refused."""
-
-
-_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"\s*:?|[][{},]')
-
-
-def _too_deep(text: str, limit: int = MAX_DEPTH) -> str | None:
-    """The JSON path at which ``text`` nests more than ``limit`` containers, found without
-    parsing it (the parser recurses once per level); None if it does not."""
-    stack: list[list] = []  # [is_object, key or index]
-    for match in _TOKEN.finditer(text):
-        token = match[0]
-        if token in "{[":
-            if len(stack) == limit:
-                return "$" + "".join((f".{key}" if isinstance(key, str) and re.fullmatch(r"\w+", key) else
-                                      f"[{json.dumps(key)}]") if is_object else f"[{key}]" for is_object, key in stack)
-            stack.append([token == "{", "" if token == "{" else 0])
-        elif token in "]}" and stack:
-            stack.pop()
-        elif token == "," and stack and not stack[-1][0]:
-            stack[-1][1] += 1
-        elif token.endswith(":") and stack and stack[-1][0]:
-            with contextlib.suppress(ValueError):
-                stack[-1][1] = json.loads(token[:-1].rstrip())
-    return None
-
-
-def _parse(text: str) -> Any:
-    def pairs(items):
-        obj = _Object(items)
-        keys = [k for k, _ in items]
-        obj.duplicates = tuple(sorted({k for k in keys if keys.count(k) > 1}))
-        return obj
-
-    def number(literal: str):
-        value = float(literal)
-        return value if math.isfinite(value) else _NonFinite(literal)
-
-    return json.loads(text, object_pairs_hook=pairs, parse_constant=_NonFinite, parse_float=number)
-
-
-def _json_problems(value: Any, path: str, problems: list[str]) -> None:
-    """Duplicate keys and non-finite numbers anywhere in ``value``."""
-    if isinstance(value, dict):
-        for key in getattr(value, "duplicates", ()):
-            problems.append(f"{path}.{key}: the key appears more than once (JSON would keep only the last)")
-        for key, item in value.items():
-            _json_problems(item, f"{path}.{key}", problems)
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _json_problems(item, f"{path}[{i}]", problems)
-    elif isinstance(value, _NonFinite) or (isinstance(value, float) and not math.isfinite(value)):
-        problems.append(f"{path}: {value} is not a finite number; NaN and Infinity are not allowed")
 
 
 def _is_int(value: Any) -> bool:
@@ -243,8 +188,13 @@ def _check_object(value: Any, path: str, required: set[str], optional: set[str],
 
 
 def _validate_file(entry: Any, path: str, problems: list[str]) -> None:
-    if not _check_object(entry, path, {"urls", "format", "checksums"}, {"size", "notes"}, problems):
+    if not _check_object(entry, path, {"urls", "format", "checksums"}, {"size", "notes", "unpinned"}, problems):
         return
+    unpinned = entry.get("unpinned", False)
+    if unpinned is not False and unpinned is not True:
+        problems.append(f"{path}.unpinned: expected true (or no such field), got {unpinned!r}")
+    elif unpinned and entry.get("checksums"):
+        problems.append(f"{path}.unpinned: a file with a recorded checksum is pinned; remove \"unpinned\"")
     urls = entry.get("urls")
     if "urls" in entry:
         if not isinstance(urls, list) or not urls:
@@ -262,10 +212,13 @@ def _validate_file(entry: Any, path: str, problems: list[str]) -> None:
         problems.append(f"{path}.format: expected one of {', '.join(FORMATS)}, got {entry['format']!r}")
     if "checksums" in entry:
         checksums = entry["checksums"]
-        if not isinstance(checksums, dict) or not checksums:
+        if isinstance(checksums, dict) and not checksums and unpinned is True:
+            pass  # declared: loaded on trust at first use, then held to what was seen (_trust.py)
+        elif not isinstance(checksums, dict) or not checksums:
             # A file with nothing to check it against would be loaded on trust: refused.
             problems.append(
-                f"{path}.checksums: at least one of {', '.join(CHECKSUM_LENGTHS)} is required"
+                f"{path}.checksums: at least one of {', '.join(CHECKSUM_LENGTHS)} is required "
+                "(or {} with \"unpinned\": true for a file nobody published a checksum for)"
             )
         else:
             for algo, digest in checksums.items():
@@ -314,7 +267,7 @@ def validate_manifest(data: Any, architectures: Sequence[str] | None = None) -> 
     """Every problem in ``data`` (parsed JSON), each as ``"$.json.path: what is wrong"``.
     With ``architectures`` (the package's model names), a model without one is a problem."""
     problems: list[str] = []
-    _json_problems(data, "$", problems)
+    json_problems(data, "$", problems)
     if not _check_object(data, "$", {"schema_version", "models"}, {"comment"}, problems):
         return problems
     version = data.get("schema_version")
@@ -352,6 +305,7 @@ def _build(source: str, data: dict) -> Manifest:
                 checksums=dict(f["checksums"]),
                 size=f.get("size"),
                 notes=f.get("notes", ""),
+                pinned=not f.get("unpinned", False),
             )
             for i, f in enumerate(entry["files"])
         )
@@ -388,10 +342,10 @@ def load_manifest(path: str | os.PathLike | None = None, *, architectures: Seque
         text = read_regular(path, MAX_BYTES, "the manifest").decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(str(path), [f"cannot read the file: {exc}"]) from None
-    if (deep := _too_deep(text)) is not None:
+    if (deep := too_deep(text, MAX_DEPTH)) is not None:
         raise ManifestError(str(path), [f"{deep}: nested more than {MAX_DEPTH} levels deep"])
     try:
-        data = _parse(text)
+        data = parse(text)
     except json.JSONDecodeError as exc:
         raise ManifestError(str(path), [f"not valid JSON: {exc}"]) from None
     problems = validate_manifest(data, architectures)

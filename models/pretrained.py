@@ -28,6 +28,10 @@ from .weights import Weights, classification_preset, get_weights, imagenet_categ
 
 __all__ = [
     "GhostNet_1X_Weights",
+    "GhostNetV2_1X_Weights",
+    "GhostNetV2_1_3X_Weights",
+    "GhostNetV2_1_6X_Weights",
+    "GhostNetV3_1X_Weights",
     "TinyNet_A_Weights",
     "TinyNet_B_Weights",
     "TinyNet_C_Weights",
@@ -101,6 +105,26 @@ class GhostNet_1X_Weights(WeightsEnum):
     DEFAULT = IMAGENET1K_V1
 
 
+class GhostNetV2_1X_Weights(WeightsEnum):
+    IMAGENET1K_V1 = _Release("ghostnetv2_1x")
+    DEFAULT = IMAGENET1K_V1
+
+
+class GhostNetV2_1_3X_Weights(WeightsEnum):
+    IMAGENET1K_V1 = _Release("ghostnetv2_1_3x")
+    DEFAULT = IMAGENET1K_V1
+
+
+class GhostNetV2_1_6X_Weights(WeightsEnum):
+    IMAGENET1K_V1 = _Release("ghostnetv2_1_6x")
+    DEFAULT = IMAGENET1K_V1
+
+
+class GhostNetV3_1X_Weights(WeightsEnum):
+    IMAGENET1K_V1 = _Release("ghostnetv3_1x")
+    DEFAULT = IMAGENET1K_V1
+
+
 class TinyNet_A_Weights(WeightsEnum):
     IMAGENET1K_V1 = _Release("tinynet_a")
     DEFAULT = IMAGENET1K_V1
@@ -148,7 +172,8 @@ def _manifest_in_use() -> Manifest:
 
 _ENUMS: dict[str, type[WeightsEnum]] = {
     cls.DEFAULT.model_name: cls
-    for cls in (GhostNet_1X_Weights, TinyNet_A_Weights, TinyNet_B_Weights, TinyNet_C_Weights, TinyNet_D_Weights,
+    for cls in (GhostNet_1X_Weights, GhostNetV2_1X_Weights, GhostNetV2_1_3X_Weights, GhostNetV2_1_6X_Weights,
+                GhostNetV3_1X_Weights, TinyNet_A_Weights, TinyNet_B_Weights, TinyNet_C_Weights, TinyNet_D_Weights,
                 TinyNet_E_Weights)
 }
 _BY_CLASS_NAME = {cls.__name__: cls for cls in _ENUMS.values()}

@@ -2,16 +2,13 @@
 code from the file. ``Weights.get_state_dict`` is the only path from a model name to tensors."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib
 import io
 import os
 import pathlib
 import pickle
 import re
 import struct
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import download
+from . import _trust, download
 from ._files import open_regular
+from ._unpickle import refusal, safe_globals
 from .cache import load_bytes
 from .description import ModelDescription, description_in_checkpoint
 from .manifest import Manifest, ModelEntry, load_manifest
@@ -36,6 +34,7 @@ __all__ = [
     "pretrained_state_dict",
     "read_checkpoint",
     "read_state_dict",
+    "released_state_dict",
     "user_state_dict",
 ]
 
@@ -70,58 +69,6 @@ def checkpoint_limit(model: nn.Module) -> int:
     return 8 * 4 * values + (16 << 20)
 
 
-@lru_cache(maxsize=1)
-def _harmless_globals() -> list:
-    """What training scripts put beside the weights and may be read: timm's and torchvision's
-    ``args`` (argparse.Namespace) and numpy scalars in metrics (scalar, dtype, numeric
-    dtype classes). Nothing here can run code when unpickled."""
-    import argparse
-
-    allowed: list = [argparse.Namespace]
-    with contextlib.suppress(ImportError, AttributeError):
-        # numpy is optional (not one of our requirements): without it no such checkpoint can exist.
-        np = importlib.import_module("numpy")
-        core = getattr(np, "_core", None) or np.core
-        allowed += [core.multiarray.scalar, np.dtype]
-        allowed += [(core.multiarray.scalar, "numpy.core.multiarray.scalar")]
-        allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType") and not
-                    name.startswith(("Object", "Void", "Str", "Bytes", "StringD"))]
-    return allowed
-
-
-def _safe_globals():
-    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    if allow is None:
-        return contextlib.nullcontext()
-    try:
-        return allow(_harmless_globals())
-    except TypeError:  # a torch that takes no (object, name) pairs
-        return allow([g for g in _harmless_globals() if not isinstance(g, tuple)])
-
-
-def _is_module_class(name: str) -> bool:
-    """Whether ``name`` is an nn.Module class, judged without importing anything."""
-    module, _, attr = name.rpartition(".")
-    cls = getattr(sys.modules.get(module), attr, None)
-    return name.startswith("torch.nn.modules.") or (isinstance(cls, type) and issubclass(cls, nn.Module))
-
-
-def _refusal(path: pathlib.Path, exc: Exception) -> str:
-    """One plain paragraph: what was found, why it is refused, how to convert the file."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    match = re.search(r"GLOBAL ([\w.]+)", text)
-    found = match[1] if match else (text.strip().splitlines() or [type(exc).__name__])[0][:200]
-    if match and _is_module_class(found):
-        what, how = f"a whole pickled model ({found})", "`model = torch.load(path, weights_only=False)`, then " \
-            "`torch.save(model.state_dict(), \"weights.pth\")`"
-    else:
-        what, how = f"a pickled Python object ({found})", "`ckpt = torch.load(path, weights_only=False)`, then " \
-            "`torch.save(ckpt[\"state_dict\"], \"weights.pth\")` (with the key that holds the weights)"
-    return (f"refused to load {path}: it holds {what}, where only tensors, plain containers, argparse.Namespace "
-            "and numpy scalars are read; unpickling anything else can run arbitrary code, so nothing from it was "
-            f"executed. If you trust the file, convert it once with {how}, and load that file.")
-
-
 def _deserialize(data: bytes, path: pathlib.Path, format: str | None, device: torch.device) -> Any:
     """Tensors from ``data``, the bytes that were checked: nothing is read from disk again."""
     format = format or _sniff_format(data[:16], len(data), path)
@@ -135,10 +82,10 @@ def _deserialize(data: bytes, path: pathlib.Path, format: str | None, device: to
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
         return {k: v.to(device) for k, v in tensors.items()} if device.type != "cpu" else tensors
     try:
-        with _safe_globals():
+        with safe_globals():
             return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(_refusal(path, exc)) from None
+        raise UnsafeCheckpointError(refusal(path, exc)) from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         # A truncated or garbled file surfaces here; the checksums normally stop it earlier.
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from None
@@ -205,6 +152,22 @@ def _as_state_dict(obj: Any, path: pathlib.Path) -> dict[str, torch.Tensor]:
             f"{path} is not a plain state dict: {len(bad)} entries are not name -> tensor, e.g. {bad[:3]}"
         )
     return dict(obj)
+
+
+# What released files hold beside this package's names: thop's profiler counters (buffers it adds
+# to every module it measures), and timm's names for GhostNetV3's branch BatchNorms (the authors'
+# ``.bn.``; timm's re-save says ``.bn1.``, see timm's ghostnet checkpoint_filter_fn).
+_COUNTERS = ("total_ops", "total_params")
+_TIMM_BRANCH_BN = re.compile(r"(_rpr_(?:conv\.\d+|scale))\.bn1\.")
+
+
+def released_state_dict(obj: Any, path: pathlib.Path) -> dict[str, torch.Tensor]:
+    """The weights of a published file (or a user's checkpoint) under this package's names: a
+    training checkpoint unwrapped (its ``state_dict``, not its ``state_dict_ema``), profiler
+    counters dropped, timm's GhostNetV3 branch names mapped to the authors'."""
+    state = _as_state_dict(_unwrap(obj), path)
+    return {_TIMM_BRANCH_BN.sub(r"\1.bn.", key): value for key, value in state.items()
+            if key.rpartition(".")[2] not in _COUNTERS}
 
 
 def _unwrap(obj: Any) -> Any:
@@ -312,12 +275,20 @@ class Weights:
                      f"({e.interpolation}).",
         }
 
+    @property
+    def pinned(self) -> bool:
+        """Whether every file of these weights has a published checksum; if not, they are
+        trusted on first use (see ``_trust.py``)."""
+        return all(f.pinned for f in self.entry.files)
+
     def get_state_dict(self, progress: bool = True, map_location: torch.device | str = "cpu",
-                       **fetch_options: Any) -> dict[str, torch.Tensor]:
-        """The verified tensors, read straight onto ``map_location``. ``fetch_options`` go
-        to ``download.fetch_first`` (cache, offline, mirror, options)."""
-        path, file = download.fetch_first(self.entry.files, progress=progress, **fetch_options)
-        return _as_state_dict(read_state_dict(path, format=file.format, map_location=map_location), path)
+                       require_pinned: bool | None = None, **fetch_options: Any) -> dict[str, torch.Tensor]:
+        """The verified tensors, read straight onto ``map_location``. ``require_pinned`` (default:
+        ``$GHOSTNET_HUB_REQUIRE_PINNED``) refuses weights without a published checksum.
+        ``fetch_options`` go to ``download.fetch_first`` (cache, offline, mirror, options)."""
+        path, file = _trust.fetch(self.entry.files, require_pinned_weights=require_pinned, progress=progress,
+                                  **fetch_options)
+        return released_state_dict(read_state_dict(path, format=file.format, map_location=map_location), path)
 
 
 def get_weights(name: str, manifest: Manifest | str | os.PathLike | None = None) -> Weights:
@@ -373,7 +344,7 @@ def read_checkpoint(source: str | os.PathLike, *, sha256: str | None = None, pro
     data, actual = _checked_bytes(path, sha256, None, max_bytes)
     obj = _deserialize(data, path, None, torch.device(map_location))
     description = description_in_checkpoint(obj, str(path))
-    return Checkpoint(path, _as_state_dict(_unwrap(obj), path), description, actual)
+    return Checkpoint(path, released_state_dict(obj, path), description, actual)
 
 
 def user_state_dict(weights: str | os.PathLike, *, sha256: str | None = None, progress: bool = True,

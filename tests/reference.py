@@ -5,7 +5,10 @@ Sources: GhostNet, Han et al., CVPR 2020 (https://arxiv.org/abs/1911.11907) and 
 code and checkpoints (https://github.com/huawei-noah/Efficient-AI-Backbones); TinyNet, Han et
 al., NeurIPS 2020 (https://arxiv.org/abs/2010.14819), the same repository's tinynet_pytorch,
 and timm's re-measurement of those weights (https://github.com/huggingface/pytorch-image-models,
-results/results-imagenet.csv). The key listings in data/ were read from the released files.
+results/results-imagenet.csv). GhostNetV2 (https://arxiv.org/abs/2211.12905) and GhostNetV3
+(https://arxiv.org/abs/2404.11202), the same repository's ghostnetv2_pytorch and ghostnetv3_pytorch.
+The key listings in data/ were read from the released files; those of GhostNetV2/V3 from the
+authors' model definitions (their headers say so; data/keys_from_authors.py writes them).
 """
 import functools
 import pathlib
@@ -23,13 +26,22 @@ PUBLISHED = {
     "ghostnet_0_5x": (2_587_292, 42.33, 224),
     "ghostnet_1x": (5_182_508, 141.15, 224),
     "ghostnet_1_3x": (7_358_820, 227.00, 224),
+    # GhostNetV2: 167 M FLOPs at 1.0x in the paper (MACs, as GhostNet's "141 M").
+    "ghostnetv2_1x": (6_156_908, 167.05, 224),
+    "ghostnetv2_1_3x": (8_960_404, 269.32, 224),
+    "ghostnetv2_1_6x": (12_392_698, 398.61, 224),
+    # GhostNetV3 in its deploy form (reparameterize()): GhostNetV2's cost plus the folded biases.
+    "ghostnetv3_0_5x": (2_853_176, 49.64, 224),
+    "ghostnetv3_1x": (6_147_588, 167.05, 224),
+    "ghostnetv3_1_3x": (8_948_296, 269.32, 224),
+    "ghostnetv3_1_6x": (12_377_778, 398.61, 224),
     "tinynet_a": (6_187_972, 336.87, 192),
     "tinynet_b": (3_730_562, 200.71, 188),
     "tinynet_c": (2_457_234, 99.54, 184),
     "tinynet_d": (2_338_446, 51.58, 152),
     "tinynet_e": (2_042_972, 24.36, 106),
 }
-# The six models with released checkpoints, and timm's name for each.
+# The six models with released, pinned checkpoints, and timm's name for each.
 PRETRAINED = {
     "ghostnet_1x": "ghostnet_100",
     "tinynet_a": "tinynet_a",
@@ -40,8 +52,25 @@ PRETRAINED = {
 }
 
 
+# GhostNetV2/V3: released with no published checksum (unpinned), and timm's name for each;
+# then the widths without released weights.
+UNPINNED = {
+    "ghostnetv2_1x": "ghostnetv2_100",
+    "ghostnetv2_1_3x": "ghostnetv2_130",
+    "ghostnetv2_1_6x": "ghostnetv2_160",
+    "ghostnetv3_1x": "ghostnetv3_100",
+}
+V2V3 = {**UNPINNED, "ghostnetv3_0_5x": "ghostnetv3_050", "ghostnetv3_1_3x": "ghostnetv3_130",
+        "ghostnetv3_1_6x": "ghostnetv3_160"}
+
+
 def build(name, **kwargs):
     return getattr(models, name)(**kwargs)
+
+
+def published_form(model):
+    """The model as its size is published: GhostNetV3 in its deploy form, the others as built."""
+    return model.reparameterize() if hasattr(model, "reparameterize") else model
 
 
 @dataclass(frozen=True)
@@ -54,9 +83,9 @@ class Measured:
 
 @functools.cache
 def measure(name):
-    """Parameters and MACs of model ``name`` as built by the code, counted once per session
+    """Parameters and MACs of model ``name`` as built by the code (``published_form``), counted once per session
     (FlopCounterMode takes seconds per model, and four test files compare against it)."""
-    model = build(name).eval()
+    model = published_form(build(name).eval())
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(1, 3, *model.default_input_size))
     return Measured(
@@ -71,6 +100,8 @@ def reference_keys(name):
     """[(key, shape)] exactly as the released checkpoint of ``name`` holds them."""
     rows = []
     for line in (DATA / f"{name}.keys.tsv").read_text().splitlines():
+        if line.startswith("#"):  # where the listing comes from
+            continue
         key, shape = line.split("\t")
         rows.append((key, tuple(int(d) for d in shape.strip("()").split(",") if d.strip())))
     return rows
@@ -95,9 +126,14 @@ def random_state_dict(model, seed=0):
             out[key] = torch.randn(value.shape, generator=g) * (2.0 / fan_in) ** 0.5
     return out
 
-# Published top-1 / top-5: GhostNet's paper (Table 7); TinyNet, timm's results-imagenet.csv.
+# Published top-1 / top-5: GhostNet's paper (Table 7); TinyNet, GhostNetV2 and V3: timm's
+# results-imagenet.csv (the authors publish no top-5 for them).
 METRICS = {
     "ghostnet_1x": (73.98, 91.46),
+    "ghostnetv2_1x": (75.19, 92.33),
+    "ghostnetv2_1_3x": (76.75, 93.36),
+    "ghostnetv2_1_6x": (77.84, 93.95),
+    "ghostnetv3_1x": (76.94, 93.12),
     "tinynet_a": (77.7, 93.5),
     "tinynet_b": (75.0, 92.2),
     "tinynet_c": (71.2, 89.7),

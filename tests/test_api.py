@@ -14,7 +14,7 @@ from models import api
 from models import weights as weights_module
 from models._hashing import sha256_file
 
-from reference import PRETRAINED, PUBLISHED, build, measure
+from reference import PRETRAINED, PUBLISHED, UNPINNED, build, measure
 
 
 def _reference_state(files, name):
@@ -28,19 +28,23 @@ def _reference_state(files, name):
 
 def test_list_models():
     assert models.list_models() == list(PUBLISHED)
-    assert models.list_models(pretrained=True) == list(PRETRAINED)
+    released = {**PRETRAINED, **UNPINNED}
+    assert models.list_models(pretrained=True) == [name for name in PUBLISHED if name in released]
 
 
 def test_list_models_filters_as_timm_and_torchvision():
     tinynets = [f"tinynet_{c}" for c in "abcde"]
     # timm's list_models("tinynet*"); the old signature took the string for pretrained_only=True.
     assert models.list_models("tinynet*") == tinynets
-    assert models.list_models(filter="ghost*") == ["ghostnet_0_5x", "ghostnet_1x", "ghostnet_1_3x"]
-    assert models.list_models(["ghost*_1x", "tinynet_e"]) == ["ghostnet_1x", "tinynet_e"]
-    assert models.list_models("ghost*", pretrained=True) == ["ghostnet_1x"]
+    assert models.list_models(filter="ghostnet_*") == ["ghostnet_0_5x", "ghostnet_1x", "ghostnet_1_3x"]
+    assert models.list_models(["ghostnet_*_1x", "ghostnet_1x", "tinynet_e"]) == ["ghostnet_1x", "tinynet_e"]
+    assert models.list_models("ghost*", pretrained=True) == ["ghostnet_1x", "ghostnetv2_1x", "ghostnetv2_1_3x",
+                                                            "ghostnetv2_1_6x", "ghostnetv3_1x"]
+    assert models.list_models("ghostnetv3*") == ["ghostnetv3_0_5x", "ghostnetv3_1x", "ghostnetv3_1_3x",
+                                                 "ghostnetv3_1_6x"]
     # torchvision's include= / exclude=
     assert models.list_models(include="tinynet_[ab]") == ["tinynet_a", "tinynet_b"]
-    assert models.list_models(include=["*_1x", "*_e"], exclude="tinynet*") == ["ghostnet_1x"]
+    assert models.list_models(include=["*_1x", "*_e"], exclude=["tinynet*", "ghostnetv*"]) == ["ghostnet_1x"]
     assert models.list_models(exclude=["ghost*", "tinynet_[a-c]"]) == ["tinynet_d", "tinynet_e"]
     assert models.list_models("resnet*") == []
 
@@ -301,7 +305,8 @@ def test_weights_meta():
 
 def test_unreleased_variant_facts_match_the_code():
     unreleased = [name for name in models.list_models() if name not in models.list_models(pretrained=True)]
-    assert unreleased == ["ghostnet_0_5x", "ghostnet_1_3x"]
+    assert unreleased == ["ghostnet_0_5x", "ghostnet_1_3x", "ghostnetv3_0_5x", "ghostnetv3_1_3x",
+                          "ghostnetv3_1_6x"]
     for name in unreleased:
         variant = api.get_variant(name)
         measured = measure(name)
@@ -311,7 +316,9 @@ def test_unreleased_variant_facts_match_the_code():
 
 # -- torchvision's weights API ------------------------------------------------------------------
 
-ENUMS = {"ghostnet_1x": "GhostNet_1X_Weights", "tinynet_a": "TinyNet_A_Weights", "tinynet_b": "TinyNet_B_Weights",
+ENUMS = {"ghostnet_1x": "GhostNet_1X_Weights", "ghostnetv2_1x": "GhostNetV2_1X_Weights",
+         "ghostnetv2_1_3x": "GhostNetV2_1_3X_Weights", "ghostnetv2_1_6x": "GhostNetV2_1_6X_Weights",
+         "ghostnetv3_1x": "GhostNetV3_1X_Weights", "tinynet_a": "TinyNet_A_Weights", "tinynet_b": "TinyNet_B_Weights",
          "tinynet_c": "TinyNet_C_Weights", "tinynet_d": "TinyNet_D_Weights", "tinynet_e": "TinyNet_E_Weights"}
 
 
@@ -330,7 +337,8 @@ def test_one_weights_enum_per_released_model_named_as_torchvision_names_them():
     for name, enum_name in ENUMS.items():
         enum = getattr(models, enum_name)
         family, *rest = name.split("_")
-        assert enum.__name__ == "_".join([{"ghostnet": "GhostNet", "tinynet": "TinyNet"}[family],
+        assert enum.__name__ == "_".join([{"ghostnet": "GhostNet", "ghostnetv2": "GhostNetV2",
+                                           "ghostnetv3": "GhostNetV3", "tinynet": "TinyNet"}[family],
                                           *(part.upper() for part in rest), "Weights"])
         assert models.get_model_weights(name) is enum is models.get_model_weights(getattr(models, name))
         assert list(enum.__members__) == ["IMAGENET1K_V1", "DEFAULT"]
@@ -338,7 +346,7 @@ def test_one_weights_enum_per_released_model_named_as_torchvision_names_them():
         assert models.get_weight(f"{enum.__name__}.DEFAULT") is enum.DEFAULT
         assert repr(enum.DEFAULT) == f"{enum.__name__}.IMAGENET1K_V1"
     members = {member: name for name, enum in ENUMS.items() for member in getattr(models, enum)}  # hashable
-    assert len(members) == 6 and members[models.TinyNet_A_Weights.DEFAULT] == "tinynet_a"
+    assert len(members) == 10 and members[models.TinyNet_A_Weights.DEFAULT] == "tinynet_a"
     with pytest.raises(ValueError, match="names no weights"):
         models.get_weight("ResNet50_Weights.IMAGENET1K_V1")
 

@@ -106,3 +106,15 @@ def test_openvino_modes_beside_onnx_runtime_on_timms_onnx_on_a_named_cpu(tmp_pat
     bf16_note = "openvino_bf16: ran in f32: this CPU has no native bfloat16"
     assert (bf16_note in lines) == (not _cpu.native_bf16()) and rows["ours", "openvino_bf16"]["note"] == (
         "" if _cpu.native_bf16() else bf16_note.split(": ", 1)[1])
+
+
+def test_ghostnetv2_and_v3_are_benchmarked_beside_timms_implementation():
+    from models.tools import benchmark
+
+    results = benchmark.run(["ghostnetv2_1x", "ghostnetv3_1x"], modes=["eager", "fused"], batch_sizes=[1], warmup=0,
+                            repeats=1, references=["timm"])
+    assert {(r.model, r.implementation, r.mode) for r in results} == {
+        (m, impl, mode) for m in ("ghostnetv2_1x", "ghostnetv3_1x")
+        for impl, mode in (("ours", "eager"), ("ours", "fused"), ("timm", "eager"))}
+    assert {r.model: r.top1 for r in results} == {"ghostnetv2_1x": 75.19, "ghostnetv3_1x": 76.94}
+    assert all(r.vs_timm > 0 for r in results if r.implementation == "ours")

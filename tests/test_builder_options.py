@@ -21,7 +21,7 @@ from helpers import ROOT
 
 EVERY_OPTION = ["pretrained", "weights", "progress", "device", "num_classes", "checkpoint", "checkpoint_sha256",
                 "in_chans", "drop_rate", "drop_path_rate", "features_only", "out_indices", "fuse", "channels_last",
-                "dtype"]
+                "dtype", "require_pinned"]
 
 
 def _parameters(function, drop):
@@ -178,8 +178,8 @@ def test_hub_offers_get_weight_and_get_model_weights(published):
 
 def test_weights_enum_reads_the_manifest_once_per_file_content(published, tmp_path, monkeypatch):
     parsed = []
-    real_parse = manifest_module._parse
-    monkeypatch.setattr(manifest_module, "_parse", lambda text: parsed.append(1) or real_parse(text))
+    real_parse = manifest_module.parse
+    monkeypatch.setattr(manifest_module, "parse", lambda text: parsed.append(1) or real_parse(text))
     member = models.TinyNet_E_Weights.DEFAULT
     first = member.url
     for _ in range(5):

@@ -1,4 +1,4 @@
-"""``export``: ONNX, ExecuTorch (XNNPACK) and torch.export files of all six models, each checked
+"""``export``: ONNX, ExecuTorch (XNNPACK) and torch.export files of the released models, each checked
 against the eager model before it is written; INT8 accuracy measured on a model that has
 learned something (tinynet_e trained here on a generated, learnable image set)."""
 import copy
@@ -119,7 +119,7 @@ def test_calibration_set_is_named_by_its_files(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "executorch"])
-@pytest.mark.parametrize("name", PRETRAINED)
+@pytest.mark.parametrize("name", [*PRETRAINED, "ghostnetv2_1x", "ghostnetv3_1x"])  # (V2/V3: DFC attention, branches)
 def test_every_model_exports_and_runs_in_its_runtime(name, fmt, tmp_path):
     model = _trained_like(name)
     out = tmp_path / f"{name}{export.FORMATS[fmt]}"
@@ -144,6 +144,16 @@ def test_every_model_exports_and_runs_in_its_runtime(name, fmt, tmp_path):
         assert b"XnnpackBackend" in out.read_bytes()  # lowered to the XNNPACK delegate
         assert runner.max_batch == 32
         assert runner(torch.randn(40, 3, *model.default_input_size)).shape == (40, 1000)  # run in pieces
+
+
+@pytest.mark.slow
+def test_ghostnetv3_exports_its_deploy_form_to_a_pt2_archive(tmp_path):
+    model = _trained_like("ghostnetv3_1x")
+    report = export.export(model, "pt2", tmp_path / "v3.pt2")
+    assert report.max_error <= export.TOLERANCE and report.top1_agreement == 1.0
+    program = torch.export.load(str(tmp_path / "v3.pt2"))
+    assert not any("rpr" in name for name in program.state_dict)  # the branches were folded
+    assert not model.fused and any("rpr" in name for name in model.state_dict())  # the caller's model unchanged
 
 
 @pytest.mark.slow

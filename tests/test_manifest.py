@@ -2,6 +2,7 @@
 are refused with every problem named by its JSON path."""
 import copy
 import json
+import re
 
 import pytest
 
@@ -9,17 +10,17 @@ from models.manifest import DEFAULT_MANIFEST, ManifestError, load_manifest, vali
 
 from faults import fault
 from helpers import cli
-from reference import KNOWN_CHECKSUMS, METRICS, PRETRAINED, measure
+from reference import KNOWN_CHECKSUMS, METRICS, PRETRAINED, PUBLISHED, UNPINNED, measure
 
 RAW = json.loads(DEFAULT_MANIFEST.read_text())
 
 
-def test_manifest_is_valid_and_lists_the_six_models():
+def test_manifest_is_valid_and_lists_the_released_models():
     manifest = load_manifest()
-    assert list(manifest.models) == list(PRETRAINED)
+    assert list(manifest.models) == [name for name in PUBLISHED if name in PRETRAINED or name in UNPINNED]
 
 
-@pytest.mark.parametrize("name", PRETRAINED)
+@pytest.mark.parametrize("name", [*PRETRAINED, *UNPINNED])
 def test_metadata_agrees_with_the_code_and_the_papers(name):
     entry = load_manifest()[name]
     measured = measure(name)
@@ -28,7 +29,7 @@ def test_metadata_agrees_with_the_code_and_the_papers(name):
     assert (entry.input_size, entry.input_size) == measured.input_size
     assert entry.resize_size == int(entry.input_size / entry.crop_ratio)
     assert (entry.top1, entry.top5) == METRICS[name]
-    assert entry.interpolation == ("bilinear" if name.startswith("ghostnet") else "bicubic")
+    assert entry.interpolation == ("bilinear" if name.startswith("ghostnet_") else "bicubic")
     assert entry.mean == (0.485, 0.456, 0.406) and entry.std == (0.229, 0.224, 0.225)
 
 
@@ -42,11 +43,31 @@ def test_checksums_are_exactly_the_published_ones():
     assert recorded == KNOWN_CHECKSUMS
 
 
-def test_every_url_is_https_and_every_file_has_a_checksum():
-    for entry in load_manifest().models.values():
+def test_every_url_is_https_and_every_file_has_a_checksum_or_says_it_has_none():
+    for name, entry in load_manifest().models.items():
         for f in entry.files:
-            assert f.checksums
+            # GhostNetV2/V3: nobody published a checksum or size; nothing is invented for them.
+            assert f.pinned == bool(f.checksums) == (name not in UNPINNED)
+            assert f.pinned or f.size is None
             assert all(url.startswith("https://") for url in f.urls)
+
+
+def test_unpinned_models_list_the_authors_release_and_timms_copy():
+    """The authors' release assets are the URLs timm's source names for these models (its
+    pretrained_cfg comments), and the Hugging Face copies are timm's hf_hub ids."""
+    import inspect
+
+    import timm.models.ghostnet as timm_ghostnet
+
+    source = inspect.getsource(timm_ghostnet)
+    for name, timm_name in UNPINNED.items():
+        authors, copy = load_manifest()[name].files
+        assert (authors.format, copy.format) == ("torch", "safetensors")
+        (url,) = authors.urls
+        assert url.startswith("https://github.com/huawei-noah/Efficient-AI-Backbones/releases/download/GhostNetV")
+        cfg = source[source.index(f"'{timm_name}.in1k'"):].split("),", 1)[0]
+        assert "hf_hub_id='timm/'" in cfg and url in cfg, cfg
+        assert copy.urls == (f"https://huggingface.co/timm/{timm_name}.in1k/resolve/main/model.safetensors",)
 
 
 def test_cache_names_are_unique():
@@ -91,6 +112,12 @@ def _broken(edit):
      "$.models.tinynet_c.files[0].size: expected a positive integer or null"),
     (lambda d: d["models"]["tinynet_c"]["files"][0].update(sha256="x"),
      "$.models.tinynet_c.files[0].sha256: unknown field"),
+    (lambda d: d["models"]["tinynet_c"]["files"][0].update(unpinned=True),
+     "$.models.tinynet_c.files[0].unpinned: a file with a recorded checksum is pinned"),
+    (lambda d: d["models"]["ghostnetv2_1x"]["files"][0].update(unpinned="yes"),
+     "$.models.ghostnetv2_1x.files[0].unpinned: expected true (or no such field), got 'yes'"),
+    (lambda d: d["models"]["ghostnetv2_1x"]["files"][1].pop("unpinned"),
+     "$.models.ghostnetv2_1x.files[1].checksums: at least one of sha256, git_blob_sha1, md5 is required (or {} with"),
 ])
 def test_broken_manifest_problem_is_named_by_json_path(edit, expected):
     problems = _broken(edit)
@@ -252,14 +279,14 @@ def test_huge_manifests_give_short_errors(tmp_path):
     with pytest.raises(ManifestError) as err:
         load_manifest(path)
     message = str(err.value)
-    assert "$.models: 506 model entries; at most 256" in message and len(message) < 8000
+    assert f"$.models: {len(RAW['models']) + 500} model entries; at most 256" in message and len(message) < 8000
     raw["models"] = {k: v for k, v in raw["models"].items() if not k.startswith("m")}
     raw["models"].update({f"m{i}": 1 for i in range(40)})
     path.write_text(json.dumps(raw))
     with pytest.raises(ManifestError) as err:
         load_manifest(path)
     message = str(err.value)
-    assert "... and 28 more problem(s)" in message and len(message) < 8000
+    assert re.search(r"\.\.\. and \d+ more problem\(s\)", message) and len(message) < 8000
     assert max(map(len, message.splitlines())) <= 310
 
 

@@ -13,11 +13,11 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 
-from .. import __version__, _cache_files, _commands, api, download
+from .. import __version__, _cache_files, _commands, _trust, api, download
 from .._hashing import sha256_file
-from ..cache import CacheDirError, cache_dir, default_cache_dir, exports_dir, url_prefix, verify_cached
+from ..cache import CacheDirError, cache_dir, default_cache_dir, exports_dir, url_prefix
 from ..manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
-from ..weights import get_weights
+from ..weights import CheckpointError, get_weights
 from . import backends, benchmark, evaluate, export, finetune, predict
 from ._args import add_command
 
@@ -47,13 +47,16 @@ def _list(args) -> int:
         if name in manifest.models:
             e = manifest[name]
             size = e.files[0].size
-            rows.append((name, "yes", f"{e.top1:.2f}", f"{e.top5:.2f}", f"{e.num_params / 1e6:.2f} M",
+            pinned = all(f.pinned for f in e.files)
+            rows.append((name, "yes" if pinned else "yes (unpinned)", f"{e.top1:.2f}", f"{e.top5:.2f}",
+                         f"{e.num_params / 1e6:.2f} M",
                          f"{e.macs / 1e6:.1f} M", str(e.input_size), f"{size / 1e6:.1f} MB" if size else "?",
                          _cached_state(e)))
         else:
             model = api.get_model(name)
-            params = sum(p.numel() for p in model.parameters())
             variant = api.get_variant(name)
+            # (GhostNetV3's recorded size is its deploy form's, as published; the builder gives the training form)
+            params = variant.num_params or sum(p.numel() for p in model.parameters())
             # (a --manifest may leave out released models: their facts are in the repository's)
             macs = variant.macs if variant.macs is not None else load_manifest(DEFAULT_MANIFEST)[name].macs
             rows.append((name, "no", "-", "-", f"{params / 1e6:.2f} M", f"{macs / 1e6:.1f} M",
@@ -68,9 +71,11 @@ def _info(args) -> int:
     if args.model not in api.list_models():
         raise SystemExit(f"error: unknown model {args.model!r}; models: {', '.join(api.list_models())}")
     model = api.get_model(args.model)
+    form = " (training form; reparameterize() or fuse=True folds its branches)" if hasattr(
+        model, "reparameterize") else ""
     lines = [f"{args.model}: {type(model).__name__}", api.get_variant(args.model).title + ".", ""]
     lines += [
-        f"architecture: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"architecture: {sum(p.numel() for p in model.parameters()):,} parameters{form}, "
         f"default input {model.default_input_size[0]}x{model.default_input_size[1]}, "
         f"{model.num_features}-channel last feature map, {model.head_hidden_size}-d pooled features",
         "feature taps (features_only=True): " + ", ".join(
@@ -87,8 +92,15 @@ def _info(args) -> int:
         cache = default_cache_dir()
         for f in manifest[args.model].files:
             state = "in cache" if (cache / f.cache_name).exists() else "not in cache"
-            lines.append(f"  [{f.index}] {f.format}, {f.size or 'unknown'} bytes, {state} ({cache / f.cache_name})")
+            pinned = "pinned" if f.pinned else "unpinned"
+            lines.append(f"  [{f.index}] {f.format}, {f.size or 'unknown'} bytes, {pinned}, {state} "
+                         f"({cache / f.cache_name})")
             lines += [f"      {algo}: {digest}" for algo, digest in f.checksums.items()]
+            if not f.pinned:
+                record = _trust.read_record(f)
+                lines.append("      unpinned (no checksum published): " + (
+                    f"trusted on first use {record['recorded']}, sha256 {record['sha256']}, {record['size']} bytes"
+                    if record else "not used here yet; trusted on first use"))
             lines += [f"      {url}" for url in f.urls]
     else:
         lines += ["", "no released weights"]
@@ -101,7 +113,7 @@ def _prefetch(args) -> int:
     failed = 0
     for name in _selected(manifest, args.models, args.all):
         try:
-            path, file = download.fetch_first(manifest[name].files, progress=not args.quiet)
+            path, file = _trust.fetch(manifest[name].files, progress=not args.quiet)
         except download.CacheWriteError as exc:  # the disk, not the sources: the next model would fail too
             print(f"{name}: FAILED\n{exc}", file=sys.stderr)
             return 1
@@ -118,7 +130,7 @@ def _verify(args) -> int:
     corrupt = 0
     for name in _selected(manifest, args.models, False):
         for file in manifest[name].files:
-            state, detail = verify_cached(file)
+            state, detail = _trust.state_of(file)
             corrupt += state == "corrupt"
             print(f"{name} file {file.index}: {state} {detail}")
     if corrupt:
@@ -127,8 +139,9 @@ def _verify(args) -> int:
 
 
 def _pin(args) -> int:
-    """Download every URL of every file, check it against what is recorded, and record the
-    SHA-256 and size of the verified bytes where they are missing."""
+    """Download every URL of every file, check it against what is recorded (and the files of one
+    model against each other, tensor for tensor), and record the SHA-256 and size of the verified
+    bytes where they are missing: an unpinned file becomes pinned."""
     path = pathlib.Path(args.manifest or os.environ.get(MANIFEST_ENV) or DEFAULT_MANIFEST)
     manifest = load_manifest(path)
     raw = json.loads(path.read_text(encoding="utf-8"))
@@ -136,6 +149,7 @@ def _pin(args) -> int:
     added = 0
     with tempfile.TemporaryDirectory(prefix="pin-") as tmp:
         for name in _selected(manifest, args.models, False):
+            copies, values = [], []
             for file in manifest[name].files:
                 measured: dict[str, tuple[str, int]] = {}
                 for i, url in enumerate(file.urls):
@@ -148,22 +162,27 @@ def _pin(args) -> int:
                         print(f"REFUSED {name} file {file.index} {url}:\n{exc}", file=sys.stderr)
                         continue
                     measured[url] = (sha256_file(got), got.stat().st_size)
+                    if len(measured) == 1:
+                        copies.append((file, got, url))
                 if len(set(measured.values())) > 1:
                     problems += 1
                     print(f"REFUSED {name} file {file.index}: its URLs serve different bytes: {measured}",
                           file=sys.stderr)
+                    copies = [c for c in copies if c[0] is not file]
                     continue
-                if not measured:
-                    continue
-                sha256, size = next(iter(measured.values()))
-                entry = raw["models"][name]["files"][file.index]
-                if "sha256" not in entry["checksums"]:
-                    entry["checksums"]["sha256"] = sha256
-                    added += 1
-                if entry.get("size") is None:
-                    entry["size"] = size
-                    added += 1
-                print(f"{name} file {file.index}: verified from {len(measured)} URL(s), sha256 {sha256}, {size} bytes")
+                if measured:
+                    values.append((file, *next(iter(measured.values())), len(measured)))
+            try:
+                disagreement = _trust.sources_agree(copies)
+            except CheckpointError as exc:
+                disagreement = str(exc)
+            if disagreement:
+                problems += 1
+                print(f"REFUSED {name}: its files disagree: {disagreement}; nothing recorded for it", file=sys.stderr)
+                continue
+            for file, sha256, size, count in values:
+                added += _record_pin(raw["models"][name]["files"][file.index], sha256, size)
+                print(f"{name} file {file.index}: verified from {count} URL(s), sha256 {sha256}, {size} bytes")
     if added:
         invalid = validate_manifest(raw)
         if invalid:  # cannot happen for measured values; never write a manifest that would not load
@@ -175,6 +194,19 @@ def _pin(args) -> int:
     else:
         print(f"nothing to add to {path}")
     return 1 if problems else 0
+
+
+def _record_pin(entry: dict, sha256: str, size: int) -> int:
+    """Record what was measured where the manifest ``entry`` lacks it; how many values were added."""
+    added = 0
+    if "sha256" not in entry["checksums"]:
+        entry["checksums"]["sha256"] = sha256
+        entry.pop("unpinned", None)  # pinned from now on
+        added += 1
+    if entry.get("size") is None:
+        entry["size"] = size
+        added += 1
+    return added
 
 
 def _check(args) -> int:
