@@ -10,6 +10,7 @@ import threading
 import warnings
 from collections import OrderedDict
 
+import numpy as np  # (OpenVINO's own requirement)
 import torch
 
 from ..description import DESCRIPTION_KEY, ModelDescription
@@ -89,8 +90,8 @@ class _Compiled:
         request = compiled.create_infer_request()
         buffer = None
         if 4 * math.prod(shape) <= self.COPY_BYTES:
-            buffer = torch.empty(shape)
-            request.set_input_tensor(self._ov.Tensor(buffer.numpy(), shared_memory=True))
+            buffer = np.empty(shape, np.float32)
+            request.set_input_tensor(self._ov.Tensor(buffer, shared_memory=True))
         return compiled, request, buffer
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,9 @@ class _Compiled:
                 self._compiled.popitem(last=False)
             _, request, buffer = entry
             if buffer is not None:
-                buffer.copy_(images)
+                # numpy's copy, not torch's: a torch op wakes torch's OpenMP threads, which then
+                # spin beside OpenVINO's (tinynet_e, 2 threads: 9.6 instead of 3.6 ms of CPU a call)
+                np.copyto(buffer, images.numpy())
             else:
                 request.set_input_tensor(self._ov.Tensor(images.numpy(), shared_memory=True))
             request.infer()
