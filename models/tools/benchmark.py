@@ -12,6 +12,7 @@ import csv
 import json
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -130,7 +131,10 @@ def timm_reference(name: str, device: torch.device) -> nn.Module:
     import timm
 
     ref = timm.create_model(api.get_variant(name).timm_name, pretrained=False)
-    ref.load_state_dict(_seeded(name, torch.device("cpu")).state_dict())
+    state = _seeded(name, torch.device("cpu")).state_dict()
+    # GhostNetV3's re-parameterisable branches: the authors' `.bn.` is timm's `.bn1.`
+    state = {re.sub(r"(rpr_conv\.\d+|rpr_scale)\.bn\.", r"\1.bn1.", k): v for k, v in state.items()}
+    ref.load_state_dict(state)
     return ref.to(device).eval()
 
 
