@@ -64,24 +64,15 @@ def github_checkout(tmp_path, monkeypatch):
     """This repository as torch.hub leaves it in its cache after downloading it from GitHub
     (``<hub_dir>/<owner>_<repo>_main``), with GitHub unreachable, as here and on an air-gapped
     cluster. Returns the ``owner/repo`` to pass to torch.hub."""
-    import pathlib
-    import shutil
-    import subprocess
     import urllib.error
 
     from models.api import GITHUB_REPO
 
-    root = pathlib.Path(__file__).resolve().parent.parent
+    from helpers import copy_working_tree
+
     hub_dir = tmp_path / "hub"
     checkout = hub_dir / (GITHUB_REPO.replace("/", "_") + "_main")
-    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
-    # Files not committed yet count too, so the test sees the working tree.
-    untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.split()
-    for rel in tracked + untracked:
-        if (root / rel).is_file():
-            (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / rel, checkout / rel)
+    copy_working_tree(checkout)  # files not committed yet count too: the test sees the working tree
 
     def unreachable(*args, **kwargs):
         raise urllib.error.URLError("GitHub cannot be reached from this test")
@@ -130,13 +121,11 @@ def installed(tmp_path_factory):
     torch and friends are not installed again (minutes, and the network), and pip runs offline
     (--no-deps --no-index --no-build-isolation, with the setuptools of requirements-dev.txt).
     The package itself is installed for real into the venv's own site-packages."""
-    import shutil
     import site
-    import subprocess
     import sys
     from typing import NamedTuple
 
-    from helpers import ROOT, run_checked
+    from helpers import ROOT, copy_working_tree, run_checked
 
     class Installed(NamedTuple):
         python: pathlib.Path
@@ -145,12 +134,7 @@ def installed(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("package")
     repo = tmp / "repo"  # this working tree as a git repository, what `pip install git+https://...` clones
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, repo / rel)
+    copy_working_tree(repo)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"]
     for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "snapshot"]):
         run_checked([*git, *command], cwd=repo)

@@ -6,12 +6,25 @@ import io
 import os
 import pathlib
 import shlex
+import shutil
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # What the README's `ghostnet-hub` is in this clone, where the package is not installed.
 MODELS = [sys.executable, "-m", "models"]
+
+
+def copy_working_tree(target):
+    """This repository's files as the working tree has them (committed, and not yet committed
+    but not ignored), copied under ``target``; returns ``target``."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, target / rel)
+    return target
 
 
 def run_models(*args, env=None, launcher=None, timeout=300, **kwargs):

@@ -7,7 +7,6 @@ working tree, the wheel from that sdist with pip --no-index --no-build-isolation
 into a bare venv that sees the test environment's site-packages (torch) through a .pth file.
 """
 import os
-import shutil
 import site
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import zipfile
 
 import pytest
 
-from helpers import ROOT
+from helpers import copy_working_tree
 
 pytestmark = pytest.mark.slow  # setuptools, pip and mypy in new processes: about a minute
 
@@ -34,12 +33,7 @@ def dist(tmp_path_factory):
     """(sdist path, wheel path, venv python with the wheel installed, a user's project dir)."""
     tmp = tmp_path_factory.mktemp("dist")
     tree = tmp / "tree"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, tree / rel)
+    copy_working_tree(tree)
     _run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp / "sdist")], cwd=tree)
     (sdist,) = (tmp / "sdist").glob("*.tar.gz")
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index", "--no-build-isolation",

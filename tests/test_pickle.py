@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, copy_working_tree
 
 pytestmark = pytest.mark.slow  # new Python processes
 
@@ -82,14 +82,7 @@ LOAD = textwrap.dedent("""
 
 def _checkout(tmp_path, where):
     """This repository's files (the working tree), copied to ``where`` under ``tmp_path``."""
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.split()
-    target = tmp_path / where
-    for rel in tracked:
-        if (ROOT / rel).is_file():
-            (target / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, target / rel)
-    return target
+    return copy_working_tree(tmp_path / where)
 
 
 def _python(code, *args, cwd, env=None):
