@@ -1,12 +1,16 @@
+import os
 import pathlib
 
-import pytest
-import torch
+# One thread per process, set once here, before torch is imported: the suite runs in one worker
+# process per core (pytest-xdist, pyproject.toml), and on a 2-core machine two threads that wait
+# for each other made numeric tests 25-145x slower; one thread also sums floats in the same order
+# everywhere. OMP_NUM_THREADS reaches the subprocesses the tests start (the CLI, torchrun, pip's
+# Python); tests that measure threads set their own (benchmark --threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# One torch thread in the test process, set once here: on a shared 2-core machine two threads that
-# wait for each other made numeric tests 25-145x slower, and one thread sums floats in the same order
-# everywhere. Tests that measure threads set their own (benchmark --threads), subprocesses keep
-# torch's default.
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(1)
 
 

@@ -79,4 +79,6 @@ def test_onnx_runtime_keeps_the_padded_ghost_concatenations_in_its_blocked_layou
     if before["ReorderOutput"] == 0:
         pytest.skip("this CPU's ONNX Runtime has no blocked (NCHWc) layout: nothing for the padding to do")
     assert before["Concat"] == after["Concat"] == 32
-    assert reorders[1] * 4 <= reorders[0]  # 78 -> 15 with AVX-512; the rest sit at the SE means and the head
+    # 78 -> 15 with AVX-512's 16-channel blocks, 45 -> 15 with AVX2's 8-channel blocks; the 15 left
+    # sit at the SE means and the head, whatever the block size.
+    assert reorders[1] * 3 <= reorders[0]

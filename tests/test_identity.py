@@ -192,9 +192,11 @@ def test_a_pt2_archive_carries_the_description(shapes, tmp_path):
 
 @pytest.mark.slow
 def test_the_journey_through_the_command_line(tmp_path):
-    """finetune -> export (.onnx, .pte, .pt2) -> predict and evaluate each with no --model, in
-    subprocesses: the fine-tuned class names and the same top-1 on every file, and evaluate
-    names backend, precision and file and agrees with the eager counts."""
+    """finetune -> export (.onnx, .pte, .pt2) in subprocesses, as a user runs them -> predict and
+    evaluate each file with no --model (the commands' own main, in this process: the files are
+    the hand-off under test, and a new Python for each of nine commands cost a minute): the
+    fine-tuned class names and the same top-1 on every file, and evaluate names backend,
+    precision and file and agrees with the eager counts."""
     data = write_dataset(tmp_path / "shapes", train=8, val=3, size=40)
     run = tmp_path / "runs" / "shapes"
     env = {"OMP_NUM_THREADS": "1"}
@@ -210,7 +212,7 @@ def test_the_journey_through_the_command_line(tmp_path):
     image = _image(data)
 
     def top(*args):
-        done = run_models("predict", image, "--json", "--topk", "4", *args, env=env)
+        done = cli("predict", image, "--json", "--topk", "4", *args)
         assert done.returncode == 0, done.stderr
         record = json.loads(done.stdout)
         assert record["model"] == "tinynet_e" and {t["label"] for t in record["top"]} == set(CLASSES), record
@@ -222,8 +224,7 @@ def test_the_journey_through_the_command_line(tmp_path):
 
     def evaluate(*args):
         out = tmp_path / "report.json"
-        done = run_models("evaluate", "--data", str(data / "val"), "--workers", "0", "--quiet", "--json", str(out),
-                          *args, env=env)
+        done = cli("evaluate", "--data", str(data / "val"), "--workers", "0", "--quiet", "--json", str(out), *args)
         assert done.returncode == 0, done.stderr
         return json.loads(out.read_text())
 
