@@ -52,13 +52,22 @@ def test_listing_follows_pytorch_hub_rules(path):
     assert "### Model Description" in headings
 
 
+def _title(name):
+    """The listing's name for a model: ghostnetv2_1_3x -> GhostNetV2 1.3x, tinynet_a -> TinyNet-A."""
+    family, _, width = name.partition("_")
+    if family == "tinynet":
+        return f"TinyNet-{width.upper()}"
+    version = family.removeprefix("ghostnet").upper()
+    return f"GhostNet{version} {float(width.removesuffix('x').replace('_', '.')):.1f}x"
+
+
 @pytest.mark.parametrize("path", LISTINGS, ids=lambda p: p.name)
 def test_listing_table_matches_the_manifest(path):
     manifest = load_manifest()
-    names = {"GhostNet 1.0x": "ghostnet_1x", **{f"TinyNet-{c}": f"tinynet_{c.lower()}" for c in "ABCDE"}}
+    names = {_title(name): name for name in manifest.models}  # every model with published weights
     rows = [line.strip("|").split("|") for line in path.read_text().splitlines()
             if line.startswith("| ") and line.split("|")[1].strip() in names]
-    assert len(rows) == 6
+    assert sorted(row[0].strip() for row in rows) == sorted(names)
     for title, size, params, macs, top1, top5 in (map(str.strip, row) for row in rows):
         e = manifest[names[title]]
         assert (int(size), params, macs) == (e.input_size, f"{e.num_params / 1e6:.2f}M", f"{e.macs / 1e6:.0f}M")
