@@ -23,6 +23,8 @@ from helpers import ROOT, cli
 HUGE = """
 import resource, sys
 import models
+models.tinynet_e()  # the baseline: torch, the package and the model built once (about 1 GB on some CI machines)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 try:
     models.tinynet_e(checkpoint=sys.argv[1])
 except Exception as exc:
@@ -41,8 +43,8 @@ def _bounded_memory():
 
 
 @fault("`checkpoint=` names a 3 GiB file that is not a checkpoint, or one far larger than any checkpoint of "
-       "that model", "refused from its first bytes and its size, before it is read (the process stays under "
-       "1 GB); the error names the file and the limit")
+       "that model", "refused from its first bytes and its size, before it is read (the process grows by under "
+       "300 MB, not by 3 GiB); the error names the file and the limit")
 @pytest.mark.parametrize("head, message", [
     (b"", "is neither a torch checkpoint nor a safetensors file"),
     (b"PK\x03\x04", "far more than any checkpoint of this model"),
@@ -54,9 +56,9 @@ def test_a_huge_file_is_refused_before_it_is_read(tmp_path, head, message):
         f.truncate(3 << 30)  # sparse: no disk used
     result = subprocess.run([sys.executable, "-c", HUGE, str(path)], cwd=ROOT, env=_env(), capture_output=True,
                             text=True, timeout=120, preexec_fn=_bounded_memory)
-    *lines, peak_mb = result.stdout.strip().splitlines()
+    base_mb, *lines, peak_mb = result.stdout.strip().splitlines()
     assert lines and lines[0].startswith("CheckpointError") and message in lines[0], result.stdout + result.stderr
-    assert str(path) in lines[0] and int(peak_mb) < 1000, (peak_mb, lines)
+    assert str(path) in lines[0] and int(peak_mb) - int(base_mb) < 300, (base_mb, peak_mb, lines)
 
 
 def _checkpoint(value: float) -> bytes:
