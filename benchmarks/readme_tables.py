@@ -1,11 +1,12 @@
-"""The README's speed tables, from one ``python -m models benchmark --json`` run.
+"""The speed tables of docs/speed.md and the README's summary line, from one
+``python -m models benchmark --json`` run.
 
     python benchmarks/readme_tables.py docs/benchmark-cpu-2threads.json
 
-prints the "Speed" table (eager PyTorch modes) and the "Deploy" tables (runtimes, fp32 and
-INT8; file sizes), every figure a ratio to timm eager measured in the same run. The README
-holds exactly this output (tests/test_readme.py checks it), so its figures all come from the
-committed run.
+prints the "Speed" table (eager PyTorch modes) and the "Deploy runtimes" tables (runtimes, fp32
+and INT8; file sizes), every figure a ratio to timm eager measured in the same run, and the one
+line the README shows (``summary``). docs/speed.md and README.md hold exactly this output
+(tests/test_readme.py checks it), so their figures all come from the committed run.
 """
 from __future__ import annotations
 
@@ -106,6 +107,27 @@ def tables(path: str) -> dict[str, str]:
             "files": _files(data, models)}
 
 
+def _range(data: dict, models: list[str], mode: str, batch: int) -> str:
+    ratios = [data["ours"][(name, mode, batch)]["vs_timm"] for name in models if (name, mode, batch) in data["ours"]]
+    return f"{min(ratios):.2f}–{max(ratios):.2f}×"
+
+
+def summary(path: str) -> str:
+    """The README's one line on speed: the ranges over the models of the fused + channels_last
+    and ONNX Runtime ratios to timm eager, batch 1 latency and batch 32 throughput."""
+    data, models, batches = _results(path)
+    first, last = batches[0], batches[-1]
+    line = (f"One run on this project's 2-vCPU CI machine, as ratios to timm eager in the same run: fused + "
+            f"channels_last PyTorch takes {_range(data, models, 'fused_cl', first)} of its batch-{first} latency "
+            f"and gives {_range(data, models, 'fused_cl', last)} its batch-{last} throughput")
+    if any(key[1] == "onnxruntime" for key in data["ours"]):
+        line += (f"; ONNX Runtime takes {_range(data, models, 'onnxruntime', first)} and gives "
+                 f"{_range(data, models, 'onnxruntime', last)}")
+    return line + "."
+
+
 if __name__ == "__main__":
-    for name, text in tables(sys.argv[1] if len(sys.argv) > 1 else "docs/benchmark-cpu-2threads.json").items():
+    path = sys.argv[1] if len(sys.argv) > 1 else "docs/benchmark-cpu-2threads.json"
+    for name, text in tables(path).items():
         print(f"<!-- {name}-table -->\n{text}\n")
+    print(f"<!-- speed-summary -->\n{summary(path)}")

@@ -1,6 +1,7 @@
 """What many test files share: the repository root, running ``python -m models``, as a
-user does (a subprocess) or in this process (``cli``, seconds faster per call), and the README's
-command lines as they run in this clone or in a pip-installed venv (``readme_argv``)."""
+user does (a subprocess) or in this process (``cli``, seconds faster per call), the README's and
+docs/ pages' text (``doc``, ``DOCS``), and their command lines as they run in this clone or in a
+pip-installed venv (``readme_argv``)."""
 import contextlib
 import io
 import os
@@ -13,6 +14,21 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # What the README's `ghostnet-hub` is in this clone, where the package is not installed.
 MODELS = [sys.executable, "-m", "models"]
+
+
+def doc(name="README"):
+    """The text of README.md (``"README"``) or of the documentation page docs/NAME.md, where the
+    tests read the commands, code and tables they run and check."""
+    return (ROOT / "README.md" if name == "README" else ROOT / "docs" / f"{name}.md").read_text()
+
+
+def doc_pages():
+    """README.md and every page under docs/, by name ("README", "using", ...)."""
+    return ["README", *sorted(p.stem for p in (ROOT / "docs").glob("*.md"))]
+
+
+# Everything the documentation says: README.md and every docs/ page, for what may be anywhere in it.
+DOCS = "\n".join(doc(name) for name in doc_pages())
 
 
 def copy_working_tree(target):

@@ -127,10 +127,9 @@ def test_readme_weight_commands_run(published, tmp_path, monkeypatch):
     import re
     import shutil
 
-    from helpers import ROOT, readme_cli
+    from helpers import doc, readme_cli
 
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```bash\n(ghostnet-hub prefetch --all .*?)```", readme, re.S)[1]
+    block = re.search(r"```bash\n(ghostnet-hub prefetch --all .*?)```", doc("weights"), re.S)[1]
     manifest = tmp_path / "manifest.json"
     shutil.copy(os.environ["GHOSTNET_HUB_MANIFEST"], manifest)
     env = {"TORCH_HOME": str(tmp_path / "torch"), "GHOSTNET_HUB_MANIFEST": str(manifest)}

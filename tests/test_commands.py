@@ -1,4 +1,4 @@
-"""The commands a user is told, for a clone and for a pip install alike: the README spells them
+"""The commands a user is told, for a clone and for a pip install alike: the README and docs/ spell them
 ``ghostnet-hub COMMAND`` (in a clone, ``python -m models COMMAND``); ``--help`` and every hint the
 package prints name the spelling that works for how the package was obtained; every "install X"
 hint names the extra that provides X, and ``[export]`` alone exports and checks an ONNX file.
@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from helpers import MODELS, ROOT, readme_argv, run_models
+from helpers import DOCS, MODELS, ROOT, doc, readme_argv, run_models
 
 README = (ROOT / "README.md").read_text()
 OPTIONAL = ("onnx", "onnxscript", "onnxruntime", "executorch")  # the modules backends.require names
@@ -44,9 +44,9 @@ def test_readme_spells_commands_as_the_installed_package_does():
     install = README.split("### Install\n", 1)[1].split("\n## ", 1)[0]
     setup = README.split("<!-- ci:setup -->", 1)[1].split("```", 2)[1]  # the clone's quick start, as CI runs it
     assert "`python -m models COMMAND`" in install and "`ghostnet-hub COMMAND`" in install
-    elsewhere = README.replace(install, "").replace(setup, "")
+    elsewhere = DOCS.replace(install, "").replace(setup, "")  # the README and every docs/ page
     assert re.findall(r".{0,40}-m models.{0,40}", elsewhere) == []
-    commands = list(_command_lines(README))
+    commands = list(_command_lines(DOCS))
     ours = [c for c in commands if "ghostnet-hub" in c.split()]
     assert len(ours) >= 15, commands
     for command in commands:  # every line the README asks a user to type is one the tests know how to run
@@ -170,7 +170,7 @@ def test_readme_onnx_export_runs_with_the_export_extra_alone(published, tmp_path
     blocked = sorted(set(_requirements("deploy")) - set(_requirements("export")) | {"torchao"})
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({blocked!r}))\n")
-    block = README.split("<!-- deploy:commands -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    block = doc("deploy").split("<!-- deploy:commands -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     (line,) = [line for line in block.splitlines() if " export " in line and ".onnx" in line]
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}:{ROOT}", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(readme_argv(line), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

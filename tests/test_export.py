@@ -20,7 +20,7 @@ from models.tools._samples import (
 )
 from models.tools.predict import SAMPLE_IMAGE
 
-from helpers import ROOT, cli, readme_cli
+from helpers import DOCS, ROOT, cli, readme_cli
 from reference import PRETRAINED, build, random_state_dict
 
 
@@ -283,7 +283,7 @@ def test_int8_accuracy_on_held_out_images(learned, tmp_path, fmt):
 
 def _readme_block(marker, fence):
     """The first ``fence`` code block after ``marker`` (an HTML comment, or the block's first lines)."""
-    readme = (ROOT / "README.md").read_text()
+    readme = DOCS  # the README and the docs/ pages
     if marker.startswith("<!--"):
         return readme.split(marker, 1)[1].split(f"```{fence}\n", 1)[1].split("```", 1)[0]
     return marker + readme.split(f"```{fence}\n{marker}", 1)[1].split("```", 1)[0]

@@ -12,14 +12,14 @@ import time
 import pytest
 
 from faults import fault
-from helpers import ROOT, readme_argv
+from helpers import ROOT, doc, readme_argv
 from mounts import remount_read_only, tmpfs
 from reference import checkpoint_bytes
 from weights_server import weight_entry, write_manifest
 
 pytestmark = pytest.mark.slow
 
-README = (ROOT / "README.md").read_text()
+WEIGHTS_PAGE = doc("weights")  # docs/weights.md: the Docker recipe
 
 
 def _env(tmp_path, **extra):
@@ -161,7 +161,7 @@ LOAD = "import models; m = models.tinynet_a(pretrained=True); print(m.conv_stem.
        "and `verify` passes, with no request and no write")
 def test_readme_docker_recipe_on_a_read_only_cache(published, tmp_path):
     server, files = published
-    block = re.search(r"```dockerfile\n(.*?)```", README, re.S)[1]
+    block = re.search(r"```dockerfile\n(.*?)```", WEIGHTS_PAGE, re.S)[1]
     build_env, run_lines, runtime_env = {}, [], {}
     for line in block.splitlines():
         instruction, _, rest = line.partition(" ")

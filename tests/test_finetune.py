@@ -21,7 +21,7 @@ from models import api
 from models.tools._finetune_data import DataError, TrainImages, find_splits, train_transform
 from models.tools.finetune import finetune
 
-from helpers import ROOT, cli, readme_argv, readme_cli, run_models
+from helpers import ROOT, cli, doc, readme_argv, readme_cli, run_models
 from reference import build
 
 # The flag with which predict and evaluate take a checkpoint file (#10 renames it --checkpoint).
@@ -361,7 +361,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(small_data, tmp_path):
     assert len(curves[0]) == 9 and curves[0] == pytest.approx(curves[1], rel=1e-5)
 
 
-README = (ROOT / "README.md").read_text()
+README = doc("finetune")  # docs/finetune.md, where the README points for fine-tuning
 # Appended to the README's commands in the tests: small and fast, 2 epochs of 2 steps (so the
 # sampler's reshuffle per epoch counts), and no dropout, whose masks depend on the process (the
 # augmentation does not: it is seeded per image). SGD at a small rate, not AdamW: AdamW divides
@@ -434,7 +434,7 @@ def test_readme_commands_and_two_processes_equal_one(published, small_data, tmp_
                       re.S)[1]
     namespace = {}
     with contextlib.redirect_stdout(io.StringIO()):
-        exec(compile(block, "README.md", "exec"), namespace)
+        exec(compile(block, "docs/finetune.md", "exec"), namespace)
     assert namespace["result"].classes == list(CLASSES) and namespace["model"].num_classes == 4
     assert namespace["same"].pretrained_weights.meta["categories"] == list(CLASSES)
     assert len(server.hits) == before + 1  # the cache served every later run

@@ -13,7 +13,7 @@ import torch
 
 import models
 
-from helpers import ROOT
+from helpers import ROOT, doc
 from reference import PRETRAINED, PUBLISHED
 
 REPO = str(ROOT)
@@ -155,7 +155,7 @@ def test_trust_repo_behaves_as_the_readme_says(github_checkout, monkeypatch):
     remembers it without asking; False asks every time; a local directory is never questioned."""
     import urllib.error
 
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join(doc("using").split())
     assert 'with the default `trust_repo="check"` it asks on stdin (y/N)' in readme
     assert "`trust_repo=True` runs it without asking and adds it to that list" in readme
 

@@ -242,9 +242,9 @@ def test_the_journey_for_a_pip_user(installed, published, tmp_path):
     user who pip-installed the package, from their own project directory (not the clone):
     the model starts from the published weights (a loopback server), and the exported file
     names the fine-tuned classes with no --model."""
-    from helpers import ROOT, readme_argv, run_checked
+    from helpers import doc, readme_argv, run_checked
 
-    readme = (ROOT / "README.md").read_text()
+    readme = doc("finetune")
 
     def block(name):
         text = readme.split(f"<!-- finetune:{name} -->\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]

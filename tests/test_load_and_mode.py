@@ -10,7 +10,7 @@ import torch
 
 import models
 
-from helpers import ROOT
+from helpers import doc
 
 
 def _snapshot(model):
@@ -143,7 +143,7 @@ def _mode(model):
 
 def test_readme_mode_table_is_what_timm_and_the_models_do(published, tmp_path, monkeypatch):
     _, files = published
-    readme = (ROOT / "README.md").read_text()
+    readme = doc("using")
     section = readme[readme.index("## Coming from torchvision or timm"):]
     lines = section.split(_MODE_TABLE + "\n", 1)[1].splitlines()[1:]
     rows = [re.fullmatch(r"\| `(.*)` \| (\w+) \| \**(\w+)\** \|", line).groups()

@@ -15,7 +15,7 @@ import pytest
 
 import models
 
-from helpers import ROOT, readme_argv, run_checked, run_models
+from helpers import ROOT, doc, readme_argv, run_checked, run_models
 
 pytestmark = pytest.mark.slow  # git, pip and new Python processes: about 20 s
 
@@ -124,8 +124,7 @@ def test_installed_hints_name_installed_commands_that_work(installed, tmp_path):
 def test_readme_weights_commands_run_as_written_where_installed(installed, published, tmp_path):
     """The README's weights commands, as a pip user runs them from their own project (``manifest
     pin`` on a copy of the manifest, which it rewrites)."""
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```bash\n(ghostnet-hub prefetch --all .*?)```", readme, re.S)[1]
+    block = re.search(r"```bash\n(ghostnet-hub prefetch --all .*?)```", doc("weights"), re.S)[1]
     manifest = tmp_path / "manifest.json"
     shutil.copy(os.environ["GHOSTNET_HUB_MANIFEST"], manifest)
     env = {"TORCH_HOME": str(tmp_path / "torch"), "GHOSTNET_HUB_MANIFEST": str(manifest)}

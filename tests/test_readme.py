@@ -1,4 +1,5 @@
-"""The README states what the code does: its models table and its Python examples."""
+"""The README and the docs/ pages state what the code does: the models table, the Python examples
+and the speed tables."""
 import io
 import pathlib
 import re
@@ -8,10 +9,11 @@ import torch
 
 from models.manifest import load_manifest
 
-from helpers import ROOT
+from helpers import DOCS, ROOT, doc
 from reference import PUBLISHED, measure
 
 README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+USING = doc("using")  # docs/using.md: the Python examples, the argument table, torchvision and timm
 
 
 def _table_rows():
@@ -44,9 +46,9 @@ def test_table_row_matches_the_code_and_the_manifest(name):
 
 
 def test_python_example_runs():
-    block = re.search(r"```python\n(import torch\nimport models\n.*?)```", README, re.S)[1]
+    block = re.search(r"```python\n(import torch\nimport models\n.*?)```", USING, re.S)[1]
     namespace = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/using.md", "exec"), namespace)
     assert namespace["backbone"].feature_info.channels() == [24, 32, 88, 240]
     assert [m.shape[1] for m in namespace["maps"]] == [24, 32, 88, 240]
     assert namespace["model"].num_classes == 37
@@ -56,12 +58,12 @@ def test_pretrained_weights_example_runs(server, tmp_path, monkeypatch):
     from reference import checkpoint_bytes
     from weights_server import weight_entry, write_manifest
 
-    block = re.search(r"```python\n(from models import tinynet_a\n.*?)```", README, re.S)[1]
+    block = re.search(r"```python\n(from models import tinynet_a\n.*?)```", doc("weights"), re.S)[1]
     data = checkpoint_bytes("tinynet_a")
     manifest = write_manifest(tmp_path / "m.json", {"tinynet_a": [weight_entry(server.add("/a.pth", data), data)]})
     monkeypatch.setenv("GHOSTNET_HUB_MANIFEST", manifest)
     namespace = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/weights.md", "exec"), namespace)
     assert len(server.hits) == 1
     expected = torch.load(io.BytesIO(data), weights_only=True)
     assert torch.equal(namespace["model"].conv_stem.weight, expected["conv_stem.weight"])
@@ -69,19 +71,19 @@ def test_pretrained_weights_example_runs(server, tmp_path, monkeypatch):
 
 
 def test_argument_table_is_the_help_text():
-    """One source: _help._ARGUMENT_DOCS makes the help text, and the README's table says the
+    """One source: _help._ARGUMENT_DOCS makes the help text, and docs/using.md's table says the
     same, in the same order (its code spans aside)."""
     from models import _help, api
 
-    lines = README[README.index("| argument | |"):].splitlines()[2:]
+    lines = USING[USING.index("| argument | |"):].splitlines()[2:]
     rows = [re.fullmatch(r"\| `(\w+)=(.*?)` \| (.*) \|", line).groups()
             for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("|"))]]
     options = tuple(o for o in api.get_variant("tinynet_a").options if o not in _help._BUILD_ARGUMENTS)
     order = _help._BUILD_ARGUMENTS[:7] + options + _help._BUILD_ARGUMENTS[7:]
     expected = [(arg, *_help._ARGUMENT_DOCS[arg][1:]) for arg in order]
-    assert [(arg, default, doc.replace("`", "")) for arg, default, doc in rows] == expected
-    for arg, default, doc in expected:
-        assert f"{doc} Default: {default}." in api.tinynet_a.__doc__, arg
+    assert [(arg, default, text.replace("`", "")) for arg, default, text in rows] == expected
+    for arg, default, text in expected:
+        assert f"{text} Default: {default}." in api.tinynet_a.__doc__, arg
 
 
 def test_headline_runs_without_a_gpu():
@@ -92,7 +94,7 @@ def test_headline_runs_without_a_gpu():
 def _table(header):
     """(left, right) code of each row of the two-column table that starts with ``header``."""
     rows = []
-    for line in README.split(header + "\n", 1)[1].splitlines()[1:]:
+    for line in USING.split(header + "\n", 1)[1].splitlines()[1:]:
         if not line.startswith("|"):
             break
         rows.append(re.fullmatch(r"\| `(.*)` \| `(.*)` \|", line).groups())
@@ -150,14 +152,14 @@ def test_coming_from_torchvision_and_timm_runs(published, github_checkout, tmp_p
 
 @pytest.mark.slow
 def test_hub_examples_run(github_checkout, published, recwarn, tmp_path, monkeypatch):
-    """Every python block that uses torch.hub, in order, against this checkout in the hub
-    cache and the loopback weights server."""
+    """Every python block that uses torch.hub, in order (the README's, then the docs/ pages'),
+    against this checkout in the hub cache and the loopback weights server."""
     monkeypatch.chdir(tmp_path)  # the examples write files (an ONNX export)
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "OWNER/REPO" in b]
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", DOCS, re.S) if "OWNER/REPO" in b]
     assert len(blocks) == 5
     namespace = {}
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
+        exec(compile(block, "README.md or docs/", "exec"), namespace)
     assert len(namespace["categories"]) == 1000
     assert namespace["preprocess"](torch.zeros(3, 300, 300, dtype=torch.uint8)).shape == (3, 192, 192)
     assert namespace["model"].classifier.out_features == 10 and namespace["model"].training
@@ -183,7 +185,7 @@ def test_hub_examples_run(github_checkout, published, recwarn, tmp_path, monkeyp
 
 
 def test_onnx_example_names_the_extra_that_provides_it():
-    block = next(b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "torch.onnx.export" in b)
+    block = next(b for b in re.findall(r"```python\n(.*?)```", USING, re.S) if "torch.onnx.export" in b)
     assert "[export] extra" in block and "dynamic_shapes" in block
     extra = (ROOT / "requirements-export.txt").read_text()
     assert "onnxscript" in extra and "onnx" in extra
@@ -192,7 +194,8 @@ def test_onnx_example_names_the_extra_that_provides_it():
 
 
 def test_speed_tables_are_the_committed_benchmark_run():
-    """Every speed figure in the README comes from one committed run of ``benchmark --json``."""
+    """Every speed figure in docs/speed.md, and the README's summary line, comes from one
+    committed run of ``benchmark --json``."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
@@ -200,5 +203,9 @@ def test_speed_tables_are_the_committed_benchmark_run():
     spec.loader.exec_module(readme_tables)
     tables = readme_tables.tables(ROOT / "docs" / "benchmark-cpu-2threads.json")
     assert set(tables) == {"speed", "deploy", "files"}
+    speed = doc("speed")
     for name, text in tables.items():
-        assert f"<!-- {name}-table -->\n{text}\n" in README, f"README's {name} table is not the committed run's"
+        assert f"<!-- {name}-table -->\n{text}\n" in speed, f"docs/speed.md's {name} table is not the committed run's"
+    summary = readme_tables.summary(ROOT / "docs" / "benchmark-cpu-2threads.json")
+    assert f"<!-- speed-summary -->\n{summary}\n" in README, "README's speed summary is not the committed run's"
+    assert "<!-- speed-summary -->" not in speed and all(f"<!-- {name}-table -->" not in README for name in tables)
