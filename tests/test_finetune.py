@@ -451,7 +451,7 @@ def test_workers_do_not_change_the_result(tiny_run, small_data, tmp_path):
 
 @pytest.mark.slow
 def test_tinynet_e_learns_from_scratch_and_predict_agrees(tmp_path, monkeypatch):
-    # The README's figure commands, as written (the data: 4 classes, 32 train and 12 val images
+    # The figure commands of docs/finetune.md, as written (the data: 4 classes, 32 train and 12 val images
     # each, drawn apart); --workers 0 only saves starting processes (see the test above).
     make_data, train = readme_commands("figure")
     assert make_data[1] == "tests/stripes.py" and "--no-pretrained" in train

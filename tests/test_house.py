@@ -94,7 +94,9 @@ def test_the_github_name_is_the_same_everywhere():
     assert [p.name for p in listings] == [f"{owner}_{repo}_ghostnet_tinynet.md"]
     # (a GitHub name has one slash; "path/to/clone", a local checkout, is not one)
     literal_call = re.compile(r"""torch\.hub\.(?:load|list|help)\(\s*\\?["']([\w.-]+/[\w.-]+)\\?["']""")
-    for path in [ROOT / "README.md", ROOT / "examples" / "quickstart.ipynb", *listings]:
+    pages = [p for p in sorted((ROOT / "docs").glob("*.md")) if api.GITHUB_REPO in p.read_text()]
+    assert pages, "no docs/ page names the repository: the torch.hub examples are in docs/using.md"
+    for path in [ROOT / "README.md", ROOT / "examples" / "quickstart.ipynb", *listings, *pages]:
         text = path.read_text()
         assert api.GITHUB_REPO in text, path
         others = set(literal_call.findall(text)) - {api.GITHUB_REPO}
