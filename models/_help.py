@@ -1,5 +1,5 @@
 """The builders' help text, from one source: what each argument does (``_ARGUMENT_DOCS``, which
-the README's argument table is tested against) and the model's published facts."""
+docs/using.md's argument table is tested against) and the model's published facts."""
 from __future__ import annotations
 
 from ._base import Variant
@@ -11,7 +11,7 @@ GITHUB_REPO = "OWNER/REPO"
 
 # The arguments every builder takes (the build arguments, then its class's own options,
 # ``Variant.options``): type, default, what it does. The one source of the help text; the
-# README's argument table is tested against it.
+# docs/using.md's argument table is tested against it.
 _ARGUMENT_DOCS = {
     "pretrained": ("bool", "False", "the same as weights='DEFAULT', as in the original hub entry and timm."),
     "weights": ("str | WeightsEnum", "None", "published ImageNet weights, named as in torchvision: 'DEFAULT', "

@@ -1,5 +1,5 @@
 """The fault catalogue: each test of a fault says, with ``@fault(when, what)``, the situation
-and what the package does in it. README's "What happens when…" table is this catalogue, in
+and what the package does in it. docs/weights.md's "What happens when…" table is this catalogue, in
 this order; tests/test_faults.py fails when they differ. Print the table with
 
     python tests/faults.py

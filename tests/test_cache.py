@@ -122,7 +122,7 @@ def test_cache_list_works_on_a_missing_cache(tmp_path):
 
 @pytest.mark.slow
 def test_readme_weight_commands_run(published, tmp_path, monkeypatch):
-    """The README's block of weights commands, line by line, against the loopback server
+    """docs/weights.md's block of weights commands, line by line, against the loopback server
     (``manifest pin`` on a copy of the manifest, which it rewrites)."""
     import re
     import shutil

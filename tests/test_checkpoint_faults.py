@@ -1,7 +1,7 @@
 """Your own checkpoints and settings under the faults real users meet: a huge file that is not a
 checkpoint, a ``checkpoint=`` URL whose file changes upstream, user-URL files in ``cache clear``,
 a FIFO or ``/dev/zero`` as the manifest. Real processes (memory measured, hangs bounded by a
-timeout), real loopback servers. Each test is a row of README's "What happens when…" table."""
+timeout), real loopback servers. Each test is a row of docs/weights.md's "What happens when…" table."""
 import hashlib
 import io
 import logging

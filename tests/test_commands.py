@@ -165,7 +165,7 @@ def test_a_clone_names_python_m_models_and_its_requirements_files(told, name):
 
 @pytest.mark.slow
 def test_readme_onnx_export_runs_with_the_export_extra_alone(published, tmp_path):
-    """The README's ONNX export command in a process where only [export]'s packages (and the
+    """docs/deploy.md's ONNX export command in a process where only [export]'s packages (and the
     base requirements) can be imported among the optional ones: a sitecustomize blocks the rest."""
     blocked = sorted(set(_requirements("deploy")) - set(_requirements("export")) | {"torchao"})
     (tmp_path / "site").mkdir()

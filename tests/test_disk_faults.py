@@ -2,7 +2,7 @@
 its checkpoints, ``export`` its files and a download its bytes: real tmpfs mounts (tests/mounts.py),
 ``RLIMIT_FSIZE`` in a child process, SIGKILL. The rule is the weights path's: check the free space
 before writing, remove the partial file, one error naming the folder, the bytes needed and the
-bytes free; never a traceback, never an abort. Each test is a row of README's "What happens
+bytes free; never a traceback, never an abort. Each test is a row of docs/weights.md's "What happens
 when…" table (tests/faults.py)."""
 import hashlib
 import os

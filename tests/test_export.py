@@ -279,7 +279,7 @@ def test_int8_accuracy_on_held_out_images(learned, tmp_path, fmt):
     assert sizes["int8"] <= (0.42 if fmt == "openvino" else 0.35) * sizes["fp32"]
 
 
-# -- the README's Deploy section runs as written ------------------------------------------------
+# -- the commands and code of docs/deploy.md and docs/speed.md run as written ---------------------------
 
 def _readme_block(marker, fence):
     """The first ``fence`` code block after ``marker`` (an HTML comment, or the block's first lines)."""
@@ -320,7 +320,7 @@ def test_readme_deploy_commands_run_as_written(published, user_folder):
 def test_readme_deploy_python_example_runs(published, user_folder):
     block = _readme_block("from PIL import Image\n\nimport models\nfrom models.tools import backends", "python")
     namespace = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/deploy.md", "exec"), namespace)
     model, image = namespace["model"], namespace["image"]
     with torch.no_grad():
         expected = model(image)
@@ -339,7 +339,7 @@ def _option(args, flag):
 
 @pytest.mark.slow
 def test_readme_benchmark_command_is_the_committed_run(tmp_path):
-    """The README's tables come from docs/benchmark-cpu-2threads.json; the command printed above
+    """docs/speed.md's tables come from docs/benchmark-cpu-2threads.json; the command printed above
     them is the one that made it (modes, batch sizes, threads), and it runs: here with the
     options repeated at the end to measure one model once instead of all of them 30 times."""
     command = shlex.split(_readme_block("<!-- deploy:benchmark -->", "bash").replace("\\\n", " "))

@@ -1,6 +1,6 @@
 """Faults where processes and machines matter, with real ones: a process without any network
 (a network namespace), four processes behind one dead source, a file size limit
-(RLIMIT_FSIZE), and the README's Docker recipe on a cache that is really read-only."""
+(RLIMIT_FSIZE), and docs/weights.md's Docker recipe on a cache that is really read-only."""
 import os
 import re
 import resource
@@ -156,7 +156,7 @@ def test_file_size_limit_is_reported_like_a_full_disk(server, tmp_path):
 LOAD = "import models; m = models.tinynet_a(pretrained=True); print(m.conv_stem.weight.flatten()[0].item())"
 
 
-@fault("The README's Docker recipe, its cache then read-only (a real tmpfs remounted read-only)",
+@fault("The Docker recipe above, its cache then read-only (a real tmpfs remounted read-only)",
        "`prefetch --all && verify` fill it; afterwards models load with `GHOSTNET_HUB_OFFLINE=1` and without it, "
        "and `verify` passes, with no request and no write")
 def test_readme_docker_recipe_on_a_read_only_cache(published, tmp_path):

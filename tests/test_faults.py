@@ -1,7 +1,7 @@
 """The weights path under the faults real users meet, against the loopback server
 (tests/weights_server.py): no network, dead hosts, files that change, encoded and endless
 bodies, full and read-only disks (real tmpfs mounts), odd things in the cache. Each test is
-a row of README's "What happens when…" table (tests/faults.py), checked at the end."""
+a row of docs/weights.md's "What happens when…" table (tests/faults.py), checked at the end."""
 import hashlib
 import os
 import pathlib

@@ -83,7 +83,7 @@ def test_no_module_is_over_400_lines(path):
     assert len(path.read_text().splitlines()) <= 400
 
 
-# Other projects' hub repositories, named in comparisons (README's "Coming from torchvision").
+# Other projects' hub repositories, named in comparisons (docs/using.md's "Coming from torchvision").
 OTHER_HUB_REPOS = {"pytorch/vision", "huggingface/pytorch-image-models", "huawei-noah/ghostnet"}
 
 

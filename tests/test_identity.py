@@ -238,7 +238,7 @@ def test_the_journey_through_the_command_line(tmp_path):
 
 @pytest.mark.slow
 def test_the_journey_for_a_pip_user(installed, published, tmp_path):
-    """The README's fine-tune-and-use commands, spelled as the README spells them, run by a
+    """docs/finetune.md's fine-tune-and-use commands, spelled as the docs spell them, run by a
     user who pip-installed the package, from their own project directory (not the clone):
     the model starts from the published weights (a loopback server), and the exported file
     names the fine-tuned classes with no --model."""

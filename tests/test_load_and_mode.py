@@ -1,6 +1,6 @@
 """What loading leaves behind: a fused model refuses a state dict it cannot take without
 touching a parameter, and the train/eval mode after loading and after a new head is what a
-timm user relies on (and what the README's table says)."""
+timm user relies on (and what docs/using.md's table says)."""
 import re
 import warnings
 
@@ -124,7 +124,7 @@ def test_load_then_new_head_then_a_step_updates_batchnorm_as_in_timm(published, 
         assert not torch.equal(before, after), type(model).__name__  # BatchNorm is not frozen
 
 
-# The README's mode table: "| `call` | timm's mode | our mode |".
+# docs/using.md's mode table: "| `call` | timm's mode | our mode |".
 _MODE_TABLE = "| call | timm | here |"
 # timm's spelling of each call (with the published file instead of a download).
 _TIMM_CALLS = {

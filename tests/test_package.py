@@ -122,7 +122,7 @@ def test_installed_hints_name_installed_commands_that_work(installed, tmp_path):
 
 
 def test_readme_weights_commands_run_as_written_where_installed(installed, published, tmp_path):
-    """The README's weights commands, as a pip user runs them from their own project (``manifest
+    """docs/weights.md's weights commands, as a pip user runs them from their own project (``manifest
     pin`` on a copy of the manifest, which it rewrites)."""
     block = re.search(r"```bash\n(ghostnet-hub prefetch --all .*?)```", doc("weights"), re.S)[1]
     manifest = tmp_path / "manifest.json"

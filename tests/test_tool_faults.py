@@ -1,6 +1,6 @@
 """``finetune`` and ``predict`` under the faults real users meet: unreadable data, bad numbers,
 a loss that diverges, batches shrunk to one image, damaged checkpoints to resume from, one class
-name in two Unicode spellings, a FIFO among the images. Each is a row of README's "What happens
+name in two Unicode spellings, a FIFO among the images. Each is a row of docs/weights.md's "What happens
 when…" table (tests/faults.py); none may end in a traceback."""
 import json
 import os

@@ -231,7 +231,7 @@ def test_ghostnetv3_from_the_authors_training_checkpoint_and_timms_copy(server, 
     from models.description import describe
 
     assert "(unpinned: trusted on first use)" in describe(model).weights
-    # The README's two steps to the EMA weights, from the authors' file in the cache.
+    # docs/weights.md's two steps to the EMA weights, from the authors' file in the cache.
     cached = default_cache_dir() / models.get_weights("ghostnetv3_1x").entry.files[0].cache_name
     assert str(cached) in cli("info", "ghostnetv3_1x").stdout
     torch.save(models.weights.read_state_dict(cached)["state_dict_ema"], tmp_path / "ema.pth")
