@@ -28,7 +28,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from models import api  # noqa: E402
-from models.tools import _cpu, backends, export  # noqa: E402
+from models.tools import _cpu, _openvino, backends, export  # noqa: E402
 
 
 def _interleaved(candidates: dict, rounds: int, settle: float) -> dict[str, tuple[float, float]]:
@@ -62,8 +62,8 @@ def fixed_cost(threads: int, rounds: int) -> dict:
     session = ort.InferenceSession(h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]).SerializeToString(),
                                    options, providers=["CPUExecutionProvider"])
     param = ops.parameter([1, 8], np.float32, name="x")
-    compiled = ov.Core().compile_model(ov.Model([ops.add(param, param)], [param]), "CPU",
-                                       {**backends._OPENVINO_CONFIG, "INFERENCE_NUM_THREADS": threads})
+    compiled = _openvino.core().compile_model(ov.Model([ops.add(param, param)], [param]), "CPU",
+                                       {**_openvino._CONFIG, "INFERENCE_NUM_THREADS": threads})
     request, bound = compiled.create_infer_request(), compiled.create_infer_request()
     buffer = np.zeros_like(x)
     bound.set_input_tensor(ov.Tensor(buffer, shared_memory=True))
@@ -91,7 +91,6 @@ def _timed(call, n: int = 2000) -> float:
 
 
 def model_cost(name: str, threads: int, rounds: int, settle: float) -> dict:
-    import openvino as ov
 
     torch.manual_seed(0)
     model = api.get_model(name).eval()
@@ -103,7 +102,7 @@ def model_cost(name: str, threads: int, rounds: int, settle: float) -> dict:
         export.export(model, "openvino", folder / "m.xml")
         onnx_runner = backends.load_file(folder / "m.onnx", threads=threads)
         ours = backends.load_file(folder / "m.xml", threads=threads)
-        naive = ov.Core().compile_model(str(folder / "m.xml"), "CPU", {"INFERENCE_NUM_THREADS": threads})
+        naive = _openvino.core().compile_model(str(folder / "m.xml"), "CPU", {"INFERENCE_NUM_THREADS": threads})
         array = x.numpy()
         candidates = {"onnxruntime (our ONNX)": lambda: onnx_runner(x),
                       "openvino defaults (dynamic, pinned, compiled(x))": lambda: naive(array),

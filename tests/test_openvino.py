@@ -3,7 +3,10 @@ precision and the model's description in ``rt_info``, checked before it is writt
 backend (compiled once per input shape, with the settings chosen, not OpenVINO's defaults) and
 PyTorch's own bfloat16 and x86 INT8 paths. (INT8 accuracy: tests/test_export.py; the
 benchmark's modes and its peer: tests/test_benchmark.py.)"""
+import os
 import pathlib
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -11,9 +14,9 @@ import pytest
 import torch
 
 from models.description import describe
-from models.tools import _cpu, backends, export
+from models.tools import _cpu, _openvino, backends, export
 
-from helpers import cli
+from helpers import ROOT, cli
 from reference import build
 
 SAPPHIRE_RAPIDS = """processor\t: 0
@@ -134,6 +137,35 @@ def _expected(x):
     return x.sum((1, 2, 3))[:, None] * torch.tensor([[1.0, -1.0]])
 
 
+_TWO_RUNNERS = """
+import gc, os, signal, sys
+import torch
+from models.tools import backends
+first, second = (backends.load_file(sys.argv[1]) for _ in range(2))
+print(first(torch.ones(1, 3, 4, 4)).tolist(), second(torch.ones(1, 3, 4, 4)).tolist())
+del first  # dropped in the order loaded, as a notebook or a server drops models
+gc.collect()
+del second
+gc.collect()
+try:
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_two_openvino_runners_dropped_in_the_order_loaded_leave_signals_working(tmp_path):
+    # OpenVINO's CPU plugin gives the thread that loads it its own signal stack and puts back the
+    # one it found when its Core goes: with two Cores gone first-in first-out, the thread is left
+    # with a freed signal stack, and the next signal (Ctrl-C, a child's SIGCHLD) killed the
+    # process with SIGSEGV. A process of its own, so that the crash is seen, not suffered.
+    path = _small_ir(tmp_path / "m.xml")
+    result = subprocess.run([sys.executable, "-c", _TWO_RUNNERS, str(path)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.split() == ["[[48.0,", "-48.0]]", "[[48.0,", "-48.0]]", "interrupted"]
+
+
 def test_openvino_runner_compiles_once_per_shape_with_the_settings_chosen(tmp_path, monkeypatch):
     runner = backends.load_file(_small_ir(tmp_path / "m.xml"), threads=1)
     assert runner.backend == "openvino" and runner.description is None
@@ -172,7 +204,7 @@ def test_openvino_runner_compiles_once_per_shape_with_the_settings_chosen(tmp_pa
 def test_openvino_runner_reads_the_description_and_the_precision_of_the_file(tmp_path):
     described = describe(build("tinynet_e", num_classes=2), precision="bf16")
     path = _small_ir(tmp_path / "m.xml", precision="bf16", description=described)
-    native = "BF16" in __import__("openvino").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    native = "BF16" in _openvino.core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         runner = backends.load_file(path)

@@ -4,6 +4,7 @@
 never left to OpenVINO's default (bf16 on AMX CPUs)."""
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 import threading
@@ -116,15 +117,24 @@ class _Compiled:
             return torch.from_numpy(request.get_output_tensor(0).data.copy())
 
 
+@functools.cache
+def core():
+    """The one OpenVINO Core of this process, never released. OpenVINO's CPU plugin gives the
+    thread that loads it a signal stack of its own, and its Core puts back the stack it found
+    when it goes: two Cores released first-in first-out leave the thread a freed signal stack, and
+    the next signal (Ctrl-C, a child process's SIGCHLD) kills the process with SIGSEGV
+    (tests/test_openvino.py). One Core that stays is also the cheaper one: the plugin loads once."""
+    return require("openvino", "for the openvino backend").Core()
+
+
 def load(path: pathlib.Path, threads: int | None) -> Runner:
     ov = require("openvino", "for the openvino backend")
     weights = path.with_suffix(".bin")
     if not weights.is_file():
         raise ValueError(f"{path}: its weights {weights.name} are missing (an OpenVINO model is the .xml and the "
                          f".bin beside it)")
-    core = ov.Core()
     try:
-        graph = core.read_model(str(path), str(weights))
+        graph = core().read_model(str(path), str(weights))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path} is not an OpenVINO model that OpenVINO can read: {first}") from None
@@ -134,11 +144,11 @@ def load(path: pathlib.Path, threads: int | None) -> Runner:
     # elsewhere did not ask for.
     precision = graph.get_rt_info(key).astype(str) if graph.has_rt_info(key) else "f32"
     runs = precision
-    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    if precision == "bf16" and "BF16" not in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         warnings.warn(f"{path.name} asks for bfloat16, which this CPU has no instructions for (AVX-512 BF16 or "
                       "AMX): OpenVINO runs it in f32", stacklevel=3)
         runs = "f32"
     config = {**_CONFIG, "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
               "INFERENCE_PRECISION_HINT": precision}
-    return Runner("openvino", path, _Compiled(ov, core, graph, path, config, runs),
+    return Runner("openvino", path, _Compiled(ov, core(), graph, path, config, runs),
                   description=described(text, path))
