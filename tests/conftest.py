@@ -13,6 +13,21 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# The modules that hold the longest tests (ExecuTorch lowering, INT8 calibration, the journeys,
+# training), run first. xdist cannot split a test: when one of several minutes came last, one
+# worker ran it alone while the other sat idle (CI: the ExecuTorch INT8 test, 236 s, at the end).
+# Started first, they run while the other worker works through the short tests, and the tail is
+# short tests that the idle worker can take over.
+_LONG_FIRST = ("test_export.py", "test_identity.py", "test_finetune.py", "test_backends.py", "test_fuse.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return _LONG_FIRST.index(name) if name in _LONG_FIRST else len(_LONG_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its order, so module fixtures are built once
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():
