@@ -63,7 +63,7 @@ def fixed_cost(threads: int, rounds: int) -> dict:
                                    options, providers=["CPUExecutionProvider"])
     param = ops.parameter([1, 8], np.float32, name="x")
     compiled = _openvino.core().compile_model(ov.Model([ops.add(param, param)], [param]), "CPU",
-                                       {**_openvino._CONFIG, "INFERENCE_NUM_THREADS": threads})
+                                                 {**_openvino._CONFIG, "INFERENCE_NUM_THREADS": threads})
     request, bound = compiled.create_infer_request(), compiled.create_infer_request()
     buffer = np.zeros_like(x)
     bound.set_input_tensor(ov.Tensor(buffer, shared_memory=True))
@@ -91,7 +91,6 @@ def _timed(call, n: int = 2000) -> float:
 
 
 def model_cost(name: str, threads: int, rounds: int, settle: float) -> dict:
-
     torch.manual_seed(0)
     model = api.get_model(name).eval()
     size = model.default_input_size

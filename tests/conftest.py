@@ -144,7 +144,7 @@ def installed(tmp_path_factory):
     import sys
     from typing import NamedTuple
 
-    from helpers import ROOT, copy_working_tree, run_checked
+    from helpers import copy_working_tree, doc, run_checked
 
     class Installed(NamedTuple):
         python: pathlib.Path
@@ -164,8 +164,7 @@ def installed(tmp_path_factory):
     purelib = run_checked([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
     (venv / purelib.stdout.strip() / "_test_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
 
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- install -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    block = doc("README").split("<!-- install -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     assert block.splitlines()[0] == 'pip install "ghostnet-hub @ git+https://github.com/OWNER/REPO"'
     # The same install from a git URL; "name @ git+file:///..." is not a valid requirement, the bare URL is.
     run_checked([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",

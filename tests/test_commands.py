@@ -14,7 +14,7 @@ import pytest
 
 from helpers import DOCS, MODELS, ROOT, doc, readme_argv, run_models
 
-README = (ROOT / "README.md").read_text()
+README = doc("README")
 OPTIONAL = ("onnx", "onnxscript", "onnxruntime", "executorch")  # the modules backends.require names
 
 

@@ -50,7 +50,7 @@ def _cli_reference():
 
 def test_cli_page_is_generated_from_the_parser():
     reference = _cli_reference()
-    assert (ROOT / "docs" / "cli.md").read_text() == reference.page(), (
+    assert doc("cli") == reference.page(), (
         "docs/cli.md is stale: run python docs/cli_reference.py")
     from models.tools.cli import build_parser
 

@@ -20,7 +20,7 @@ from models.download import DownloadError, DownloadOptions, OfflineError
 from models.manifest import WeightFile
 
 from faults import fault, table
-from helpers import ROOT, cli
+from helpers import cli, doc
 from mounts import remount_read_only, tmpfs
 from reference import checkpoint_bytes
 from weights_server import checksums, weight_entry, write_manifest
@@ -439,7 +439,7 @@ def test_stale_partial_is_discarded_within_the_same_call(server, cache):
 
 # the table ---------------------------------------------------------------------------------------
 def test_readme_what_happens_table_is_the_fault_catalogue():
-    page = (ROOT / "docs" / "weights.md").read_text()
+    page = doc("weights")
     block = re.search(r"<!-- faults:begin -->\n(.*?)\n<!-- faults:end -->", page, re.S)
     assert block, "docs/weights.md has no <!-- faults:begin --> ... <!-- faults:end --> table"
     assert block[1] == table(), "docs/weights.md's fault table is stale: paste the output of `python tests/faults.py`"

@@ -10,7 +10,7 @@ from PIL import Image
 import models
 from models.tools.predict import SAMPLE_IMAGE, to_rgb
 
-from helpers import MODELS, ROOT, cli, readme_argv, run_models
+from helpers import MODELS, cli, doc, readme_argv, run_models
 
 TABBY = 281  # "tabby" in ImageNet-1k
 
@@ -71,8 +71,7 @@ run = cli  # in this process; the README's main job below runs as a real subproc
 
 
 def test_readme_main_job_classifies_the_sample(tabby_weights):
-    readme = (ROOT / "README.md").read_text()
-    setup = readme.split("<!-- ci:setup -->", 1)[1].split("```bash\n", 1)[1].split("\n", 1)[0]
+    setup = doc("README").split("<!-- ci:setup -->", 1)[1].split("```bash\n", 1)[1].split("\n", 1)[0]
     main_job = readme_argv(setup.split("&&")[-1])  # (a clone's quick start: .venv/bin/python -m models)
     assert main_job[:3] == MODELS
     result = run_models(*main_job[3:])
@@ -85,7 +84,8 @@ def test_readme_main_job_classifies_the_sample(tabby_weights):
 def test_sample_image_is_small_and_attributed():
     assert SAMPLE_IMAGE.stat().st_size <= 200_000
     assert Image.open(SAMPLE_IMAGE).size == (451, 300)
-    assert "Chelsea" in (ROOT / "README.md").read_text() and "CC0" in (ROOT / "README.md").read_text()
+    readme = doc("README")
+    assert "Chelsea" in readme and "CC0" in readme
 
 
 def test_directory_with_every_kind_of_image_and_a_broken_one(tabby_weights, tmp_path):

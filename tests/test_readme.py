@@ -1,7 +1,6 @@
 """The README and the docs/ pages state what the code does: the models table, the Python examples
 and the speed tables."""
 import io
-import pathlib
 import re
 
 import pytest
@@ -12,7 +11,7 @@ from models.manifest import load_manifest
 from helpers import DOCS, ROOT, doc
 from reference import PUBLISHED, measure
 
-README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = doc("README")
 USING = doc("using")  # docs/using.md: the Python examples, the argument table, torchvision and timm
 
 
