@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from models.tools import backends
+from models.tools._images import SAMPLE_IMAGE
 from models.tools._samples import check_images, default_transforms, generated_images
-from models.tools.predict import SAMPLE_IMAGE
 
 from helpers import ROOT, cli, run_models
 from reference import build, random_state_dict

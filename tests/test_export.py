@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from models.tools import backends, export
+from models.tools._images import SAMPLE_IMAGE
 from models.tools._samples import (
     calibration_batches,
     calibration_id,
@@ -18,7 +19,6 @@ from models.tools._samples import (
     default_transforms,
     generated_images,
 )
-from models.tools.predict import SAMPLE_IMAGE
 
 from helpers import DOCS, ROOT, cli, readme_cli
 from reference import PRETRAINED, build, random_state_dict

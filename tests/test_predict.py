@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import models
-from models.tools.predict import SAMPLE_IMAGE, to_rgb
+from models.tools._images import SAMPLE_IMAGE, to_rgb
 
 from helpers import MODELS, cli, doc, readme_argv, run_models
 

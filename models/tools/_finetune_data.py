@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from ._finetuned import class_name
-from .predict import IMAGE_SUFFIXES, open_image
+from ._images import IMAGE_SUFFIXES, open_image
 
 
 class DataError(ValueError):

@@ -1,66 +1,11 @@
-"""Many processes for ``finetune``: the process group that torchrun asks for (gloo on CPU, NCCL
-with one GPU per rank), and BatchNorm synchronised across ranks. On GPUs that is torch's
+"""BatchNorm synchronised across the ranks of ``finetune``. On GPUs that is torch's
 ``SyncBatchNorm``; on CPU, which torch's refuses, the same statistics come from a
 differentiable ``all_reduce`` over gloo, so ``--sync-bn`` means the same thing everywhere."""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from .. import api
-
-
-@dataclass
-class World:
-    rank: int
-    size: int
-    device: torch.device
-    owns_group: bool  # this run created the process group, so it destroys it
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` summed over the ranks (float64 on the CPU, for exact counts)."""
-        if self.size > 1:
-            values = values.to(self.device)
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values.cpu()
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def setup(device: str | torch.device | None) -> World:
-    """This process's rank, the number of ranks and its device; joins torchrun's process
-    group if it is one of several. Default device: this rank's GPU if there is one, else CPU."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        resolved = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    elif size > 1 and str(device) == "cuda":
-        resolved = api.resolve_device(f"cuda:{local_rank}")  # one GPU per rank
-    else:
-        resolved = api.resolve_device(device)
-    if resolved.type == "cuda":
-        torch.cuda.set_device(resolved)
-    owns = False
-    if size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
-        owns = True
-    if dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size(), resolved, owns)
-    return World(0, 1, resolved, False)
 
 
 class _AllReduceSum(torch.autograd.Function):

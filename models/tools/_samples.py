@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from ..pretrained import transforms_for
-from .predict import SAMPLE_IMAGE, ImageFiles, expand_sources
+from ._images import SAMPLE_IMAGE, ImageFiles, expand_sources
 
 SAMPLE_ID = "sample-v1"  # the default calibration set; change it when the set below changes
 

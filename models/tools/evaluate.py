@@ -25,10 +25,10 @@ from .. import api
 from ..download import is_url
 from ..manifest import Manifest
 from ..pretrained import categories_for, transforms_for
-from . import backends
+from . import _distributed, backends
 from ._args import add_command, int_at_least, model_from_args, model_source_arguments, published_weights
 from ._finetune_data import image_files, named_folders
-from .predict import ImageFiles, collate_images
+from ._images import ImageFiles, collate_images
 
 _SYNSETS = pathlib.Path(__file__).resolve().parents[1] / "data" / "imagenet_synsets.txt"
 _WNID = re.compile(r"n\d{8}")
@@ -133,14 +133,6 @@ def samples(data: pathlib.Path, classes: dict[str, int], limit: int | None) -> l
     return items[:limit] if limit else items
 
 
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        use_nccl = torch.cuda.is_available() and os.environ.get("LOCAL_RANK")
-        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def _what_ran(net, amp: bool, checkpoint) -> tuple[str, str | None]:
     """(precision, file) of what evaluate runs."""
     if isinstance(net, backends.Runner):
@@ -172,9 +164,9 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
         raise TypeError("evaluate(weights=...) is now evaluate(checkpoint=...)")
     if removed:
         raise TypeError(f"evaluate() got unexpected keyword argument(s) {', '.join(map(repr, removed))}")
-    rank, world = _distributed()
-    if world > 1 and device in (None, "cuda") and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    # Alone, evaluate runs on the CPU unless told; under torchrun, on this rank's GPU if there is one.
+    joined = _distributed.setup(device, gpu_by_default=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    rank, world, device = joined.rank, joined.size, joined.device
     data = pathlib.Path(data)
     args = argparse.Namespace(model=model, checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256,
                               num_classes=num_classes, manifest=manifest, backend=backend, model_file=model_file,

@@ -33,7 +33,7 @@ from .. import api
 from .._files import probe_writable, write_file
 from ..description import ModelDescription, describe, preprocessing_for
 from ..weights import get_weights
-from . import _finetune_dist, _finetune_loop
+from . import _distributed, _finetune_dist, _finetune_loop
 from ._args import add_command, check_numbers, int_at_least, real_in
 from ._finetune_data import (
     DataError,
@@ -46,7 +46,7 @@ from ._finetune_data import (
     train_transform,
 )
 from ._finetuned import checkpoint_room, resume_state, save_checkpoint
-from .predict import ImageFiles, collate_images
+from ._images import ImageFiles, collate_images
 
 # Every option, with its default: the one table the Python API and the command line share.
 DEFAULTS: dict[str, Any] = {
@@ -201,7 +201,7 @@ def finetune(model: str | None = None, data: str | pathlib.Path | None = None, o
     folder with ``val_split=0.1``), writing into ``out``; ``resume=OUT`` continues a run.
     ``options`` are ``DEFAULTS``' keys (``python -m models finetune --help`` explains each)."""
     cfg, state = _configure(model, data, out, resume, options)
-    world = _finetune_dist.setup(cfg["device"])
+    world = _distributed.setup(cfg["device"])
     try:
         return _run(cfg, state, world)
     finally:

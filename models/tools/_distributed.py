@@ -1,0 +1,65 @@
+"""Many processes under torchrun, for every command that spreads work over them (finetune,
+evaluate, label): the one place that joins torchrun's process group (gloo on CPU, NCCL with
+one GPU per rank) and knows this process's rank, the number of ranks and its device."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .. import api
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    device: torch.device
+    owns_group: bool  # this run created the process group, so it destroys it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the ranks (float64 on the CPU, for exact counts)."""
+        if self.size > 1:
+            values = values.to(self.device)
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values.cpu()
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup(device: str | torch.device | None, *, gpu_by_default: bool = True) -> World:
+    """This process's rank, the number of ranks and its device; joins torchrun's process
+    group if it is one of several (torchrun's environment: WORLD_SIZE, RANK, LOCAL_RANK and the
+    rendezvous, on one node or several). Default device: this rank's GPU if there is one and
+    ``gpu_by_default``, else CPU."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None and not gpu_by_default:
+        resolved = torch.device("cpu")
+    elif device is None:
+        resolved = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    elif size > 1 and str(device) == "cuda":
+        resolved = api.resolve_device(f"cuda:{local_rank}")  # one GPU per rank
+    else:
+        resolved = api.resolve_device(device)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    owns = False
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+        owns = True
+    if dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), resolved, owns)
+    return World(0, 1, resolved, False)
