@@ -8,6 +8,7 @@ options; ``list_models`` works as in timm and torchvision, ``get_model``,
 ``ghostnet_hub``) live in ``models.tools``, which this package never imports.
 """
 from . import api
+from ._version import __version__
 from .api import *  # noqa: F403 - the builders, one per VARIANTS row, and the registry functions
 from .ghostnet import GhostNet
 from .ghostnetv2 import GhostNetV2
@@ -25,8 +26,6 @@ from .pretrained import (
     TinyNet_E_Weights,
 )
 from .tinynet import TinyNet
-
-__version__ = "0.2.0"
 
 __all__ = ["GhostNet", "GhostNetV2", "GhostNetV3", "TinyNet", "GhostNet_1X_Weights", "GhostNetV2_1X_Weights",
            "GhostNetV2_1_3X_Weights", "GhostNetV2_1_6X_Weights", "GhostNetV3_1X_Weights", "TinyNet_A_Weights",

@@ -29,6 +29,7 @@ import filelock
 
 from . import download
 from ._hashing import sha256_file
+from ._state_dicts import CheckpointError, read_state_dict, released_state_dict
 from .cache import Target, cache_dir, entry_path, file_lock, remember, set_aside, target_for, verify_file
 from .manifest import WeightFile
 
@@ -117,15 +118,13 @@ def state_of(file: WeightFile, cache: str | os.PathLike | None = None) -> tuple[
 # -- do the sources agree? ---------------------------------------------------------------------
 
 def _tensors(path: pathlib.Path, file: WeightFile) -> dict:
-    from .weights import read_state_dict, released_state_dict  # (weights loads through this module)
-
     return released_state_dict(read_state_dict(path, format=file.format), path)
 
 
 def sources_agree(copies: Sequence[tuple[WeightFile, pathlib.Path, str]]) -> str | None:
     """None if every copy (file, local path, where it came from) holds the same tensors as
     the first, as they would be loaded; else what differs, in one line. A copy that cannot be
-    read safely raises ``weights.CheckpointError``."""
+    read safely raises ``CheckpointError``."""
     return _compare([(url, _tensors(path, file)) for file, path, url in copies])
 
 
@@ -251,8 +250,6 @@ def _first_use(files: Sequence[WeightFile], directory: pathlib.Path, *, progress
 def _readable(staged: list, failures: list) -> tuple[list, list]:
     """The staged copies that deserialise safely, and their tensors; the others join ``failures``
     (a source whose file cannot be read is as good as unreachable, and is not recorded)."""
-    from .weights import CheckpointError
-
     kept, loaded = [], []
     for file, path, url in staged:
         try:

@@ -15,34 +15,27 @@ import pathlib
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import torch
 
-from . import _checkpoints, ghostnet, ghostnetv2, ghostnetv3, tinynet
+from . import _checkpoints
 from ._base import ImageClassifier, Variant
 from ._builder import Builder, check_dtype, is_meta
 from ._devices import resolve_device
 from ._help import GITHUB_REPO, help_text
+from ._registry import VARIANTS, get_variant
 from .ghostnet import GhostNet
 from .ghostnetv2 import GhostNetV2
 from .ghostnetv3 import GhostNetV3
-from .manifest import DEFAULT_MANIFEST, Manifest, ModelEntry, load_manifest
+from .manifest import ModelEntry, load_manifest
+from .manifest import default_manifest as _default_manifest
 from .pretrained import WeightsEnum, get_model_weights, get_weight, resolve_weights
 from .tinynet import TinyNet
 from .weights import Checkpoint, CheckpointError, Weights, get_weights, read_checkpoint
 
-_VARIANTS: dict[str, Variant] = {**ghostnet.VARIANTS, **ghostnetv2.VARIANTS, **ghostnetv3.VARIANTS, **tinynet.VARIANTS}
-
 # Spellings that changed: using one is an error that names the new one.
 _RENAMED = {"weights_sha256": "checkpoint_sha256"}
-
-
-@lru_cache(maxsize=1)
-def _default_manifest() -> Manifest:
-    # The repository's own manifest: a broken $GHOSTNET_HUB_MANIFEST must not break import.
-    return load_manifest(DEFAULT_MANIFEST)
 
 
 def _patterns(argument: str, value: str | Sequence[str] | None) -> list[str]:
@@ -64,7 +57,7 @@ def list_models(filter: str | Sequence[str] = "", *, pretrained: bool = False,
     if removed:
         raise TypeError(f"list_models() got unexpected keyword argument(s) {', '.join(map(repr, removed))}")
     _check_flag("pretrained", pretrained)
-    names = list(_VARIANTS)
+    names = list(VARIANTS)
     for argument, value in (("filter", filter), ("include", include)):
         patterns = _patterns(argument, "" if value is None else value)
         if patterns:
@@ -75,13 +68,6 @@ def list_models(filter: str | Sequence[str] = "", *, pretrained: bool = False,
         released = load_manifest().models
         names = [n for n in names if n in released]
     return names
-
-
-def get_variant(name: str) -> Variant:
-    """The ``Variant`` behind model ``name``: class, architecture arguments, title, timm's name."""
-    if name not in _VARIANTS:
-        raise ValueError(f"unknown model {name!r}; models: {', '.join(_VARIANTS)}")
-    return _VARIANTS[name]
 
 
 def _reject_unknown_kwargs(builder: str, kwargs: dict, accepted: Iterable[str]) -> None:
@@ -195,14 +181,14 @@ def from_checkpoint(checkpoint: str | os.PathLike, *, model: str | None = None, 
     ``get_model``'s (``fuse``, ``channels_last``, ``drop_rate``, ...)."""
     target = resolve_device(device)
     loaded = read_checkpoint(checkpoint, sha256=checkpoint_sha256, progress=progress, map_location=target,
-                             max_bytes=_checkpoints.size_limit(_VARIANTS, [model] if model else list(_VARIANTS),
+                             max_bytes=_checkpoints.size_limit(VARIANTS, [model] if model else list(VARIANTS),
                                                                 num_classes))
     if loaded.description is not None:
         loaded.description.check(str(loaded.path), model=model, num_classes=num_classes)
         model = loaded.description.architecture
     elif model is None:
         raise ValueError(f"{loaded.path} is a plain state dict that does not name its model: say which it is "
-                         f"(one of {', '.join(_VARIANTS)})")
+                         f"(one of {', '.join(VARIANTS)})")
     return get_model(model, checkpoint=loaded, num_classes=num_classes, progress=progress, device=target, **options)
 
 
@@ -249,7 +235,7 @@ def _build(name: str, variant: Variant, *, target: torch.device, num_classes: in
     else:
         loaded = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(
             checkpoint, sha256=checkpoint_sha256, progress=progress, map_location=target,
-            max_bytes=_checkpoints.size_limit(_VARIANTS, [name], num_classes))
+            max_bytes=_checkpoints.size_limit(VARIANTS, [name], num_classes))
         source = str(loaded.path)
         load_classes, options = _checkpoints.build_arguments(name, variant, loaded, num_classes, options)
         state = loaded.state
@@ -262,7 +248,7 @@ def _build(name: str, variant: Variant, *, target: torch.device, num_classes: in
     checked, state = _checkpoints.for_backbone(model, variant, state, load_classes, options)
     problem = _checkpoints.mismatch(checked, state)
     if problem:
-        fits = _checkpoints.fits_instead(name, state, _VARIANTS)
+        fits = _checkpoints.fits_instead(name, state, VARIANTS)
         raise CheckpointError(f"{source} does not fit {name} built with {options or 'default options'} and "
                               f"num_classes={load_classes}: {problem}{fits}")
     state = _checkpoints.as_float32(state, source, _user_stacklevel() + 1)
@@ -316,7 +302,7 @@ def _entry_point(name: str, family: type[_M]) -> Builder[_M]:
     entry.__signature__ = _GET_MODEL_SIGNATURE.replace(  # type: ignore[attr-defined]
         parameters=list(_GET_MODEL_SIGNATURE.parameters.values())[1:], return_annotation=family.__name__)
     entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = help_text(name, _VARIANTS[name], _default_manifest())
+    entry.__doc__ = help_text(name, VARIANTS[name], _default_manifest())
     return entry
 
 
@@ -338,9 +324,10 @@ tinynet_c = _entry_point("tinynet_c", TinyNet)
 tinynet_d = _entry_point("tinynet_d", TinyNet)
 tinynet_e = _entry_point("tinynet_e", TinyNet)
 
+_BUILDERS = list(VARIANTS)  # (a name of this module: the docs' reader, griffe, expands only those)
 __all__ = ["GITHUB_REPO", "Weights", "WeightsEnum", "from_checkpoint", "get_model", "get_model_weights", "get_variant",
-           "get_weight", "get_weights", "list_models", "resolve_device", *_VARIANTS]
-if TYPE_CHECKING:  # they cannot read *_VARIANTS: the builders by name (a test checks them)
+           "get_weight", "get_weights", "list_models", "resolve_device", *_BUILDERS]
+if TYPE_CHECKING:  # they cannot read *_BUILDERS: the builders by name (a test checks them)
     __all__ += ["ghostnet_0_5x", "ghostnet_1x", "ghostnet_1_3x", "ghostnetv2_1x", "ghostnetv2_1_3x", "ghostnetv2_1_6x",
                 "ghostnetv3_0_5x", "ghostnetv3_1x", "ghostnetv3_1_3x", "ghostnetv3_1_6x", "tinynet_a", "tinynet_b",
                 "tinynet_c", "tinynet_d", "tinynet_e"]

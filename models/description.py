@@ -21,6 +21,10 @@ import torch
 from torch import nn
 
 from ._base import IMAGENET_MEAN, IMAGENET_STD
+from ._presets import classification_preset, imagenet_categories
+from ._registry import get_variant
+from ._version import __version__
+from .manifest import default_manifest
 
 __all__ = ["DESCRIPTION_KEY", "DescriptionError", "ModelDescription", "describe", "description_in_checkpoint",
            "preprocessing_for"]
@@ -43,9 +47,7 @@ def preprocessing_for(name: str, input_size: int | None = None) -> dict[str, Any
     """The evaluation preprocessing of model ``name``: its published recipe (the repository's
     manifest), else its family's (the class's interpolation, crop ratio 0.875, ImageNet
     statistics); scaled to ``input_size`` if given. The one place this is decided."""
-    from .api import _default_manifest, get_variant  # (api builds with this module: imported when called)
-
-    manifest = _default_manifest()
+    manifest = default_manifest()
     if name in manifest.models:
         e = manifest[name]
         crop, resize, interpolation, mean, std = e.input_size, e.resize_size, e.interpolation, e.mean, e.std
@@ -87,8 +89,6 @@ class ModelDescription:
     # -- as published weights -------------------------------------------------------------
     def transforms(self, antialias: bool = True) -> nn.Module:
         """torchvision's ``ImageClassification`` preset with this model's preprocessing."""
-        from .weights import classification_preset
-
         p = self.preprocessing
         return classification_preset(crop_size=p["input_size"], resize_size=p["resize_size"],
                                      interpolation=p["interpolation"], mean=tuple(p["mean"]), std=tuple(p["std"]))
@@ -169,9 +169,6 @@ def describe(model: nn.Module, *, classes: Sequence[str] | None = None, precisio
     """The description of a model built by this package (a builder, ``get_model``, a
     checkpoint): what it was built as, its class names (``classes`` overrides them, e.g.
     after ``reset_classifier``), its preprocessing and the weights it came from."""
-    from . import __version__
-    from .weights import Weights, imagenet_categories
-
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("architecture")
     if not name:
@@ -186,12 +183,8 @@ def describe(model: nn.Module, *, classes: Sequence[str] | None = None, precisio
         weights, sha256, known, pre = source.weights, source.weights_sha256, source.classes, source.preprocessing
     else:
         pre = preprocessing_for(name)
-        if isinstance(source, Weights):
-            checksums = source.entry.files[0].checksums
-            sha256 = checksums.get("sha256")
-            shown = ", ".join(f"{algo} {digest}" for algo, digest in checksums.items())
-            shown = shown or "unpinned: trusted on first use"
-            weights = f"{name} published ImageNet weights ({shown})"
+        if hasattr(source, "provenance"):  # published weights (``weights.Weights``, which reads descriptions)
+            weights, sha256 = source.provenance()
             known = tuple(imagenet_categories())
     if classes is not None:
         known = tuple(str(c) for c in classes)

@@ -5,6 +5,7 @@ every field and reports every problem at once, each with its JSON path.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -330,6 +331,13 @@ def _build(source: str, data: dict) -> Manifest:
             files=files,
         )
     return Manifest(source=source, models=models, raw=data)
+
+
+@functools.lru_cache(maxsize=1)
+def default_manifest() -> Manifest:
+    """The repository's own manifest (not $GHOSTNET_HUB_MANIFEST's: a broken one there must not
+    break import or help texts), read once."""
+    return load_manifest(DEFAULT_MANIFEST)
 
 
 def load_manifest(path: str | os.PathLike | None = None, *, architectures: Sequence[str] | None = None) -> Manifest:

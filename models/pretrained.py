@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._presets import classification_preset, imagenet_categories
 from .manifest import DEFAULT_MANIFEST, MANIFEST_ENV, Manifest, load_manifest
-from .weights import Weights, classification_preset, get_weights, imagenet_categories
+from .weights import Weights, get_weights
 
 __all__ = [
     "GhostNet_1X_Weights",

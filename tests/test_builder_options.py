@@ -56,7 +56,7 @@ def test_the_static_builder_type_is_get_models_signature():
 
 
 def test_type_checkers_see_every_builder():
-    """api.__all__ lists the builders as *_VARIANTS, which mypy cannot read: the names spelt
+    """api.__all__ lists the builders as *_BUILDERS, which mypy cannot read: the names spelt
     out for it must be the models (a new model missing there is untyped, not missing)."""
     tree = ast.parse(inspect.getsource(api))
     (block,) = [node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.tools import backends, export
+from models.tools import _runtimes, backends, export
 from models.tools._images import SAMPLE_IMAGE
 from models.tools._samples import (
     calibration_batches,
@@ -92,7 +92,7 @@ def test_an_export_that_computes_something_else_is_not_written(tmp_path, monkeyp
             return torch.zeros(len(images), 1000)
 
     monkeypatch.setattr(export, "_to_pt2", lambda net, path, *args: path.write_bytes(b"program"))
-    monkeypatch.setattr(backends, "load_file", lambda *args, **kwargs: Off())
+    monkeypatch.setattr(_runtimes, "load_file", lambda *args, **kwargs: Off())
     out = tmp_path / "m.pt2"
     with pytest.raises(export.ExportCheckError, match=r"differs from the eager model by 1\.0e\+00 of the largest"):
         export.export(model, "pt2", out)

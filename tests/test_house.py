@@ -35,7 +35,7 @@ def _imports(path):
 
 def test_every_model_is_one_row_of_a_family_table():
     families = (ghostnet, ghostnetv2, ghostnetv3, tinynet)
-    assert list(api._VARIANTS) == [name for family in families for name in family.VARIANTS] == models.list_models()
+    assert list(api.VARIANTS) == [name for family in families for name in family.VARIANTS] == models.list_models()
     # No architecture-level builders beside the public ones: one object per public name.
     for family in families:
         assert not [name for name in family.VARIANTS if hasattr(family, name)]
@@ -70,6 +70,58 @@ def test_the_library_never_imports_the_tools():
     for path in LIBRARY:
         for module, _level in _imports(path):
             assert "tools" not in module.split("."), f"{path.name} imports {module}"
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, at the top or inside a function (a lazy
+    import hides a circle from Python, not from the design)."""
+    names = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in names.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        graph[name] = set()
+        tree = ast.parse(path.read_text())
+        # Imports under "if TYPE_CHECKING:" are for type checkers; Python never runs them.
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+                       for statement in block.body for n in ast.walk(statement)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level and id(node) not in typing_only:
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                targets = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in names]
+                graph[name].update(targets or [base])
+    return graph
+
+
+def test_no_import_circles():
+    """The tools are floors: images and runtimes below, export above them, the commands on top;
+    nothing imports back up (issue #22 found predict -> backends -> export -> _samples -> predict)."""
+    graph = _package_imports()
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(module):  # Tarjan's strongly connected components
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in graph.get(module, ()):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while not component or component[-1] != module:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1 or module in graph.get(module, ()):
+                circles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    assert graph["models.tools.predict"] and not circles, f"modules that import each other: {circles}"
 
 
 def test_imports_inside_the_package_are_relative():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.description import describe
+from models.description import DESCRIPTION_KEY, describe
 from models.tools import _cpu, _openvino, backends, export
 
 from helpers import ROOT, cli
@@ -128,7 +128,7 @@ def _small_ir(path, precision=None, description=None):
     if precision:
         graph.set_rt_info(precision, ["runtime_options", "INFERENCE_PRECISION_HINT"])
     if description:
-        graph.set_rt_info(description.to_json(), backends.DESCRIPTION_KEY)
+        graph.set_rt_info(description.to_json(), DESCRIPTION_KEY)
     ov.save_model(graph, str(path), compress_to_fp16=False)
     return path
 
@@ -225,7 +225,7 @@ def test_bf16_export_records_its_precision_and_says_what_ran(tmp_path):
     out = tmp_path / "e.xml"
     report = export.export(model, "openvino", out, precision="bf16")
     text = out.read_text()
-    assert '<INFERENCE_PRECISION_HINT value="bf16" />' in text and backends.DESCRIPTION_KEY in text
+    assert '<INFERENCE_PRECISION_HINT value="bf16" />' in text and DESCRIPTION_KEY in text
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         runner = backends.load_file(out)

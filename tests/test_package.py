@@ -53,7 +53,7 @@ def test_installed_under_its_own_name_beside_the_users_models(installed):
     extras = {extra: [line for line in (ROOT / f"requirements-{extra}.txt").read_text().splitlines()
                       if line[:1].isalpha()] for extra in ("export", "deploy")}
     assert report["requires"] == requirements + [f'{r}; extra == "{e}"' for e, rs in extras.items() for r in rs]
-    init = (ROOT / "models" / "__init__.py").read_text()
+    init = (ROOT / "models" / "_version.py").read_text()
     assert re.search(r'^__version__ = "(.*)"$', init, re.M)[1] == report["version"]
 
 

@@ -111,36 +111,3 @@ def build_model(args: argparse.Namespace, **options: Any):
         model = api.get_model(args.model, weights=published_weights(args), **options)
     args.model = model.pretrained_cfg["architecture"]
     return model
-
-
-def model_from_args(args: argparse.Namespace, **options: Any):
-    """What predict and evaluate run: the exported ``--model-file`` (its description says what
-    it is; a file without one needs ``--model``), else the model of ``build_model`` run by
-    ``--backend``. ``args.model`` is set to the model's name."""
-    from . import backends
-
-    wrap_options = backends.options_from_args(args)
-    file = wrap_options.pop("model_file")
-    backend = wrap_options.pop("backend")
-    say = (lambda s: None) if getattr(args, "quiet", False) else backends.say
-    if file is None:
-        return backends.wrap(build_model(args, **options), backend, name=None, progress=say, **wrap_options)
-    backends.refuse_export_options(file, **wrap_options)
-    runner = backends.load_file(file, backend)
-    described = runner.description
-    if described is None:
-        if args.model is None:
-            raise ValueError(f"{file} carries no model description (it was not written by this package's export): "
-                             "pass --model NAME to say what it is (and --checkpoint FILE or --num-classes N if it "
-                             "is not the published model)")
-        return backends.lend(runner, build_model(args, **options))
-    described.check(str(file), model=args.model, num_classes=args.num_classes)
-    if args.checkpoint:  # redundant with a described file; it must at least be the same model
-        checkpoint = api.from_checkpoint(args.checkpoint, model=args.model, checkpoint_sha256=args.checkpoint_sha256,
-                                         num_classes=args.num_classes, progress=False)
-        theirs = checkpoint.pretrained_weights
-        if (theirs.architecture, theirs.classes) != (described.architecture, described.classes):
-            raise ValueError(f"--checkpoint {args.checkpoint} ({theirs.summary()}) is not the model of {file} "
-                             f"({described.summary()}): drop --checkpoint (the file names its own model)")
-    args.model = described.architecture
-    return runner

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends import quiet_native_output, require
+from ._runner import quiet_native_output, require
 
 
 class _Within(nn.Module):

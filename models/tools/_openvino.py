@@ -15,7 +15,7 @@ import numpy as np  # (OpenVINO's own requirement)
 import torch
 
 from ..description import DESCRIPTION_KEY, ModelDescription
-from .backends import Runner, described, quiet_native_output, require
+from ._runner import Runner, described, quiet_native_output, require
 
 # The inference precision an OpenVINO file records (rt_info ``runtime_options``), by its description's.
 _PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8-float-depthwise": "f32"}

@@ -6,221 +6,48 @@ an export made on the fly and cached. Every backend is called like the eager mod
 ONNX Runtime, ExecuTorch and OpenVINO are optional (the ``export`` extra has ONNX and ONNX Runtime,
 the ``deploy`` extra ExecuTorch and OpenVINO too) and imported only when a backend needs them; a
 missing one is a ``MissingRuntime`` error of one line naming the extra to install.
+
+The floors below: ``_runner`` (the Runner, ``require``), ``_runtimes`` (``load_file``), ``export``
+(which makes the files); this module, above them, makes a model run in a backend, and is what
+the commands use. Its public names include the lower floors' (``backends.load_file``, ...).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import hashlib
-import importlib
-import io
 import json
 import os
 import pathlib
-import sys
-import tempfile
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import _commands
+from .. import api
 from ..cache import export_target, exports_dir, file_lock, record_sha256, verify_file
-from ..description import DESCRIPTION_KEY, ModelDescription, describe
+from ..description import describe
+from . import export as exporter
+from ._args import build_model
+from ._compiled import compiled as compile_model
+from ._runner import (
+    BACKENDS,
+    FORMAT_OF,
+    SUFFIXES,
+    MissingRuntime,
+    Runner,
+    device_of,
+    lend,
+    quiet_native_output,
+    require,
+    say,
+)
+from ._runtimes import load_file
 
-__all__ = ["BACKENDS", "MissingRuntime", "Runner", "add_arguments", "device_of", "lend",
-           "load_file", "options_from_args", "require", "wrap"]
-
-BACKENDS = ("eager", "compile", "onnxruntime", "executorch", "openvino")
-# The pip package behind each optional module, and the smallest extra of this package that has it
-# (requirements-export.txt, requirements-deploy.txt).
-_PIP_NAMES = {"onnxruntime": "onnxruntime", "onnx": "onnx", "onnxscript": "onnxscript", "executorch": "executorch",
-              "torchao": "executorch", "openvino": "openvino", "nncf": "nncf"}
-_EXTRAS = {"onnxruntime": "export", "onnx": "export", "onnxscript": "export", "executorch": "deploy",
-           "torchao": "deploy", "openvino": "deploy", "nncf": "deploy"}
-SUFFIXES = {".onnx": "onnxruntime", ".pte": "executorch", ".pt2": "eager", ".xml": "openvino"}
-# The export format behind each runtime backend.
-FORMAT_OF = {"onnxruntime": "onnx", "executorch": "executorch", "openvino": "openvino"}
-
-
-class MissingRuntime(ImportError):
-    """An optional runtime (ONNX Runtime, ExecuTorch) is not installed; the message is one
-    line that names what to install."""
-
-
-def require(module: str, purpose: str = "") -> Any:
-    """``import module``, or a ``MissingRuntime`` naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        top = module.split(".")[0]
-        what = f" (needed {purpose})" if purpose else ""
-        raise MissingRuntime(
-            f"{top} is not installed{what}: {_commands.install(_EXTRAS.get(top, 'deploy'))}, "
-            f"or just pip install {_PIP_NAMES.get(top, top)}"
-        ) from None
-
-
-@contextlib.contextmanager
-def quiet_native_output() -> Iterator[None]:
-    """Silence what the runtimes and exporters print (ExecuTorch logs its CPU probing on file
-    descriptor 2, the ONNX exporter prints progress) and their warnings; what they printed is
-    shown if the block fails."""
-    sink = tempfile.TemporaryFile(mode="w+b")
-    python_output = io.StringIO()
-    saved = []
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(AttributeError, ValueError, OSError):
-            stream.flush()
-    with contextlib.suppress(OSError):  # without real descriptors (some notebooks) only Python's is caught
-        for fd in (1, 2):
-            saved.append((fd, os.dup(fd)))
-            os.dup2(sink.fileno(), fd)
-    try:
-        with contextlib.redirect_stdout(python_output), contextlib.redirect_stderr(python_output), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the runtimes' notes on their own internals
-            yield
-    except BaseException:
-        _restore(saved)
-        sink.seek(0)
-        sys.stderr.write(sink.read().decode(errors="replace") + python_output.getvalue())
-        raise
-    finally:
-        _restore(saved)
-        sink.close()
-
-
-def _restore(saved: list) -> None:
-    while saved:
-        fd, copy = saved.pop()
-        os.dup2(copy, fd)
-        os.close(copy)
-
-
-class Runner:
-    """An exported model in its runtime, called like the eager model: float images
-    (N, 3, H, W) in, logits (N, classes) out, on the CPU. Batches larger than the program
-    takes (``max_batch``, ExecuTorch) are run in pieces."""
-
-    device = torch.device("cpu")
-    training = False
-
-    def __init__(self, backend: str, path: pathlib.Path, run: Callable[[torch.Tensor], torch.Tensor],
-                 max_batch: int | None = None, description: ModelDescription | None = None):
-        self.backend, self.path, self._run, self.max_batch = backend, pathlib.Path(path), run, max_batch
-        # What the file says it is (None for a file exported elsewhere); like a published
-        # model's weights, it gives the preprocessing and class names.
-        self.description = description
-        self.pretrained_weights: Any = description
-        self.num_classes = description.num_classes if description is not None else None
-
-    @property
-    def inference_precision(self) -> str:
-        """What the runtime computes the float parts in (OpenVINO: ``f32`` or ``bf16`` as compiled)."""
-        return getattr(self._run, "inference_precision", "f32")
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.detach().to("cpu", torch.float32).contiguous()
-        step = self.max_batch or len(images)
-        parts = [self._run(images[i:i + step]) for i in range(0, len(images), step)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def eval(self) -> Runner:
-        return self
-
-    def __repr__(self) -> str:
-        return f"Runner({self.backend}, {str(self.path)!r})"
-
-
-def device_of(model: Any) -> torch.device:
-    """Where a model's inputs go: its parameters' device, or the CPU for a runtime."""
-    if isinstance(model, Runner):
-        return model.device
-    first = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
-    return first.device if first is not None else torch.device("cpu")
-
-
-def _onnxruntime(path: pathlib.Path, threads: int | None) -> Runner:
-    ort = require("onnxruntime", "for the onnxruntime backend")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    text = session.get_modelmeta().custom_metadata_map.get(DESCRIPTION_KEY)
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: images.numpy()})[0])
-
-    return Runner("onnxruntime", path, run, description=described(text, path))
-
-
-def _executorch(path: pathlib.Path, threads: int | None) -> Runner:
-    require("executorch", "for the executorch backend")
-    with quiet_native_output():
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-        from executorch.runtime import Runtime
-
-        _unsafe_reset_threadpool(threads or torch.get_num_threads())
-        program = Runtime.get().load_program(pathlib.Path(path))
-        method = program.load_method("forward")
-        text = None
-        if DESCRIPTION_KEY in program.method_names:  # a constant method: the JSON as uint8
-            text = program.load_method(DESCRIPTION_KEY).execute(())[0].numpy().tobytes()
-    max_batch = method.metadata.input_tensor_meta(0).sizes()[0]
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        return method.execute((images,))[0]
-
-    run.program = program  # keeps the program (and its buffers) alive as long as the method
-    return Runner("executorch", path, run, max_batch=max_batch, description=described(text, path))
-
-
-def _pt2(path: pathlib.Path, backend: str) -> Runner:
-    extra = {DESCRIPTION_KEY: ""}
-    module = torch.export.load(str(path), extra_files=extra).module()  # (it refuses .eval(): a Runner holds it)
-    if backend == "compile":
-        module = torch.compile(module)
-    return Runner(backend, path, module, description=described(extra[DESCRIPTION_KEY] or None, path))
-
-
-def described(text: str | bytes | None, path: pathlib.Path) -> ModelDescription | None:
-    return None if text is None else ModelDescription.from_json(text, str(path))
-
-
-def load_file(path: str | os.PathLike, backend: str | None = None, *, threads: int | None = None) -> Runner:
-    """A file written by ``export`` (``.onnx``, ``.pte``, ``.pt2`` or OpenVINO's ``.xml``) in
-    ``backend``, which is inferred from the suffix when not given. A ``.pt2`` runs eagerly or
-    compiled; an OpenVINO file in the inference precision it records (f32 if none). The runner
-    carries the file's model description (``runner.description``: model, class names,
-    preprocessing, precision), or None for a file exported elsewhere."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(f"exported model {path} does not exist")
-    backend = backend or SUFFIXES.get(path.suffix)
-    expected = {".onnx": ("onnxruntime",), ".pte": ("executorch",), ".pt2": ("eager", "compile"),
-                ".xml": ("openvino",)}.get(path.suffix)
-    if backend not in BACKENDS or expected is None or backend not in expected:
-        raise ValueError(f"{path}: backend {backend!r} cannot run it; {path.suffix or 'no suffix'} files run in "
-                         f"{' or '.join(expected) if expected else 'nothing known (use .onnx, .pte, .pt2 or .xml)'}")
-    if backend == "onnxruntime":
-        runner = _onnxruntime(path, threads)
-    elif backend == "executorch":
-        runner = _executorch(path, threads)
-    elif backend == "openvino":
-        from . import _openvino  # (it imports this module)
-
-        runner = _openvino.load(path, threads)
-    else:
-        runner = _pt2(path, backend)
-    return runner
-
+__all__ = ["BACKENDS", "FORMAT_OF", "SUFFIXES", "MissingRuntime", "Runner", "add_arguments", "device_of", "lend",
+           "load_file", "model_from_args", "options_from_args", "quiet_native_output", "require", "say", "wrap"]
 
 # -- on-the-fly exports, cached -------------------------------------------------------------
 
@@ -234,7 +61,10 @@ def _source_digest() -> str:
     """The library's code: an export made by another version of the models is not reused."""
     digest = hashlib.sha256()
     library = pathlib.Path(__file__).resolve().parents[1]
-    for path in sorted(library.glob("*.py")) + [pathlib.Path(__file__).with_name("export.py")]:
+    # (the library, and the tools' floors that make an export: what they write may change with them)
+    tools = [pathlib.Path(__file__).with_name(f) for f in ("_runner.py", "_runtimes.py", "_openvino.py", "_samples.py",
+                                                          "export.py")]
+    for path in sorted(library.glob("*.py")) + tools:
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
 
@@ -297,13 +127,9 @@ def wrap(model: nn.Module, backend: str = "eager", *, file: str | os.PathLike | 
         if float_depthwise:
             raise ValueError("--float-depthwise needs an exported model (onnxruntime, executorch, openvino); "
                              "compile's INT8 quantizes every convolution")
-        from ._compiled import compiled as compile_model  # (it imports this module)
-
         compiled = compile_model(model, precision, int8, calibration)
         compiled.pretrained_weights = weights
         return compiled
-    from . import export as exporter
-
     fmt = FORMAT_OF[backend]
     require({"onnx": "onnxruntime"}.get(fmt, fmt), f"for the {backend} backend")
     options = {"int8": int8, "float_depthwise": float_depthwise,
@@ -337,25 +163,42 @@ def wrap(model: nn.Module, backend: str = "eager", *, file: str | os.PathLike | 
     return lend(load_file(path, backend, threads=threads), model)
 
 
+def model_from_args(args: argparse.Namespace, **options: Any):
+    """What predict and evaluate run: the exported ``--model-file`` (its description says what
+    it is; a file without one needs ``--model``), else the model of ``build_model`` run by
+    ``--backend``. ``args.model`` is set to the model's name."""
+    wrap_options = options_from_args(args)
+    file = wrap_options.pop("model_file")
+    backend = wrap_options.pop("backend")
+    tell = (lambda s: None) if getattr(args, "quiet", False) else say
+    if file is None:
+        return wrap(build_model(args, **options), backend, name=None, progress=tell, **wrap_options)
+    refuse_export_options(file, **wrap_options)
+    runner = load_file(file, backend)
+    described = runner.description
+    if described is None:
+        if args.model is None:
+            raise ValueError(f"{file} carries no model description (it was not written by this package's export): "
+                             "pass --model NAME to say what it is (and --checkpoint FILE or --num-classes N if it "
+                             "is not the published model)")
+        return lend(runner, build_model(args, **options))
+    described.check(str(file), model=args.model, num_classes=args.num_classes)
+    if args.checkpoint:  # redundant with a described file; it must at least be the same model
+        checkpoint = api.from_checkpoint(args.checkpoint, model=args.model, checkpoint_sha256=args.checkpoint_sha256,
+                                         num_classes=args.num_classes, progress=False)
+        theirs = checkpoint.pretrained_weights
+        if (theirs.architecture, theirs.classes) != (described.architecture, described.classes):
+            raise ValueError(f"--checkpoint {args.checkpoint} ({theirs.summary()}) is not the model of {file} "
+                             f"({described.summary()}): drop --checkpoint (the file names its own model)")
+    args.model = described.architecture
+    return runner
+
+
 def refuse_export_options(file: str | os.PathLike, *, int8: bool = False, float_depthwise: bool = False,
                           calibration: str | os.PathLike | None = None, precision: str = "fp32") -> None:
     if int8 or float_depthwise or calibration or precision != "fp32":  # the file is what it is: these would be ignored
         raise ValueError(f"--int8, --float-depthwise, --calibration and --precision make an export; {file} is already "
                          "one (export it with those options, or drop the file to export on the fly)")
-
-
-def lend(runner: Runner, model: nn.Module) -> Runner:
-    """A runner for a file that has no description takes the eager model's (class names,
-    preprocessing), which the caller says is the model of the file."""
-    if runner.description is None:
-        runner.pretrained_weights = getattr(model, "pretrained_weights", None)
-        runner.num_classes = getattr(model, "num_classes", None)
-        runner.pretrained_cfg = getattr(model, "pretrained_cfg", None)
-    return runner
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- the command-line options predict and evaluate share --------------------------------------

@@ -26,7 +26,7 @@ from ..download import is_url
 from ..manifest import Manifest
 from ..pretrained import categories_for, transforms_for
 from . import _distributed, backends
-from ._args import add_command, int_at_least, model_from_args, model_source_arguments, published_weights
+from ._args import add_command, int_at_least, model_source_arguments, published_weights
 from ._finetune_data import image_files, named_folders
 from ._images import ImageFiles, collate_images
 
@@ -175,7 +175,7 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
     if model_file is None and checkpoint is None:
         published_weights(args)  # a model without weights: the error, before any work
     # Every rank asks; the cache lock makes one download that all of them then verify and share.
-    net = model_from_args(args, device=device, progress=progress and rank == 0, fuse=fused,
+    net = backends.model_from_args(args, device=device, progress=progress and rank == 0, fuse=fused,
                           channels_last=channels_last)
     classes = categories_for(net)
     indices = class_indices(data, classes, class_map)

@@ -38,8 +38,9 @@ from .._files import WriteError, check_room, probe_writable
 from ..description import DESCRIPTION_KEY, ModelDescription, describe
 from ..ghostnet import GhostNet, pad_ghost_halves
 from ..layers import SqueezeExcite
-from . import _openvino, backends
+from . import _openvino, _runtimes
 from ._args import add_command, build_model, int_at_least, model_source_arguments
+from ._runner import quiet_native_output, require
 from ._samples import calibration_batches, calibration_id, check_images, default_transforms
 from ._workdir import work_folder
 
@@ -115,8 +116,8 @@ def _is_depthwise(node) -> bool:
 def _pt2e(net: nn.Module, example: torch.Tensor, dynamic: dict | None, float_depthwise: bool,
           batches: list[torch.Tensor]) -> nn.Module:
     """PT2E post-training quantization with the XNNPACK quantizer (per-channel symmetric)."""
-    backends.require("executorch", "for INT8 with the XNNPACK quantizer")
-    with backends.quiet_native_output():  # torchao logs notes on its own internals when imported
+    require("executorch", "for INT8 with the XNNPACK quantizer")
+    with quiet_native_output():  # torchao logs notes on its own internals when imported
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
             get_symmetric_quantization_config,
@@ -135,9 +136,9 @@ def _pt2e(net: nn.Module, example: torch.Tensor, dynamic: dict | None, float_dep
 
 
 def _to_onnx(net: nn.Module, example: torch.Tensor, path: pathlib.Path) -> None:
-    backends.require("onnxscript", "by torch.onnx.export")
-    backends.require("onnx", "by torch.onnx.export")
-    with backends.quiet_native_output():
+    require("onnxscript", "by torch.onnx.export")
+    require("onnx", "by torch.onnx.export")
+    with quiet_native_output():
         torch.onnx.export(net, (example,), str(path), dynamo=True, opset_version=OPSET, external_data=False,
                           input_names=["images"], output_names=["logits"],
                           dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
@@ -153,7 +154,7 @@ def _describe_onnx(path: pathlib.Path, described: ModelDescription) -> None:
 
 
 def _onnx_int8(fp32: pathlib.Path, out: pathlib.Path, float_depthwise: bool, batches: list[torch.Tensor]) -> None:
-    backends.require("onnxruntime", "for INT8 with quantize_static")
+    require("onnxruntime", "for INT8 with quantize_static")
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -165,7 +166,7 @@ def _onnx_int8(fp32: pathlib.Path, out: pathlib.Path, float_depthwise: bool, bat
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = fp32.with_name("prepared.onnx")
-    with backends.quiet_native_output():
+    with quiet_native_output():
         quant_pre_process(str(fp32), str(prepared))
     graph = onnx.load(str(prepared))
     for i, node in enumerate(graph.graph.node):  # every node needs a name to be excluded by
@@ -188,7 +189,7 @@ def _onnx_int8(fp32: pathlib.Path, out: pathlib.Path, float_depthwise: bool, bat
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
                         nodes_to_exclude=depthwise if float_depthwise else None)
 
-    with backends.quiet_native_output():
+    with quiet_native_output():
         # Activation ranges from the 99.999th percentile, not min/max: one outlier in calibration
         # no longer widens a range for every input (on the model of tests/test_export.py, top-1
         # agreement with fp32 rose from 0.86 to 0.93).
@@ -204,8 +205,8 @@ def _onnx_int8(fp32: pathlib.Path, out: pathlib.Path, float_depthwise: bool, bat
 
 def _to_executorch(net: nn.Module, path: pathlib.Path, size: tuple[int, int], int8: bool, float_depthwise: bool,
                    batches: list[torch.Tensor], max_batch: int, described: ModelDescription) -> None:
-    backends.require("executorch", "to export to ExecuTorch")
-    with backends.quiet_native_output():
+    require("executorch", "to export to ExecuTorch")
+    with quiet_native_output():
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
@@ -214,7 +215,7 @@ def _to_executorch(net: nn.Module, path: pathlib.Path, size: tuple[int, int], in
     dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=max_batch)}} if max_batch > 1 else None
     if int8:
         net = _pt2e(net, example, dynamic, float_depthwise, batches)
-    with backends.quiet_native_output():
+    with quiet_native_output():
         program = torch.export.export(net, (example,), dynamic_shapes=dynamic)
         # The description rides in the program as a constant method returning its JSON as bytes
         # (ExecuTorch programs have no string metadata; a method is read without running the model).
@@ -275,9 +276,9 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
         raise ValueError(f"an OpenVINO model is M.xml with its weights in M.bin: give an --out ending in .xml, "
                          f"not {pathlib.Path(out).name}")
     if format == "openvino" and int8:
-        backends.require("nncf", "for OpenVINO INT8")
+        require("nncf", "for OpenVINO INT8")
     for module in _RUNTIMES[format]:  # fail before the work, not after it
-        backends.require(module, f"to export to {format} and check it")
+        require(module, f"to export to {format} and check it")
     start = time.perf_counter()
     out = pathlib.Path(out)
     described = describe(model, classes=classes,
@@ -318,7 +319,7 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
         progress("checking the export against the eager model")
         with warnings.catch_warnings():  # (a bf16 file on a CPU without bf16: the report says it)
             warnings.simplefilter("ignore")
-            runner = backends.load_file(written, backend, threads=torch.get_num_threads())
+            runner = _runtimes.load_file(written, backend, threads=torch.get_num_threads())
         if runner.description != described:
             raise ExportCheckError(f"the {format} file does not carry the model's description; {out} was not written")
         with torch.no_grad():

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .. import api
 from ..pretrained import categories_for, released_models, transforms_for
 from . import backends
-from ._args import add_command, int_at_least, model_from_args, model_source_arguments
+from ._args import add_command, int_at_least, model_source_arguments
 from ._images import SAMPLE_IMAGE, ImageFiles, collate_images, expand_sources
 
 
@@ -64,7 +64,7 @@ def _run(args) -> int:
         raise SystemExit("error: no images found in " + ", ".join(args.images))
     if not args.checkpoint and not args.model_file:
         args.model = args.model or "ghostnet_1x"
-    model = model_from_args(args, device=args.device, progress=not args.quiet)
+    model = backends.model_from_args(args, device=args.device, progress=not args.quiet)
     failed = 0
     for result in predict(model, sources, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                           progress=not args.quiet and not args.json):
