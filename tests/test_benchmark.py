@@ -7,9 +7,8 @@ import pytest
 
 from helpers import cli, run_models
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow  # runs the benchmark: tens of seconds
 def test_benchmark_command_writes_table_csv_json_and_figure(tmp_path):
     out = {ext: tmp_path / f"bench.{ext}" for ext in ("csv", "json", "png")}
     result = run_models(
@@ -42,6 +41,7 @@ def test_benchmark_command_writes_table_csv_json_and_figure(tmp_path):
     assert any("tinynet_e" in line and "fused_cl" in line and "x time" in line for line in table)
 
 
+@pytest.mark.slow  # runs the benchmark: tens of seconds
 def test_every_timed_cpu_call_starts_after_the_thread_pools_settle(monkeypatch):
     """Runtimes' thread pools spin on after a call (ONNX Runtime's slowed the next candidate 2x);
     each timed call waits SETTLE_S first, so no candidate inherits another's spinning threads."""
@@ -81,6 +81,7 @@ def test_compiled_is_measured_when_asked_for(monkeypatch, options):
     assert asked == [["eager", "compiled"]]
 
 
+@pytest.mark.slow  # runs the benchmark: tens of seconds
 def test_openvino_modes_beside_onnx_runtime_on_timms_onnx_on_a_named_cpu(tmp_path):
     """The peer a user would pick (ONNX Runtime on timm's own ONNX export) is measured in the same
     run, every row has its ratio to it, and the CPU's features are in the header and the JSON."""
@@ -108,6 +109,7 @@ def test_openvino_modes_beside_onnx_runtime_on_timms_onnx_on_a_named_cpu(tmp_pat
         "" if _cpu.native_bf16() else bf16_note.split(": ", 1)[1])
 
 
+@pytest.mark.slow  # runs the benchmark: tens of seconds
 def test_ghostnetv2_and_v3_are_benchmarked_beside_timms_implementation():
     from models.tools import benchmark
 

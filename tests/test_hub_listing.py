@@ -8,8 +8,6 @@ from models.manifest import load_manifest
 
 from helpers import ROOT
 
-pytestmark = pytest.mark.slow
-
 LISTINGS = sorted((ROOT / "hub").glob("*.md"))
 # pytorch/hub's scripts/sanity_check.py and scripts/tags.py
 REQUIRED_HEAD = ["---", "layout: hub_detail", "background-class: hub-background", "body-class: hub"]
@@ -74,6 +72,7 @@ def test_listing_table_matches_the_manifest(path):
         assert (float(top1), float(top5)) == (e.top1, e.top5)
 
 
+@pytest.mark.slow  # a GitHub-like checkout, a hub load
 @pytest.mark.parametrize("path", LISTINGS, ids=lambda p: p.name)
 def test_listing_python_blocks_run(path, github_checkout, published, capsys):
     """As pytorch/hub's CI does: the python blocks, in order, as one script; here against

@@ -16,8 +16,6 @@ import torch
 
 from helpers import ROOT, copy_working_tree
 
-pytestmark = pytest.mark.slow  # new Python processes
-
 SAVE = textwrap.dedent("""
     import copy, sys, torch
     import torch.multiprocessing as mp
@@ -91,6 +89,7 @@ def _python(code, *args, cwd, env=None):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # new Python processes
 @pytest.mark.parametrize("where", ["hub-cache", "clone"])
 def test_hub_model_pickles_into_new_processes(published, tmp_path, where):
     """torch.save -> torch.load in a new process; mp.spawn arguments; spawned DataLoader workers."""
@@ -137,6 +136,7 @@ def test_pickling_after_the_repository_is_gone_says_to_save_the_state_dict(tmp_p
         torch.save(model, tmp_path / "model.pt")
 
 
+@pytest.mark.slow  # new Python processes
 def test_a_package_imported_by_its_own_name_pickles_as_usual(tmp_path):
     """``import models`` from a clone: plain pickling by module name, nothing run on load."""
     import models
