@@ -4,12 +4,17 @@ one GPU per rank) and knows this process's rank, the number of ranks and its dev
 from __future__ import annotations
 
 import os
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .. import api
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -33,6 +38,33 @@ class World:
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
+
+    def from_main(self, work: Callable[[], T]) -> T:
+        """``work()`` done by rank 0 alone, and its result, or the exception it raised, given to
+        every rank (``broadcast_object_list``): for what only rank 0 may know, such as the files
+        in a folder that only rank 0's node has. Every rank calls it; all return or all raise."""
+        outcome: tuple[bool, object] | None = None
+        if self.main:
+            try:
+                outcome = (True, work())
+            except Exception as exc:
+                if self.size == 1:
+                    raise
+                outcome = (False, exc)
+        if self.size > 1:
+            sent = [outcome]
+            if self.main and not outcome[0]:
+                try:
+                    pickle.dumps(outcome[1])
+                except Exception:  # the other ranks get its type and message
+                    sent = [(False, RuntimeError(f"rank 0: {type(outcome[1]).__name__}: {outcome[1]}"))]
+            dist.broadcast_object_list(sent, src=0)
+            if not self.main:
+                outcome = sent[0]
+        done, value = outcome
+        if not done:
+            raise value  # on rank 0 with its own traceback
+        return value
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
@@ -63,3 +95,10 @@ def setup(device: str | torch.device | None, *, gpu_by_default: bool = True) -> 
     if dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), resolved, owns)
     return World(0, 1, resolved, False)
+
+
+def restarts() -> tuple[int, int]:
+    """(how many times torchrun's agent on this node has restarted this command's processes
+    after a failure, how many times it may): ``--max-restarts``; (0, 0) outside torchrun."""
+    return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")))

@@ -33,7 +33,7 @@ from .. import api
 from .._files import probe_writable, write_file
 from ..description import ModelDescription, describe, preprocessing_for
 from ..weights import get_weights
-from . import _distributed, _finetune_dist, _finetune_loop
+from . import _distributed, _finetune_dist, _finetune_loop, _finetune_resume
 from ._args import add_command, check_numbers, int_at_least, real_in
 from ._finetune_data import (
     DataError,
@@ -45,7 +45,7 @@ from ._finetune_data import (
     sample_seed,
     train_transform,
 )
-from ._finetuned import checkpoint_room, resume_state, save_checkpoint
+from ._finetuned import checkpoint_room, save_checkpoint
 from ._images import ImageFiles, collate_images
 
 # Every option, with its default: the one table the Python API and the command line share.
@@ -56,8 +56,6 @@ DEFAULTS: dict[str, Any] = {
     "val_split": None, "pretrained": True, "checkpoint": None, "freeze_backbone": False, "sync_bn": False,
     "workers": None, "device": None, "progress": True, "manifest": None, "max_skipped": 0.1,
 }
-# What a resumed run may change: where it runs and how it shows progress; the data may have moved.
-_RESUME_MAY_CHANGE = {"data", "workers", "device", "progress", "epochs", "max_skipped"}
 # Each real option's range, checked when parsed and by finetune(): no NaN, infinity, lr 0, momentum 1.
 _NUMBERS = {
     "lr": real_in(0, low_open=True), "momentum": real_in(0, 1, high_open=True), "weight_decay": real_in(0),
@@ -85,33 +83,12 @@ class FinetuneResult:
         return self.out / "last.pth"
 
 
-def _configure(model, data, out, resume, options) -> tuple[dict, dict | None]:
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise TypeError(f"finetune() got unexpected option(s) {', '.join(unknown)}; options: {', '.join(DEFAULTS)}")
+def _configure(model, data, out, resume, why, options) -> tuple[dict, dict | None]:
+    """The run's settings and the state it resumes from (None: a new run); on rank 0 alone."""
     given = {k: v for k, v in {"model": model, "data": data, **options}.items() if v is not None}
-    if resume is None:
-        if model is None or data is None or out is None:
-            raise ValueError("finetune needs model, data and out (or resume=OUT to continue a run)")
-        if (pathlib.Path(out) / "last.pth").exists():
-            raise ValueError(f"{out} already holds a run (last.pth): continue it with --resume {out}, or choose "
-                             "another --out")
-        config = {**DEFAULTS, **given, "out": str(out)}
-        state = None
-    else:
-        last = pathlib.Path(resume) / "last.pth"
-        if not last.is_file():
-            raise FileNotFoundError(f"nothing to resume: {last} does not exist")
-        state = resume_state(last)
-        config = {**DEFAULTS, **state["args"], "out": str(resume)}
-        changed = [k for k, v in given.items() if k not in _RESUME_MAY_CHANGE and v != config.get(k)]
-        if changed:
-            raise ValueError(f"resuming {resume} with other settings ({', '.join(changed)}) would not continue the "
-                             f"same run; only {', '.join(sorted(_RESUME_MAY_CHANGE))} may change")
-        config.update({k: v for k, v in given.items() if k in _RESUME_MAY_CHANGE})
-        config["progress"] = given.get("progress", True)  # how it shows, not what it computes
-        if out is not None and pathlib.Path(out).resolve() != pathlib.Path(resume).resolve():
-            raise ValueError(f"a resumed run writes where it was: drop --out {out} (the run is in {resume})")
+    if resume is None and (model is None or data is None or out is None):
+        raise ValueError("finetune needs model, data and out (or resume=OUT to continue a run)")
+    config, state = _finetune_resume.settle(DEFAULTS, given, out, resume, why)
     if config["model"] not in api.list_models():
         raise ValueError(f"unknown model {config['model']!r}; models: {', '.join(api.list_models())}")
     if config["checkpoint"] and not config["pretrained"]:
@@ -196,13 +173,22 @@ def _plain(state: dict) -> dict:
 
 
 def finetune(model: str | None = None, data: str | pathlib.Path | None = None, out: str | pathlib.Path | None = None,
-             *, resume: str | pathlib.Path | None = None, **options: Any) -> FinetuneResult:
+             *, resume: str | pathlib.Path | None = None, auto_resume: bool = False, **options: Any) -> FinetuneResult:
     """Fine-tune ``model`` on the ImageFolder tree ``data`` (``train/`` and ``val/``, or one
-    folder with ``val_split=0.1``), writing into ``out``; ``resume=OUT`` continues a run.
-    ``options`` are ``DEFAULTS``' keys (``python -m models finetune --help`` explains each)."""
-    cfg, state = _configure(model, data, out, resume, options)
-    world = _distributed.setup(cfg["device"])
+    folder with ``val_split=0.1``), writing into ``out``; ``resume=OUT`` continues a run, and
+    ``auto_resume=True`` continues ``out``'s run if it holds this command's (as under
+    ``torchrun --max-restarts``). ``options`` are ``DEFAULTS``' keys (``python -m models
+    finetune --help`` explains each)."""
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"finetune() got unexpected option(s) {', '.join(unknown)}; options: {', '.join(DEFAULTS)}")
+    if resume is not None and auto_resume:
+        raise ValueError("resume=OUT and auto_resume contradict each other: pass one")
+    world = _distributed.setup(options.get("device"))
     try:
+        why = _finetune_resume.why_continue(auto_resume, world)
+        # Rank 0 alone reads OUT: the other ranks' nodes need not have it.
+        cfg, state = world.from_main(lambda: _configure(model, data, out, resume, why, options))
         return _run(cfg, state, world)
     finally:
         world.close()
@@ -244,8 +230,9 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
     if size > 1:
         net = DistributedDataParallel(net, device_ids=[world.device] if world.device.type == "cuda" else None)
     optimizer = _optimizer(module, cfg)
-    # (on every rank, as every rank probed --out: one rank stopping alone would leave the others waiting)
-    checkpoint_room(out, module, 2 if cfg["opt"] == "adamw" else int(cfg["momentum"] > 0), state is not None)
+    # (rank 0 writes, and all ranks stop if it cannot: one rank stopping alone would leave the others waiting)
+    world.from_main(lambda: checkpoint_room(out, module, 2 if cfg["opt"] == "adamw" else int(cfg["momentum"] > 0),
+                                            state is not None))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
     dtype = cfg["amp_dtype"] or ("float16" if world.device.type == "cuda" else "bfloat16")
     autocast = torch.autocast(world.device.type, dtype=getattr(torch, dtype), enabled=cfg["amp"])
@@ -257,7 +244,7 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
         scheduler.load_state_dict(state["resume"]["scheduler"])
         scaler.load_state_dict(state["resume"]["scaler"])
         history, best, start = list(state["resume"]["history"]), dict(state["resume"]["best"]), int(state["epoch"])
-        source = f"{out / 'last.pth'}, resuming after epoch {start}"
+        source = f"{out / 'last.pth'}, resuming after epoch {start} ({state['why']})"
 
     workers = cfg["workers"] if cfg["workers"] is not None else min(4, (os.cpu_count() or 1) // 2)
     sampler = EpochSampler(DistributedSampler(range(len(splits.train)), num_replicas=size, rank=world.rank,
@@ -277,7 +264,8 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
                             collate_fn=collate_images, **loader_options)
     val_targets = torch.tensor([t for _, t in shard])
 
-    out.mkdir(parents=True, exist_ok=True)
+    if world.main:  # the others never touch OUT
+        out.mkdir(parents=True, exist_ok=True)
     _say(world, f"finetune {cfg['model']}: {len(splits.classes)} classes ({', '.join(splits.classes[:8])}"
                 f"{', ...' if len(splits.classes) > 8 else ''}), {len(splits.train)} train / {len(splits.val)} val "
                 f"images from {splits.description}")
@@ -355,7 +343,10 @@ def register(commands) -> None:
     add("--data", metavar="DIR", help="DIR/train and DIR/val, one folder per class (or one such folder with "
                                       "--val-split)")
     add("--out", metavar="OUT", help="where best.pth, last.pth, metrics.json and curves.png go")
-    add("--resume", metavar="OUT", help="continue the run in OUT exactly where its last epoch ended")
+    again = sub.add_mutually_exclusive_group().add_argument
+    again("--resume", metavar="OUT", help="continue the run in OUT exactly where its last epoch ended")
+    again("--auto-resume", action="store_true", help="if --out holds this command's run, continue it (else start "
+          "it): for a scheduler that relaunches the command; automatic under torchrun --max-restarts")
     add("--epochs", type=int_at_least(1), help=f"default: {d['epochs']}")
     add("--batch-size", type=int_at_least(1), help=f"global batch per optimizer step, over all processes and "
                                                     f"accumulation steps (default: {d['batch_size']})")
