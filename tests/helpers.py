@@ -4,8 +4,10 @@ docs/ pages' text (``doc``, ``DOCS``), and their command lines as they run in th
 pip-installed venv (``readme_argv``)."""
 import contextlib
 import io
+import itertools
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import subprocess
@@ -88,9 +90,13 @@ def readme_argv(line, installed=None):
     ROOT or with ROOT on PYTHONPATH) and ``python`` is this interpreter; with ``installed`` (the
     ``installed`` fixture's venv) they are the venv's console script and python. ``torchrun``
     runs as ``python -m torch.distributed.run``, and the program after its ``--no-python`` is
-    mapped the same way. A line that starts with any other program fails the test."""
+    mapped the same way; leading ``NAME=value`` words (the environment, as a shell sets it for
+    one command) run it through ``env``. A line that starts with any other program fails the test."""
     words = shlex.split(line, comments=True) if isinstance(line, str) else list(line)
     assert words, f"an empty README command line: {line!r}"
+    if re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+        settings = list(itertools.takewhile(lambda w: re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", w), words))
+        return ["env", *settings, *readme_argv(words[len(settings):], installed)]
     program, args = words[0], words[1:]
     python = str(installed.python) if installed else sys.executable
     if program == "ghostnet-hub":
