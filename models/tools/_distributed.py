@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -93,6 +94,8 @@ def setup(device: str | torch.device | None, *, gpu_by_default: bool = True) -> 
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
         owns = True
     if dist.is_initialized():
+        if dist.get_rank() == 0 and restart_hazard():
+            print(f"warning: {restart_hazard()}", file=sys.stderr, flush=True)
         return World(dist.get_rank(), dist.get_world_size(), resolved, owns)
     return World(0, 1, resolved, False)
 
@@ -102,3 +105,16 @@ def restarts() -> tuple[int, int]:
     after a failure, how many times it may): ``--max-restarts``; (0, 0) outside torchrun."""
     return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
             int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")))
+
+
+def restart_hazard() -> str | None:
+    """Why a restart by torchrun may fail, if it may: its agents share one store with the
+    processes (torch >= 2.5's default for the c10d rendezvous) and keep it across restarts,
+    where the restarted processes find the dead ones' addresses and connect to them
+    (seen here: "Connection refused" after a SIGKILL, then a hang; pytorch/pytorch#135712)."""
+    if (restarts()[1] > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1"):
+        return ("torchrun --max-restarts with the store its agents share: a restarted process may connect to "
+                "the addresses of the ones that died and fail (pytorch/pytorch#135712). Start torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (docs/finetune.md, On a cluster)")
+    return None
