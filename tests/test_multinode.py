@@ -267,3 +267,32 @@ def test_a_restart_that_would_fail_is_foretold(monkeypatch):
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restart, nothing to fear
     assert _distributed.restart_hazard() is None
+
+
+_FROM_MAIN = """
+from models._files import probe_writable
+from models.tools import _distributed
+
+world = _distributed.setup(None, gpu_by_default=False)
+try:
+    world.from_main(lambda: probe_writable("/proc/none/out", "Choose another --out"))
+except OSError as exc:
+    print(f"rank {world.rank} stopped: {type(exc).__name__}: {exc}", flush=True)
+print(f"rank {world.rank} got {world.from_main(lambda: ('from rank', world.rank))}", flush=True)
+world.close()
+"""
+
+
+@pytest.mark.slow
+def test_what_rank_0_alone_finds_reaches_every_rank(tmp_path):
+    script = tmp_path / "from_main.py"
+    script.write_text(_FROM_MAIN)
+    result = subprocess.run([*readme_argv("torchrun --standalone --nproc-per-node 2"), str(script)], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **SERIAL}, capture_output=True, text=True,
+                            timeout=LIMIT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    # Rank 0's own error, and on rank 1 the same message (WriteError cannot be rebuilt from its pickle).
+    message = "cannot write into /proc/none/out (No such file or directory). Choose another --out"
+    assert lines == ["rank 0 got ('from rank', 0)", f"rank 0 stopped: WriteError: {message}",
+                     "rank 1 got ('from rank', 0)", f"rank 1 stopped: OSError: {message}"]

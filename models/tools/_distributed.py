@@ -53,12 +53,7 @@ class World:
                     raise
                 outcome = (False, exc)
         if self.size > 1:
-            sent = [outcome]
-            if self.main and not outcome[0]:
-                try:
-                    pickle.dumps(outcome[1])
-                except Exception:  # the other ranks get its type and message
-                    sent = [(False, RuntimeError(f"rank 0: {type(outcome[1]).__name__}: {outcome[1]}"))]
+            sent = [(False, _portable(outcome[1])) if self.main and not outcome[0] else outcome]
             dist.broadcast_object_list(sent, src=0)
             if not self.main:
                 outcome = sent[0]
@@ -70,6 +65,18 @@ class World:
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _portable(exc: Exception) -> Exception:
+    """``exc``, or, when it cannot be rebuilt from its pickle on another rank (its ``__init__``
+    takes other arguments than its ``args``), its nearest built-in class with its message: every
+    rank then stops on the same error, none on a TypeError of unpickling it."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        builtin = next(c for c in type(exc).__mro__ if c.__module__ == "builtins")
+        return builtin(str(exc))
 
 
 def setup(device: str | torch.device | None, *, gpu_by_default: bool = True) -> World:
