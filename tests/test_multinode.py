@@ -65,13 +65,16 @@ def _two_nodes(line, nodes, *extra):
             argv = [*words[:at], "--node-rank", str(rank), *words[at:], *extra]
             with open(node / "agent.log", "w") as log:
                 agents.append(subprocess.Popen(argv, cwd=node, stdout=log, stderr=subprocess.STDOUT,
-                                               env={**os.environ, "PYTHONPATH": str(ROOT), **SERIAL},
-                                               start_new_session=True))  # its own group: killed as one
+                                               env={**os.environ, "PYTHONPATH": str(ROOT), **SERIAL}))
         yield agents
-    finally:
+    finally:  # the agents and their workers (each in a session of its own: torchrun starts them so)
         for agent in agents:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(agent.pid, signal.SIGKILL)
+            family = []
+            with contextlib.suppress(psutil.NoSuchProcess):
+                family = [*psutil.Process(agent.pid).children(recursive=True), psutil.Process(agent.pid)]
+            for process in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
             agent.wait()
 
 
