@@ -1,0 +1,266 @@
+"""``python -m models label``: a collection of images labelled into one JSON-lines file, in input
+order, on one process or under ``torchrun``; killed at any moment, the same command finishes it
+with no image labelled twice and none skipped, and the file equals an uninterrupted run's."""
+import collections
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import models
+from models.description import describe, preprocessing_for
+
+from helpers import ROOT, cli, doc, readme_argv
+
+COUNT = 2000  # the kill-and-resume run's images
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A described 10-class tinynet_e (random weights, so each image has its own scores) that
+    reads 32-pixel images: fast, and the numbers of each image differ in every digit."""
+    torch.manual_seed(1)
+    model = models.tinynet_e(num_classes=10)
+    description = describe(model, classes=[f"kind {i}" for i in range(10)])
+    description = description.with_(preprocessing=preprocessing_for("tinynet_e", 32))
+    path = tmp_path_factory.mktemp("model") / "tiny.pth"
+    torch.save({"state_dict": model.state_dict(), "description": description.to_dict()}, path)
+    return path
+
+
+def _images(folder, count, broken=()):
+    """``count`` small PNGs of noise, 100 to a sub-folder; the indices in ``broken`` are not images."""
+    generator = torch.Generator().manual_seed(count)
+    for i in range(count):
+        path = folder / f"{i // 100:02d}" / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if i in broken:
+            path.write_bytes(b"\x89PNG\r\n\x1a\n torn")
+            continue
+        side = 16 + i % 17
+        pixels = torch.randint(0, 256, (side, side, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(path)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    return _images(tmp_path_factory.mktemp("photos"), COUNT)
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _label(checkpoint, *args):
+    return cli("label", "--checkpoint", str(checkpoint), "--quiet", "--workers", "0", *args)
+
+
+def test_directory_list_file_and_url_in_input_order_with_error_lines(checkpoint, tmp_path, server):
+    photos = _images(tmp_path / "photos", 30, broken={7})
+    url = server.add("/remote.png", (photos / "00" / "0003.png").read_bytes())
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{photos / '00' / '0002.png'}\n\n{photos / 'missing.png'}\n{url}\n")
+    out = tmp_path / "out" / "results.jsonl"
+    result = _label(checkpoint, str(photos), url, "--from-list", str(listed), "--out", str(out), "--topk", "3",
+                    "--batch-size", "4")
+    assert result.returncode == 1, result.stderr  # unreadable images: the file is complete, the exit says so
+    records = _records(out)
+    files = sorted(str(p) for p in photos.rglob("*.png"))
+    assert [r["image"] for r in records] == [*files, url, str(photos / "00" / "0002.png"), str(photos / "missing.png"),
+                                             url]
+    assert [r["index"] for r in records] == list(range(34))
+    errors = {r["index"]: r["error"] for r in records if "error" in r}
+    assert list(errors) == [7, 32] and errors[32].startswith("FileNotFoundError")
+    digest = describe(models.api.from_checkpoint(checkpoint, progress=False)).digest
+    for r in records:
+        assert r["model_digest"] == digest
+        if "error" not in r:
+            assert [t["label"] for t in r["top"]] == [f"kind {t['index']}" for t in r["top"]] and len(r["top"]) == 3
+            assert r["top"][0]["probability"] >= r["top"][1]["probability"] >= r["top"][2]["probability"]
+    assert records[30]["top"] == records[3]["top"] == records[33]["top"]  # the URL serves file 3's bytes
+    assert records[31]["top"] == records[2]["top"]
+    assert f"{out}: 34 images, 2 unreadable (error lines)" in result.stdout
+    assert "34 labelled now on 1 process(es)" in result.stdout and "done before" not in result.stdout
+    assert "0007.png" in result.stderr and "missing.png" in result.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["results.jsonl"]  # the parts are gone
+    again = _label(checkpoint, str(photos), "--out", str(out))
+    assert again.returncode == 2 and "exists" in again.stderr  # a finished file is never overwritten
+
+
+@contextlib.contextmanager
+def _interrupted_after(batches):
+    """Ctrl-C in the middle of a one-process run, after ``batches`` batches were read."""
+    from models.tools import label
+
+    calls, real = [], label.collate_images
+
+    def collate(batch):
+        calls.append(1)
+        if len(calls) > batches:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(label, "collate_images", collate)
+        yield
+
+
+def test_interrupted_then_resumed_equals_uninterrupted_and_other_settings_are_refused(checkpoint, tmp_path):
+    photos = _images(tmp_path / "photos", 100, broken={5})
+    common = (str(photos), "--batch-size", "8")
+    straight = _label(checkpoint, *common, "--out", str(tmp_path / "straight.jsonl"))
+    assert straight.returncode == 1, straight.stderr
+    out = tmp_path / "resumed.jsonl"
+    with _interrupted_after(3):
+        stopped = _label(checkpoint, *common, "--out", str(out))
+    assert stopped.returncode == 130 and not out.exists()
+    (part,) = (tmp_path / "resumed.jsonl.parts").glob("part-*.jsonl")
+    assert len(part.read_text().splitlines()) == 24
+    with open(part, "a") as f:  # a write torn by a kill: discarded on resume
+        f.write('{"index": 24, "ima')
+    retrained = torch.load(checkpoint, weights_only=True)
+    retrained["state_dict"]["classifier.bias"] += 1.0  # the same model, described alike, other weights
+    torch.save(retrained, tmp_path / "retrained.pth")
+    for other, named in ((["--topk", "3"], "topk"), (["--batch-size", "4"], "batch_size"),
+                         (["--checkpoint", str(tmp_path / "retrained.pth")], "checkpoint_sha256"),
+                         (["--backend", "compile"], "runs_in")):
+        refused = _label(checkpoint, *common, *other, "--out", str(out))
+        assert refused.returncode == 2, refused.stderr
+        (line,) = refused.stderr.strip().splitlines()
+        assert "unfinished run with other settings" in line and named in line, line
+    (tmp_path / "photos" / "new.png").write_bytes((photos / "00" / "0001.png").read_bytes())
+    resumed = _label(checkpoint, *common, "--out", str(out))  # (the new file is not in the run's list)
+    assert resumed.returncode == 1, resumed.stderr
+    assert "76 labelled now on 1 process(es)" in resumed.stdout and "24 done before" in resumed.stdout
+    assert out.read_text() == (tmp_path / "straight.jsonl").read_text()
+    assert not (tmp_path / "resumed.jsonl.parts").exists()
+
+
+@pytest.mark.slow  # an ONNX export
+def test_a_runtime_backend_labels_like_eager(checkpoint, tmp_path):
+    photos = _images(tmp_path / "photos", 12, broken={4})
+    runs = {}
+    for backend in ("eager", "onnxruntime"):
+        out = tmp_path / f"{backend}.jsonl"
+        result = _label(checkpoint, str(photos), "--backend", backend, "--out", str(out))
+        assert result.returncode == 1, result.stderr
+        runs[backend] = _records(out)
+    for eager, runtime in zip(runs["eager"], runs["onnxruntime"], strict=True):
+        assert runtime["image"] == eager["image"] and ("error" in runtime) == ("error" in eager)
+        assert runtime["model_digest"] == eager["model_digest"]  # the same model, described by the file
+        if "error" not in eager:
+            assert [t["index"] for t in runtime["top"]] == [t["index"] for t in eager["top"]]
+            for a, b in zip(runtime["top"], eager["top"], strict=True):
+                assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+
+
+def _commands(name):
+    """The command lines of docs/label.md's block ``<!-- label:NAME -->``, as words."""
+    block = doc("label").split(f"<!-- label:{name} -->\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.replace("\\\n", " ").strip().splitlines()]
+
+
+def test_docs_one_process_commands(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "photos", 20, broken={3})
+    (tmp_path / "paths.txt").write_text("photos/00/0001.png\nphotos/00/0002.png\n")
+    for words in _commands("one"):
+        argv = readme_argv(words)
+        assert argv[:3] == [sys.executable, "-m", "models"] and "--out" in argv, words
+        result = cli(*argv[3:], "--checkpoint", str(checkpoint), "--workers", "0")
+        assert result.returncode in (0, 1), (words, result.stderr)  # 1: photos/00/0003.png is not an image
+        out = tmp_path / argv[argv.index("--out") + 1]
+        assert len(_records(out)) == (20 if "photos" in words else 2) and "images/s" in result.stdout
+        out.unlink()
+
+
+def _start(words, cwd):
+    """A command line of the docs (torchrun ...) started in its own process group."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(readme_argv(words), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _finish(process, timeout=150):
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"label did not finish in {timeout} s:\n{out}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def _done_batches(parts):
+    """The batches the part files hold whole (lines that end, every index of the batch)."""
+    indices = [json.loads(line)["index"] for part in parts.glob("part-*.jsonl")
+               for line in part.read_bytes().split(b"\n")[:-1]]
+    assert len(indices) == len(set(indices))  # nothing written twice
+    sizes = collections.Counter(i // BATCH for i in indices)
+    return {b for b, n in sizes.items() if n == min(BATCH, COUNT - b * BATCH)}
+
+
+def _kill_midway(words, cwd, parts):
+    """Start the two-rank run; SIGKILL torchrun and both ranks once some batches are written."""
+    process = _start(words, cwd)
+    deadline = time.monotonic() + 150
+    while len(_done_batches(parts) if (parts / "run.json").exists() else ()) < 8:
+        assert process.poll() is None, _finish(process).stderr[-3000:]
+        assert time.monotonic() < deadline, "no batch was written"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    return _done_batches(parts)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # torchrun, four times, and 2,000 images four times over
+def test_killed_two_rank_run_resumes_to_the_uninterrupted_output_line_for_line(checkpoint, collection, tmp_path,
+                                                                               monkeypatch):
+    """docs/label.md's torchrun command (2 ranks, gloo) killed with SIGKILL midway, then run again;
+    and killed again, then finished by the page's several-node command as one node of one process
+    (the rest re-sharded): both equal one uninterrupted process's output, line for line."""
+    (tmp_path / "photos").symlink_to(collection)
+    monkeypatch.chdir(tmp_path)  # the page's relative paths
+    fast = ["--checkpoint", str(checkpoint), "--batch-size", str(BATCH), "--workers", "1", "--quiet"]
+    reference = tmp_path / "reference.jsonl"  # one process, never interrupted
+    assert cli("label", "photos", *fast, "--out", str(reference)).returncode == 0
+    assert len(reference.read_text().splitlines()) == COUNT
+    ((*torchrun,),) = _commands("torchrun")
+    assert torchrun[:4] == ["torchrun", "--standalone", "--nproc-per-node", "2"], torchrun
+    (*nodes,) = _commands("nodes")[0]
+    port = _free_port()  # the page's several nodes, as one node of one process on loopback
+    for option, value in (("--nnodes", "1"), ("--nproc-per-node", "1"), ("--rdzv-endpoint", f"127.0.0.1:{port}")):
+        nodes[nodes.index(option) + 1] = value
+    nodes = [w.removeprefix("/shared/") for w in nodes]  # (the same files as the torchrun command's)
+    assert nodes[-3:] == ["photos", "--out", "results.jsonl"] and torchrun[-3:] == nodes[-3:], nodes
+
+    for finish in (torchrun, nodes):
+        out, parts = tmp_path / "results.jsonl", tmp_path / "results.jsonl.parts"
+        done = _kill_midway(torchrun + fast, tmp_path, parts)
+        assert 8 <= len(done) < COUNT // BATCH and not out.exists()
+        result = _finish(_start(finish + fast, tmp_path))  # the same command, or the rest on one process
+        assert result.returncode == 0, result.stderr[-3000:]
+        before = sum(min(BATCH, COUNT - b * BATCH) for b in done)
+        now = int(re.search(r"(\d+) labelled now", result.stdout)[1])
+        assert f"{before} done before" in result.stdout and now == COUNT - before  # none twice, none skipped
+        assert out.read_text().splitlines() == reference.read_text().splitlines()
+        assert not parts.exists()
+        out.unlink()
