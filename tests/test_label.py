@@ -5,6 +5,7 @@ import collections
 import contextlib
 import json
 import os
+import pathlib
 import re
 import shlex
 import signal
@@ -23,17 +24,17 @@ from models.description import describe, preprocessing_for
 from helpers import ROOT, cli, doc, readme_argv
 
 COUNT = 2000  # the kill-and-resume run's images
-BATCH = 16
+BATCH = 32
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A described 10-class tinynet_e (random weights, so each image has its own scores) that
-    reads 32-pixel images: fast, and the numbers of each image differ in every digit."""
+    reads 16-pixel images: fast, and the numbers of each image differ in every digit."""
     torch.manual_seed(1)
     model = models.tinynet_e(num_classes=10)
     description = describe(model, classes=[f"kind {i}" for i in range(10)])
-    description = description.with_(preprocessing=preprocessing_for("tinynet_e", 32))
+    description = description.with_(preprocessing=preprocessing_for("tinynet_e", 16))
     path = tmp_path_factory.mktemp("model") / "tiny.pth"
     torch.save({"state_dict": model.state_dict(), "description": description.to_dict()}, path)
     return path
@@ -193,11 +194,27 @@ def _start(words, cwd):
                             text=True, start_new_session=True)
 
 
+def _kill_all(pid):
+    """SIGKILL a process and every process under it, at once: torchrun starts each rank in a
+    session of its own, so killing torchrun's process group would leave the ranks running."""
+    children = collections.defaultdict(list)
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            children[int(stat.read_text().rsplit(")", 1)[1].split()[1])].append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children[found[-1]]
+    for each in reversed(found):  # the ranks' DataLoader workers, the ranks, then torchrun
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(each, signal.SIGKILL)
+
+
 def _finish(process, timeout=150):
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        _kill_all(process.pid)
         out, err = process.communicate()
         pytest.fail(f"label did not finish in {timeout} s:\n{out}\n{err[-3000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
@@ -220,7 +237,7 @@ def _kill_midway(words, cwd, parts):
         assert process.poll() is None, _finish(process).stderr[-3000:]
         assert time.monotonic() < deadline, "no batch was written"
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
+    _kill_all(process.pid)
     process.communicate()
     return _done_batches(parts)
 
@@ -231,36 +248,63 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # torchrun, four times, and 2,000 images four times over
-def test_killed_two_rank_run_resumes_to_the_uninterrupted_output_line_for_line(checkpoint, collection, tmp_path,
-                                                                               monkeypatch):
-    """docs/label.md's torchrun command (2 ranks, gloo) killed with SIGKILL midway, then run again;
-    and killed again, then finished by the page's several-node command as one node of one process
-    (the rest re-sharded): both equal one uninterrupted process's output, line for line."""
+FAST = ["--batch-size", str(BATCH), "--workers", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, collection, tmp_path_factory):
+    """The collection labelled by one process, never interrupted, as the page's commands name it
+    (photos/..., relative); and the folder to run them in (``photos`` there is the collection)."""
+    folder = tmp_path_factory.mktemp("reference")
+    (folder / "photos").symlink_to(collection)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        result = cli("label", "photos", "--checkpoint", str(checkpoint), *FAST, "--out", "reference.jsonl")
+    assert result.returncode == 0, result.stderr
+    lines = (folder / "reference.jsonl").read_text().splitlines()
+    assert len(lines) == COUNT
+    return lines
+
+
+def _kill_then_finish(finish, checkpoint, collection, reference, tmp_path):
+    """docs/label.md's torchrun command (2 ranks, gloo) SIGKILLed once some batches are written,
+    then ``finish``: the output equals the uninterrupted run's, line for line."""
     (tmp_path / "photos").symlink_to(collection)
-    monkeypatch.chdir(tmp_path)  # the page's relative paths
-    fast = ["--checkpoint", str(checkpoint), "--batch-size", str(BATCH), "--workers", "1", "--quiet"]
-    reference = tmp_path / "reference.jsonl"  # one process, never interrupted
-    assert cli("label", "photos", *fast, "--out", str(reference)).returncode == 0
-    assert len(reference.read_text().splitlines()) == COUNT
     ((*torchrun,),) = _commands("torchrun")
     assert torchrun[:4] == ["torchrun", "--standalone", "--nproc-per-node", "2"], torchrun
-    (*nodes,) = _commands("nodes")[0]
-    port = _free_port()  # the page's several nodes, as one node of one process on loopback
+    assert finish[-3:] == torchrun[-3:] == ["photos", "--out", "results.jsonl"], finish
+    fast = ["--checkpoint", str(checkpoint), *FAST]
+    out, parts = tmp_path / "results.jsonl", tmp_path / "results.jsonl.parts"
+    done = _kill_midway(torchrun + fast, tmp_path, parts)
+    assert 8 <= len(done) < COUNT // BATCH and not out.exists()
+    result = _finish(_start(finish + fast, tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = sum(min(BATCH, COUNT - b * BATCH) for b in done)
+    now = int(re.search(r"(\d+) labelled now", result.stdout)[1])
+    assert f"{before} done before" in result.stdout and now == COUNT - before  # none twice, none skipped
+    assert out.read_text().splitlines() == reference
+    assert not parts.exists()
+    return result
+
+
+@pytest.mark.slow  # torchrun twice; 2,000 images
+def test_killed_two_rank_run_resumes_to_the_uninterrupted_output_line_for_line(checkpoint, collection, reference,
+                                                                               tmp_path):
+    """The same command again, after a SIGKILL of torchrun and both ranks."""
+    ((*torchrun,),) = _commands("torchrun")
+    result = _kill_then_finish(torchrun, checkpoint, collection, reference, tmp_path)
+    assert "labelled now on 2 process(es)" in result.stdout
+
+
+@pytest.mark.slow  # torchrun twice; 2,000 images
+def test_killed_run_is_finished_by_the_several_node_command_on_other_processes(checkpoint, collection, reference,
+                                                                               tmp_path):
+    """The page's several-node command, run as one node of one process on loopback, finishes
+    what the killed two-rank run left: the rest re-sharded over another number of processes."""
+    (nodes,) = _commands("nodes")
+    port = _free_port()
     for option, value in (("--nnodes", "1"), ("--nproc-per-node", "1"), ("--rdzv-endpoint", f"127.0.0.1:{port}")):
         nodes[nodes.index(option) + 1] = value
     nodes = [w.removeprefix("/shared/") for w in nodes]  # (the same files as the torchrun command's)
-    assert nodes[-3:] == ["photos", "--out", "results.jsonl"] and torchrun[-3:] == nodes[-3:], nodes
-
-    for finish in (torchrun, nodes):
-        out, parts = tmp_path / "results.jsonl", tmp_path / "results.jsonl.parts"
-        done = _kill_midway(torchrun + fast, tmp_path, parts)
-        assert 8 <= len(done) < COUNT // BATCH and not out.exists()
-        result = _finish(_start(finish + fast, tmp_path))  # the same command, or the rest on one process
-        assert result.returncode == 0, result.stderr[-3000:]
-        before = sum(min(BATCH, COUNT - b * BATCH) for b in done)
-        now = int(re.search(r"(\d+) labelled now", result.stdout)[1])
-        assert f"{before} done before" in result.stdout and now == COUNT - before  # none twice, none skipped
-        assert out.read_text().splitlines() == reference.read_text().splitlines()
-        assert not parts.exists()
-        out.unlink()
+    result = _kill_then_finish(nodes, checkpoint, collection, reference, tmp_path)
+    assert "labelled now on 1 process(es)" in result.stdout

@@ -146,7 +146,7 @@ def label(model, sources: Sequence[str], out: str | os.PathLike, *, from_list: s
     inputs = folder.inputs(folder.check(request))  # (every rank: a node that sees another folder stops here)
     total, count = len(inputs), (len(inputs) + batch_size - 1) // batch_size
     part = folder.part(world.rank)
-    lock = _lock(part)
+    lock = _lock(part)  # (two runs on one --out would each label what the other has not written yet)
     try:
         done, ends = folder.done(batch_size, total)
         world.barrier()  # every rank has read the parts before any rank writes to one
@@ -168,12 +168,12 @@ def label(model, sources: Sequence[str], out: str | os.PathLike, *, from_list: s
                 f.flush()
                 labelled += images
                 bar.update(min(images * world.size, total - bar.n))  # (rank 0's pace, for all ranks)
-        labelled = int(world.all_sum(torch.tensor([labelled], dtype=torch.float64))[0])  # (waits for every rank)
-        seconds = time.perf_counter() - start
-        bar.update(total - bar.n)
-        bar.close()
     finally:
         lock.release()
+    labelled = int(world.all_sum(torch.tensor([labelled], dtype=torch.float64))[0])  # (waits for every rank)
+    seconds = time.perf_counter() - start
+    bar.update(total - bar.n)
+    bar.close()
     unreadable = folder.merge(batch_size, total)[1] if world.main else 0
     unreadable = int(world.all_sum(torch.tensor([unreadable], dtype=torch.float64))[0])  # every rank: one summary
     world.close()
