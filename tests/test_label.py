@@ -136,7 +136,7 @@ def test_interrupted_then_resumed_equals_uninterrupted_and_other_settings_are_re
     torch.save(retrained, tmp_path / "retrained.pth")
     for other, named in ((["--topk", "3"], "topk"), (["--batch-size", "4"], "batch_size"),
                          (["--checkpoint", str(tmp_path / "retrained.pth")], "checkpoint_sha256"),
-                         (["--backend", "compile"], "runs_in")):
+                         (["--backend", "compile"], "backend")):
         refused = _label(checkpoint, *common, *other, "--out", str(out))
         assert refused.returncode == 2, refused.stderr
         (line,) = refused.stderr.strip().splitlines()

@@ -59,16 +59,26 @@ class RunFolder:
     def parts(self) -> list[pathlib.Path]:
         return sorted(self.dir.glob("part-*.jsonl"))
 
-    # -- the start (rank 0) ---------------------------------------------------------------
-    def start(self, request: dict, list_inputs) -> bool:
-        """Make the folder for ``request`` (``run.json``, then the inputs ``list_inputs()``
-        returns), or check that the unfinished run there is this one; True if it was there."""
+    # -- the start ----------------------------------------------------------------------------
+    def precheck(self, asked: dict) -> None:
+        """Refuse, before any work, an unfinished run asked otherwise, or a finished output."""
         if self.run_file.is_file():
-            self.check(request)
-            return True
+            self.check(asked)
+        else:
+            self._not_finished()
+
+    def _not_finished(self) -> None:
         if self.out.exists():
             raise LabelError(f"{self.out} exists (a finished run): remove it or choose another --out; "
                              "label does not overwrite it")
+
+    def start(self, request: dict, list_inputs) -> bool:
+        """(Rank 0) Make the folder for ``request`` (the inputs ``list_inputs()`` returns, then
+        ``run.json``), or check that the unfinished run there is this one; True if it was there."""
+        if self.run_file.is_file():
+            self.check(request)
+            return True
+        self._not_finished()
         if self.dir.exists() and {p.name for p in self.dir.iterdir()} - _STARTING:
             raise LabelError(f"{self.dir} holds files but no run.json (not a run of label, or damaged): "
                              "remove it to start over")

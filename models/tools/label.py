@@ -59,16 +59,26 @@ def description_of(model) -> ModelDescription:
     return described if isinstance(described, ModelDescription) else describe(model)
 
 
-def _runs_in(model, options: dict | None) -> dict:
-    """How the model runs, for the run's record: a resume in another runtime or precision
-    (whose numbers differ in the last digits) is refused."""
-    options = options or {}
-    ran = {"backend": getattr(model, "backend", None) or options.get("backend") or "eager",
-           "int8": bool(options.get("int8")), "precision": options.get("precision", "fp32")}
-    if isinstance(model, backends.Runner):
+def asked(sources: Sequence[str], from_list: str | os.PathLike | None, topk: int, batch_size: int,
+          backend_options: dict | None, checkpoint_sha256: str | None) -> dict:
+    """What a run is asked, as its record keeps it, save the model's own facts (``label`` adds
+    those): all a resume must repeat. The backend, INT8 and precision are in it because the
+    numbers of another runtime differ in the last digits; the checkpoint's SHA-256 because two
+    fine-tunings of one model are described alike."""
+    options = backend_options or {}
+    return {"sources": [str(s) for s in sources], "from_list": str(from_list) if from_list else None,
+            "cwd": os.getcwd(), "topk": topk, "batch_size": batch_size, "backend": options.get("backend", "eager"),
+            "int8": bool(options.get("int8")), "precision": options.get("precision", "fp32"),
+            "checkpoint_sha256": checkpoint_sha256}
+
+
+def _model_facts(model) -> dict:
+    described = description_of(model)
+    facts = {"model": described.architecture, "model_digest": described.digest, "model_files_sha256": None}
+    if isinstance(model, backends.Runner):  # (OpenVINO's weights are in the .bin beside the .xml)
         files = [model.path, model.path.with_suffix(".bin")] if model.path.suffix == ".xml" else [model.path]
-        ran["files_sha256"] = [sha256_file(f) for f in files if f.is_file()]
-    return ran
+        facts["model_files_sha256"] = [sha256_file(f) for f in files if f.is_file()]
+    return facts
 
 
 def _list_inputs(sources: Sequence[str], from_list: str | os.PathLike | None) -> list[str]:
@@ -130,16 +140,13 @@ def label(model, sources: Sequence[str], out: str | os.PathLike, *, from_list: s
     ``model_digest``). Under torchrun, every rank calls it and labels its share; ``out`` must then
     be on a filesystem all nodes see. If ``OUT.parts/`` holds an unfinished run of the same
     request, it is finished (on any number of processes); one of another request is refused.
-    ``backend_options`` (``backends.options_from_args``) and ``checkpoint_sha256`` say more of how
-    the model runs and what its weights are than its description does (two fine-tunings of one
-    model are described alike): they are recorded and compared too."""
+    ``backend_options`` (``backends.options_from_args``) and ``checkpoint_sha256`` are recorded
+    and compared too (see ``asked``)."""
     world = _distributed.setup(backends.device_of(model), gpu_by_default=False)
     folder = RunFolder(out)
     description = description_of(model)
-    request = {"sources": [str(s) for s in sources], "from_list": str(from_list) if from_list else None,
-               "cwd": os.getcwd(), "model": description.architecture, "model_digest": description.digest,
-               "checkpoint_sha256": checkpoint_sha256, "runs_in": _runs_in(model, backend_options), "topk": topk,
-               "batch_size": batch_size}
+    request = {**asked(sources, from_list, topk, batch_size, backend_options, checkpoint_sha256),
+               **_model_facts(model)}
     if world.main:
         folder.start(request, lambda: _list_inputs(sources, from_list))
     world.barrier()
@@ -192,6 +199,10 @@ def _run(args) -> int:
     if not args.checkpoint and not args.model_file:
         args.model = args.model or "ghostnet_1x"
     options = backends.options_from_args(args)
+    checkpoint_sha256 = _checkpoint_sha256(args.checkpoint)
+    # A resume with other settings, or a finished --out, is refused before the model is loaded (or exported).
+    RunFolder(args.out).precheck(asked(args.images, args.from_list, args.topk, args.batch_size, options,
+                                       checkpoint_sha256))
     # Alone, on the CPU unless told; under torchrun, on this rank's GPU if there is one (a runtime: CPU).
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     world = _distributed.setup(args.device, gpu_by_default=several and options["backend"] in ("eager", "compile"))
@@ -199,7 +210,7 @@ def _run(args) -> int:
         model = model_from_args(args, device=world.device, progress=not args.quiet and world.main)
         summary = label(model, args.images, args.out, from_list=args.from_list, topk=args.topk,
                         batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
-                        backend_options=options, checkpoint_sha256=_checkpoint_sha256(args.checkpoint))
+                        backend_options=options, checkpoint_sha256=checkpoint_sha256)
     finally:
         world.close()
     if world.main:
