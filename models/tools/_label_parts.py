@@ -16,6 +16,8 @@ import json
 import os
 import pathlib
 import shutil
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,6 +60,23 @@ class RunFolder:
 
     def parts(self) -> list[pathlib.Path]:
         return sorted(self.dir.glob("part-*.jsonl"))
+
+    def finished(self, rank: int) -> pathlib.Path:
+        """The mark a rank leaves when it has labelled its share."""
+        return self.dir / f"finished-{rank:05d}"
+
+    def wait_for(self, paths: Sequence[pathlib.Path], what: str) -> None:
+        """Wait until ``paths`` exist, however long. The ranks wait for each other this way, not in
+        a collective: a collective gives up after its timeout (30 min with gloo, less with NCCL),
+        and listing a large tree or labelling a slow share may take longer than that."""
+        start = time.monotonic()
+        told = False
+        while not all(p.exists() for p in paths):
+            if not told and time.monotonic() - start > 60:
+                print(f"waiting for {what} ({self.dir}); with several nodes, --out must be on a filesystem that "
+                      "every node sees", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(0.2)
 
     # -- the start ----------------------------------------------------------------------------
     def precheck(self, asked: dict) -> None:

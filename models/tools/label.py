@@ -149,13 +149,15 @@ def label(model, sources: Sequence[str], out: str | os.PathLike, *, from_list: s
                **_model_facts(model)}
     if world.main:
         folder.start(request, lambda: _list_inputs(sources, from_list))
-    world.barrier()
+    else:
+        folder.wait_for([folder.run_file], "rank 0 to list the inputs")
     inputs = folder.inputs(folder.check(request))  # (every rank: a node that sees another folder stops here)
     total, count = len(inputs), (len(inputs) + batch_size - 1) // batch_size
-    part = folder.part(world.rank)
+    part, finished = folder.part(world.rank), folder.finished(world.rank)
     lock = _lock(part)  # (two runs on one --out would each label what the other has not written yet)
     try:
         done, ends = folder.done(batch_size, total)
+        finished.unlink(missing_ok=True)  # (an earlier run's)
         world.barrier()  # every rank has read the parts before any rank writes to one
         with open(part, "ab") as f:
             f.truncate(ends.get(part, 0))  # a batch whose write a kill cut: labelled again, below
@@ -168,21 +170,24 @@ def label(model, sources: Sequence[str], out: str | os.PathLike, *, from_list: s
         model.eval()
         bar = tqdm(total=total, initial=before, unit="img", file=sys.stderr, disable=not progress or not world.main)
         start = time.perf_counter()
-        labelled = 0
+        counts = torch.zeros(2, dtype=torch.float64)  # images labelled, of them unreadable
         with open(part, "ab") as f:
-            for data, images, _ in _records(model, loader, inputs, description.digest, topk, world.rank):
+            for data, images, errors in _records(model, loader, inputs, description.digest, topk, world.rank):
                 f.write(data)  # one write per batch, flushed: a kill leaves whole batches and at most one cut
                 f.flush()
-                labelled += images
+                counts += torch.tensor([images, errors], dtype=torch.float64)
                 bar.update(min(images * world.size, total - bar.n))  # (rank 0's pace, for all ranks)
+        finished.touch()
     finally:
         lock.release()
-    labelled = int(world.all_sum(torch.tensor([labelled], dtype=torch.float64))[0])  # (waits for every rank)
+    folder.wait_for([folder.finished(r) for r in range(world.size)], "the other ranks to label their shares")
+    labelled, unreadable = (int(c) for c in world.all_sum(counts).tolist())
+    unreadable += sum(b.errors for b in done.values())
     seconds = time.perf_counter() - start
     bar.update(total - bar.n)
     bar.close()
-    unreadable = folder.merge(batch_size, total)[1] if world.main else 0
-    unreadable = int(world.all_sum(torch.tensor([unreadable], dtype=torch.float64))[0])  # every rank: one summary
+    if world.main:  # (the others need not wait for it: nothing follows)
+        folder.merge(batch_size, total)
     world.close()
     return Summary(folder.out, total, unreadable, labelled, before, seconds, world.size, description.architecture,
                    description.digest)
