@@ -149,6 +149,31 @@ def test_interrupted_then_resumed_equals_uninterrupted_and_other_settings_are_re
     assert not (tmp_path / "resumed.jsonl.parts").exists()
 
 
+def test_a_batch_is_done_only_when_a_part_holds_all_its_lines_whole(tmp_path):
+    """What a kill or a lost node leaves in a part: a cut line, zeros where the last blocks were,
+    a batch begun and not ended. Only whole batches count; a part is cut back to its last one."""
+    from models.tools._label_parts import RunFolder, shard
+
+    def lines(indices, error=()):
+        return "".join(json.dumps({"index": i, "image": f"{i}.png", **({"error": "E"} if i in error else {"top": []}),
+                                   "model_digest": "d"}) + "\n" for i in indices).encode()
+
+    folder = RunFolder(tmp_path / "out.jsonl")
+    folder.dir.mkdir()
+    first, second = folder.part(0), folder.part(1)
+    # batches of 4 inputs, 10 inputs: batch 2 has 2
+    first.write_bytes(lines(range(0, 4), error={1}) + lines(range(8, 10)) + lines([4, 5]) + b'{"index": 6, "im')
+    second.write_bytes(lines(range(4, 8)) + b"\0" * 100 + lines(range(0, 4)))
+    done, ends = folder.done(batch_size=4, total=10)
+    assert sorted(done) == [0, 1, 2] and done[0].path == first and done[0].errors == 1
+    # (the zeros glue onto the line after them: that batch is not whole there)
+    assert ends == {first: len(lines(range(0, 4), error={1}) + lines(range(8, 10))), second: len(lines(range(4, 8)))}
+    assert shard(3, done, 0, 2) == [] and shard(5, {1: 0, 3: 0}, 1, 2) == [2]
+    assert folder.merge(batch_size=4, total=10) == (10, 1)
+    assert [json.loads(line)["index"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == list(range(10))
+    assert not folder.dir.exists()
+
+
 @pytest.mark.slow  # an ONNX export
 def test_a_runtime_backend_labels_like_eager(checkpoint, tmp_path):
     photos = _images(tmp_path / "photos", 12, broken={4})
