@@ -29,10 +29,19 @@ BATCH = 32
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A described 10-class tinynet_e (random weights, so each image has its own scores) that
-    reads 16-pixel images: fast, and the numbers of each image differ in every digit."""
+    """A described 10-class tinynet_e that reads 16-pixel images (fast), with random weights and
+    BatchNorm statistics measured on random images: freshly built, its features are ~1e-7 and every
+    image gets the same scores; measured, each image has its own, which a line-for-line
+    comparison then checks to 6 decimals."""
     torch.manual_seed(1)
     model = models.tinynet_e(num_classes=10)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # (a plain average over the batches)
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.rand(32, 3, 16, 16) * 4 - 2)
+    model.eval()
     description = describe(model, classes=[f"kind {i}" for i in range(10)])
     description = description.with_(preprocessing=preprocessing_for("tinynet_e", 16))
     path = tmp_path_factory.mktemp("model") / "tiny.pth"
@@ -90,8 +99,13 @@ def test_directory_list_file_and_url_in_input_order_with_error_lines(checkpoint,
         if "error" not in r:
             assert [t["label"] for t in r["top"]] == [f"kind {t['index']}" for t in r["top"]] and len(r["top"]) == 3
             assert r["top"][0]["probability"] >= r["top"][1]["probability"] >= r["top"][2]["probability"]
-    assert records[30]["top"] == records[3]["top"] == records[33]["top"]  # the URL serves file 3's bytes
-    assert records[31]["top"] == records[2]["top"]
+    assert len({r["top"][0]["probability"] for r in records if "top" in r}) > 20  # each image its own scores
+    # The URL serves file 3's bytes. In another batch, an image's last digit may differ (CPU kernels
+    # round differently with the batch): why a run's batches are the same whatever splits or resumes it.
+    for a, b in ((30, 3), (33, 3), (31, 2)):
+        assert [t["index"] for t in records[a]["top"]] == [t["index"] for t in records[b]["top"]]
+        assert [t["probability"] for t in records[a]["top"]] == pytest.approx(
+            [t["probability"] for t in records[b]["top"]], abs=1e-5)
     assert f"{out}: 34 images, 2 unreadable (error lines)" in result.stdout
     assert "34 labelled now on 1 process(es)" in result.stdout and "done before" not in result.stdout
     assert "0007.png" in result.stderr and "missing.png" in result.stderr
