@@ -18,7 +18,7 @@ from .._hashing import sha256_file
 from ..cache import CacheDirError, cache_dir, default_cache_dir, exports_dir, url_prefix
 from ..manifest import DEFAULT_MANIFEST, MANIFEST_ENV, ManifestError, load_manifest, validate_manifest
 from ..weights import CheckpointError, get_weights
-from . import backends, benchmark, evaluate, export, finetune, predict
+from . import backends, benchmark, evaluate, export, finetune, label, predict
 from ._args import add_command
 
 
@@ -298,7 +298,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     sub = add_command(commands, "info", _info,
                       "everything known about one model: architecture, weights, preprocessing, files")
     sub.add_argument("model", metavar="MODEL")
-    for tool in (predict, evaluate, benchmark, finetune, export):
+    for tool in (predict, label, evaluate, benchmark, finetune, export):
         tool.register(commands)
 
     sub = add_command(commands, "prefetch", _prefetch,
