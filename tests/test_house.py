@@ -134,7 +134,8 @@ def test_adding_a_model_takes_the_edits_contributing_lists(tmp_path):
     contributing = (ROOT / "CONTRIBUTING.md").read_text()
     edits = {
         "models/ghostnet.py": ('VARIANTS = {\n', 'VARIANTS = {\n    "ghostnet_2x": Variant(GhostNet, {"width": 2.0}, '
-                               '"GhostNet 2.0x (Han et al., CVPR 2020)", "ghostnet_200", num_params=1, macs=1),\n'),
+                               '"GhostNet 2.0x (Han et al., CVPR 2020)", None, num_params=1, macs=1, '
+                               'input_size=224),\n'),
         "models/api.py": ('tinynet_e = _entry_point("tinynet_e", TinyNet)\n',
                           'tinynet_e = _entry_point("tinynet_e", TinyNet)\n'
                           'ghostnet_2x = _entry_point("ghostnet_2x", GhostNet)\n'),
