@@ -75,7 +75,8 @@ PROBE = """
 import torch
 import models
 doc = models.{name}.__doc__
-assert "MACs at {size}x{size}." in doc and {example!r} in doc, doc
+said = [line for line in doc.splitlines() if line.startswith("Size:")] + doc.splitlines()[-2:]  # size, example
+assert "MACs at {size}x{size}." in said[0] and {example!r} in doc, said
 model = torch.hub.load(".", "{name}", source="local", num_classes=3, trust_repo=True).eval()
 assert model.default_input_size == ({size}, {size}) and type(model).__name__ == "TinyNet"
 assert model(torch.randn(2, 3, {size}, {size})).shape == (2, 3)

@@ -305,6 +305,10 @@ def test_each_table_row_records_the_size_of_its_code(name):
     actual = dict(num_params=measured.params, macs=measured.macs, input_size=measured.input_size[0])
     assert measured.input_size[0] == measured.input_size[1]
     assert recorded == actual, f"{name}'s table row: write " + ", ".join(f"{k}={v:_}" for k, v in actual.items())
+    if row.timm_name is not None:  # the benchmark and the timm tests build it
+        import timm
+
+        assert row.timm_name in timm.list_models(), f"{name}: timm has no {row.timm_name!r}; write None"
     if name in load_manifest().models:  # the manifest records the same (test_manifest: and the papers' accuracy)
         e = load_manifest()[name]
         assert (e.num_params, e.macs, e.input_size) == (row.num_params, row.macs, row.input_size)
