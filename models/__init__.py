@@ -7,27 +7,15 @@ options; ``list_models`` works as in timm and torchvision, ``get_model``,
 (``python -m models ...``, or the ``ghostnet-hub`` command of the installed package
 ``ghostnet_hub``) live in ``models.tools``, which this package never imports.
 """
-from . import api
+from . import api, pretrained
 from ._version import __version__
 from .api import *  # noqa: F403 - the builders, one per VARIANTS row, and the registry functions
 from .ghostnet import GhostNet
 from .ghostnetv2 import GhostNetV2
 from .ghostnetv3 import GhostNetV3
-from .pretrained import (
-    GhostNet_1X_Weights,
-    GhostNetV2_1_3X_Weights,
-    GhostNetV2_1_6X_Weights,
-    GhostNetV2_1X_Weights,
-    GhostNetV3_1X_Weights,
-    TinyNet_A_Weights,
-    TinyNet_B_Weights,
-    TinyNet_C_Weights,
-    TinyNet_D_Weights,
-    TinyNet_E_Weights,
-)
+from .pretrained import *  # noqa: F403 - the weights enums, one per released model (pretrained.__all__)
 from .tinynet import TinyNet
 
-__all__ = ["GhostNet", "GhostNetV2", "GhostNetV3", "TinyNet", "GhostNet_1X_Weights", "GhostNetV2_1X_Weights",
-           "GhostNetV2_1_3X_Weights", "GhostNetV2_1_6X_Weights", "GhostNetV3_1X_Weights", "TinyNet_A_Weights",
-           "TinyNet_B_Weights", "TinyNet_C_Weights", "TinyNet_D_Weights", "TinyNet_E_Weights", "__version__",
-           *api.__all__]
+__all__ = ["GhostNet", "GhostNetV2", "GhostNetV3", "TinyNet", "__version__", *api.__all__]
+# The weights enums, as pretrained.__all__ spells them out (type checkers read the star import above).
+__all__ += [name for name in pretrained.__all__ if name not in __all__]

@@ -6,7 +6,7 @@ import itertools
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import torch
@@ -339,22 +339,29 @@ class ImageClassifier(TimmHooks, nn.Module):
 @dataclass(frozen=True)
 class Variant:
     """One named model of a family: its class and architecture arguments, and what the
-    registry, the help text, the benchmark and the README say about it. Each family module
-    keeps one ``VARIANTS`` table of these; everything else derives from it.
+    registry, the help text, the CLI, the benchmark and the README say about it. Each family
+    module keeps one ``VARIANTS`` table of these; everything else derives from it.
 
-    ``num_params`` and ``macs`` are recorded for variants without released weights only
-    (the weights manifest holds them for the others); tests check them against the code.
+    ``num_params`` and ``macs`` (multiply-accumulates for one image) are the model's published
+    size, counted at ``input_size`` (its default input, square); GhostNetV3's are its deploy
+    form's. A model with released weights records the same three in the weights manifest; tests
+    check both against the code. ``timm_name`` is timm's name for the same architecture, or None
+    where timm has none (the benchmark then measures no timm reference for it).
     """
 
     cls: type[ImageClassifier]
     args: Mapping[str, float]
     title: str
-    timm_name: str
-    num_params: int | None = None
-    macs: int | None = None
+    timm_name: str | None = None
+    _: KW_ONLY
+    num_params: int
+    macs: int
+    input_size: int
     options: tuple[str, ...] = field(init=False)
 
     def __post_init__(self):
+        for name in ("num_params", "macs", "input_size"):
+            check_int(name, getattr(self, name), 1)
         # The options a user may pass are the class's keyword-only parameters: one list,
         # read from the signature, so a new option cannot be forgotten in a second place.
         params = inspect.signature(self.cls).parameters.values()

@@ -55,11 +55,13 @@ def help_text(name: str, variant: Variant, manifest: Manifest) -> str:
     """The docstring of builder ``name``: what it is, its weights and preprocessing, every argument
     (``_ARGUMENT_DOCS``), an example."""
     lines = [f"{variant.title}.", ""]
+    size = (f"Size: {variant.num_params:,} parameters, {variant.macs / 1e6:.2f} M MACs at "
+            f"{variant.input_size}x{variant.input_size}.")
     if name in manifest.models:
         e = manifest[name]
         lines += [
             f"ImageNet-1k: top-1 {e.top1} %, top-5 {e.top5} % ({e.metrics_source}).",
-            f"Size: {e.num_params:,} parameters, {e.macs / 1e6:.2f} M MACs at {e.input_size}x{e.input_size}.",
+            size,
             f"Preprocessing: RGB in [0, 1], resize the shorter side to {e.resize_size} ({e.interpolation}), "
             f"center-crop {e.input_size}, normalise with mean {tuple(e.mean)} and std {tuple(e.std)}.",
             f"Weights: {get_model_weights(name).__name__}.IMAGENET1K_V1 (the DEFAULT; also pretrained=True). "
@@ -75,7 +77,7 @@ def help_text(name: str, variant: Variant, manifest: Manifest) -> str:
         lines += [
             "No released weights: weights= and pretrained=True are errors; train it yourself or pass "
             "checkpoint=.",
-            f"Size: {variant.num_params:,} parameters, {variant.macs / 1e6:.2f} M MACs at 224x224.",
+            size,
         ]
     if hasattr(variant.cls, "reparameterize"):
         lines.append("The size above is the deploy form's: the builder returns the training form (re-parameterisable "
@@ -94,6 +96,6 @@ def help_text(name: str, variant: Variant, manifest: Manifest) -> str:
     else:
         lines += [
             f"    model = torch.hub.load('{GITHUB_REPO}', '{name}', num_classes=10, trust_repo=True)",
-            "    logits = model(torch.randn(8, 3, 224, 224))",
+            f"    logits = model(torch.randn(8, 3, {variant.input_size}, {variant.input_size}))",
         ]
     return "\n".join(lines)

@@ -315,12 +315,13 @@ def pad_ghost_halves(model: GhostNet, multiple: int = 16) -> GhostNet:
     return model
 
 
-# The published widths. Adding one: a row here, its entry point lines in api.py and hubconf.py,
-# and (with released weights) a manifest entry and its weights enum in pretrained.py; see CONTRIBUTING.md.
+# The published widths; only 1.0x has released weights (see weights_manifest.json). One row per
+# model; see CONTRIBUTING.md.
 VARIANTS = {
     "ghostnet_0_5x": Variant(GhostNet, {"width": 0.5}, "GhostNet 0.5x (Han et al., CVPR 2020)", "ghostnet_050",
-                             num_params=2_587_292, macs=42_328_152),
-    "ghostnet_1x": Variant(GhostNet, {"width": 1.0}, "GhostNet 1.0x (Han et al., CVPR 2020)", "ghostnet_100"),
+                             num_params=2_587_292, macs=42_328_152, input_size=224),
+    "ghostnet_1x": Variant(GhostNet, {"width": 1.0}, "GhostNet 1.0x (Han et al., CVPR 2020)", "ghostnet_100",
+                           num_params=5_182_508, macs=141_150_512, input_size=224),
     "ghostnet_1_3x": Variant(GhostNet, {"width": 1.3}, "GhostNet 1.3x (Han et al., CVPR 2020)", "ghostnet_130",
-                             num_params=7_358_820, macs=227_003_256),
+                             num_params=7_358_820, macs=227_003_256, input_size=224),
 }

@@ -82,9 +82,9 @@ class GhostNetV2(GhostNet):
 # The published widths, each with released weights (see weights_manifest.json).
 VARIANTS = {
     "ghostnetv2_1x": Variant(GhostNetV2, {"width": 1.0}, "GhostNetV2 1.0x (Tang et al., NeurIPS 2022)",
-                             "ghostnetv2_100"),
+                             "ghostnetv2_100", num_params=6_156_908, macs=167_048_288, input_size=224),
     "ghostnetv2_1_3x": Variant(GhostNetV2, {"width": 1.3}, "GhostNetV2 1.3x (Tang et al., NeurIPS 2022)",
-                               "ghostnetv2_130"),
+                               "ghostnetv2_130", num_params=8_960_404, macs=269_322_976, input_size=224),
     "ghostnetv2_1_6x": Variant(GhostNetV2, {"width": 1.6}, "GhostNetV2 1.6x (Tang et al., NeurIPS 2022)",
-                               "ghostnetv2_160"),
+                               "ghostnetv2_160", num_params=12_392_698, macs=398_607_224, input_size=224),
 }

@@ -203,10 +203,11 @@ class GhostNetV3(GhostNetV2):
 # MACs are the deploy form's (reparameterize()), as the authors count them; the training form has more.
 VARIANTS = {
     "ghostnetv3_0_5x": Variant(GhostNetV3, {"width": 0.5}, "GhostNetV3 0.5x (Liu et al., 2024)", "ghostnetv3_050",
-                               num_params=2_853_176, macs=49_640_656),
-    "ghostnetv3_1x": Variant(GhostNetV3, {"width": 1.0}, "GhostNetV3 1.0x (Liu et al., 2024)", "ghostnetv3_100"),
+                               num_params=2_853_176, macs=49_640_656, input_size=224),
+    "ghostnetv3_1x": Variant(GhostNetV3, {"width": 1.0}, "GhostNetV3 1.0x (Liu et al., 2024)", "ghostnetv3_100",
+                             num_params=6_147_588, macs=167_048_288, input_size=224),
     "ghostnetv3_1_3x": Variant(GhostNetV3, {"width": 1.3}, "GhostNetV3 1.3x (Liu et al., 2024)", "ghostnetv3_130",
-                               num_params=8_948_296, macs=269_322_976),
+                               num_params=8_948_296, macs=269_322_976, input_size=224),
     "ghostnetv3_1_6x": Variant(GhostNetV3, {"width": 1.6}, "GhostNetV3 1.6x (Liu et al., 2024)", "ghostnetv3_160",
-                               num_params=12_377_778, macs=398_607_224),
+                               num_params=12_377_778, macs=398_607_224, input_size=224),
 }

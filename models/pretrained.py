@@ -99,8 +99,11 @@ class WeightsEnum(enum.Enum):
         return f"{type(self).__name__}.{self.name}"
 
 
-# One per model with released weights (a test checks them against the manifest). The names
-# follow torchvision's rule: the family, then the model's suffix upper-cased.
+# One per model with released weights, in registry order, each also named in __all__ above:
+# static classes, so that type checkers and `from models import TinyNet_A_Weights` see them.
+# The names follow torchvision's rule: the family, then the model's suffix upper-cased.
+# tests/test_weights_enums.py checks them against the manifest and prints the class a
+# released model lacks.
 class GhostNet_1X_Weights(WeightsEnum):
     IMAGENET1K_V1 = _Release("ghostnet_1x")
     DEFAULT = IMAGENET1K_V1
@@ -171,11 +174,11 @@ def _manifest_in_use() -> Manifest:
     return manifest
 
 
+# Every enum class above, in the order they are defined: nothing to list twice.
 _ENUMS: dict[str, type[WeightsEnum]] = {
     cls.DEFAULT.model_name: cls
-    for cls in (GhostNet_1X_Weights, GhostNetV2_1X_Weights, GhostNetV2_1_3X_Weights, GhostNetV2_1_6X_Weights,
-                GhostNetV3_1X_Weights, TinyNet_A_Weights, TinyNet_B_Weights, TinyNet_C_Weights, TinyNet_D_Weights,
-                TinyNet_E_Weights)
+    for cls in list(globals().values())
+    if isinstance(cls, type) and issubclass(cls, WeightsEnum) and cls is not WeightsEnum
 }
 _BY_CLASS_NAME = {cls.__name__: cls for cls in _ENUMS.values()}
 _VERSIONS = tuple(TinyNet_A_Weights.__members__)  # every model's: IMAGENET1K_V1 and its alias DEFAULT

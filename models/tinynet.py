@@ -173,21 +173,22 @@ class TinyNet(ImageClassifier):
         return self._flatten(self._pool(x))
 
 
-# The published models, from the paper's (resolution, width, depth) factors. Adding one: a row
-# here, its entry point lines in api.py and hubconf.py, a manifest entry and its weights enum in
-# pretrained.py; see CONTRIBUTING.md.
-_FACTORS = {
-    "tinynet_a": (0.86, 1.0, 1.2),
-    "tinynet_b": (0.84, 0.75, 1.1),
-    "tinynet_c": (0.825, 0.54, 0.85),
-    "tinynet_d": (0.68, 0.54, 0.695),
-    "tinynet_e": (0.475, 0.51, 0.6),
-}
+# The published models: the paper's (resolution, width, depth) factors, and their size at
+# int(224 * resolution). One row per model, as in every family table; see CONTRIBUTING.md.
 VARIANTS = {
-    name: Variant(
-        TinyNet, {"resolution": r, "width": w, "depth": d},
-        f"TinyNet-{name[-1].upper()} (Han et al., NeurIPS 2020): EfficientNet-B0 scaled by r={r}, w={w}, d={d}",
-        timm_name=name,
-    )
-    for name, (r, w, d) in _FACTORS.items()
+    "tinynet_a": Variant(TinyNet, {"resolution": 0.86, "width": 1.0, "depth": 1.2},
+                         "TinyNet-A (Han et al., NeurIPS 2020): EfficientNet-B0 scaled by r=0.86, w=1.0, d=1.2",
+                         "tinynet_a", num_params=6_187_972, macs=336_867_712, input_size=192),
+    "tinynet_b": Variant(TinyNet, {"resolution": 0.84, "width": 0.75, "depth": 1.1},
+                         "TinyNet-B (Han et al., NeurIPS 2020): EfficientNet-B0 scaled by r=0.84, w=0.75, d=1.1",
+                         "tinynet_b", num_params=3_730_562, macs=200_709_360, input_size=188),
+    "tinynet_c": Variant(TinyNet, {"resolution": 0.825, "width": 0.54, "depth": 0.85},
+                         "TinyNet-C (Han et al., NeurIPS 2020): EfficientNet-B0 scaled by r=0.825, w=0.54, d=0.85",
+                         "tinynet_c", num_params=2_457_234, macs=99_536_432, input_size=184),
+    "tinynet_d": Variant(TinyNet, {"resolution": 0.68, "width": 0.54, "depth": 0.695},
+                         "TinyNet-D (Han et al., NeurIPS 2020): EfficientNet-B0 scaled by r=0.68, w=0.54, d=0.695",
+                         "tinynet_d", num_params=2_338_446, macs=51_580_656, input_size=152),
+    "tinynet_e": Variant(TinyNet, {"resolution": 0.475, "width": 0.51, "depth": 0.6},
+                         "TinyNet-E (Han et al., NeurIPS 2020): EfficientNet-B0 scaled by r=0.475, w=0.51, d=0.6",
+                         "tinynet_e", num_params=2_042_972, macs=24_356_848, input_size=106),
 }

@@ -18,50 +18,23 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import models
+from models.ghostnetv2 import GhostNetV2
+from models.manifest import DEFAULT_MANIFEST, load_manifest
 
 DATA = pathlib.Path(__file__).parent / "data"
 
-# name: (parameters, MACs in millions, default input size): the papers' tables and the released files.
-PUBLISHED = {
-    "ghostnet_0_5x": (2_587_292, 42.33, 224),
-    "ghostnet_1x": (5_182_508, 141.15, 224),
-    "ghostnet_1_3x": (7_358_820, 227.00, 224),
-    # GhostNetV2: 167 M FLOPs at 1.0x in the paper (MACs, as GhostNet's "141 M").
-    "ghostnetv2_1x": (6_156_908, 167.05, 224),
-    "ghostnetv2_1_3x": (8_960_404, 269.32, 224),
-    "ghostnetv2_1_6x": (12_392_698, 398.61, 224),
-    # GhostNetV3 in its deploy form (reparameterize()): GhostNetV2's cost plus the folded biases.
-    "ghostnetv3_0_5x": (2_853_176, 49.64, 224),
-    "ghostnetv3_1x": (6_147_588, 167.05, 224),
-    "ghostnetv3_1_3x": (8_948_296, 269.32, 224),
-    "ghostnetv3_1_6x": (12_377_778, 398.61, 224),
-    "tinynet_a": (6_187_972, 336.87, 192),
-    "tinynet_b": (3_730_562, 200.71, 188),
-    "tinynet_c": (2_457_234, 99.54, 184),
-    "tinynet_d": (2_338_446, 51.58, 152),
-    "tinynet_e": (2_042_972, 24.36, 106),
-}
-# The six models with released, pinned checkpoints, and timm's name for each.
-PRETRAINED = {
-    "ghostnet_1x": "ghostnet_100",
-    "tinynet_a": "tinynet_a",
-    "tinynet_b": "tinynet_b",
-    "tinynet_c": "tinynet_c",
-    "tinynet_d": "tinynet_d",
-    "tinynet_e": "tinynet_e",
-}
-
-
+# Every model, in registry order, with its table row (models/*.py VARIANTS): parameters, MACs
+# and input size as published (tests compare them with the code, the manifest and the README).
+MODELS = {name: models.get_variant(name) for name in models.list_models()}
+_MANIFEST = load_manifest(DEFAULT_MANIFEST)
+# The models with released, pinned checkpoints, and timm's name for each.
+PRETRAINED = {name: MODELS[name].timm_name for name, entry in _MANIFEST.models.items()
+              if all(f.pinned for f in entry.files)}
 # GhostNetV2/V3: released with no published checksum (unpinned), and timm's name for each;
 # then the widths without released weights.
-UNPINNED = {
-    "ghostnetv2_1x": "ghostnetv2_100",
-    "ghostnetv2_1_3x": "ghostnetv2_130",
-    "ghostnetv2_1_6x": "ghostnetv2_160",
-    "ghostnetv3_1x": "ghostnetv3_100",
-}
-V2V3 = {**UNPINNED, "ghostnetv3_0_5x": "ghostnetv3_050", "ghostnetv3_1_3x": "ghostnetv3_130",
-        "ghostnetv3_1_6x": "ghostnetv3_160"}
+UNPINNED = {name: MODELS[name].timm_name for name, entry in _MANIFEST.models.items()
+            if not all(f.pinned for f in entry.files)}
+V2V3 = {name: v.timm_name for name, v in MODELS.items() if issubclass(v.cls, GhostNetV2) and v.timm_name}
 
 
 def build(name, **kwargs):

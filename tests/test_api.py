@@ -10,11 +10,12 @@ from PIL import Image
 from torchvision import transforms as T
 
 import models
-from models import api
+from models import ghostnet, ghostnetv2, ghostnetv3, tinynet
 from models import weights as weights_module
 from models._hashing import sha256_file
+from models.manifest import load_manifest
 
-from reference import PRETRAINED, PUBLISHED, UNPINNED, build, measure
+from reference import MODELS, PRETRAINED, build, measure
 
 
 def _reference_state(files, name):
@@ -26,26 +27,32 @@ def _reference_state(files, name):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
+FAMILIES = (ghostnet, ghostnetv2, ghostnetv3, tinynet)
+
+
 def test_list_models():
-    assert models.list_models() == list(PUBLISHED)
-    released = {**PRETRAINED, **UNPINNED}
-    assert models.list_models(pretrained=True) == [name for name in PUBLISHED if name in released]
+    # Every row of the family tables, in their order (the README's table lists them: test_readme).
+    assert models.list_models() == [name for family in FAMILIES for name in family.VARIANTS]
+    released = load_manifest().models
+    assert set(released) <= set(models.list_models())
+    assert models.list_models(pretrained=True) == [name for name in models.list_models() if name in released]
 
 
 def test_list_models_filters_as_timm_and_torchvision():
-    tinynets = [f"tinynet_{c}" for c in "abcde"]
+    # (the expected lists are the family tables: a new row joins them)
+    tinynets = list(tinynet.VARIANTS)
     # timm's list_models("tinynet*"); the old signature took the string for pretrained_only=True.
     assert models.list_models("tinynet*") == tinynets
-    assert models.list_models(filter="ghostnet_*") == ["ghostnet_0_5x", "ghostnet_1x", "ghostnet_1_3x"]
+    assert models.list_models(filter="ghostnet_*") == list(ghostnet.VARIANTS)
     assert models.list_models(["ghostnet_*_1x", "ghostnet_1x", "tinynet_e"]) == ["ghostnet_1x", "tinynet_e"]
-    assert models.list_models("ghost*", pretrained=True) == ["ghostnet_1x", "ghostnetv2_1x", "ghostnetv2_1_3x",
-                                                            "ghostnetv2_1_6x", "ghostnetv3_1x"]
-    assert models.list_models("ghostnetv3*") == ["ghostnetv3_0_5x", "ghostnetv3_1x", "ghostnetv3_1_3x",
-                                                 "ghostnetv3_1_6x"]
+    released = load_manifest().models
+    assert models.list_models("ghost*", pretrained=True) == [
+        name for family in (ghostnet, ghostnetv2, ghostnetv3) for name in family.VARIANTS if name in released]
+    assert models.list_models("ghostnetv3*") == list(ghostnetv3.VARIANTS)
     # torchvision's include= / exclude=
     assert models.list_models(include="tinynet_[ab]") == ["tinynet_a", "tinynet_b"]
     assert models.list_models(include=["*_1x", "*_e"], exclude=["tinynet*", "ghostnetv*"]) == ["ghostnet_1x"]
-    assert models.list_models(exclude=["ghost*", "tinynet_[a-c]"]) == ["tinynet_d", "tinynet_e"]
+    assert models.list_models(exclude=["ghost*", "tinynet_[a-c]"]) == tinynets[3:]
     assert models.list_models("resnet*") == []
 
 
@@ -175,8 +182,9 @@ def test_pretrained_stem_adapted_to_in_chans(published, in_chans):
 def test_pretrained_without_released_weights_is_an_error(published, kwargs):
     server, _ = published
     before = len(server.hits)
+    # (the served manifest holds the pinned models)
     with pytest.raises(ValueError, match="'ghostnet_1_3x' has no released weights; models with weights: "
-                                         "ghostnet_1x, tinynet_a, tinynet_b, tinynet_c, tinynet_d, tinynet_e"):
+                                         + ", ".join(PRETRAINED) + "$"):
         models.ghostnet_1_3x(**kwargs)
     assert len(server.hits) == before
     with pytest.raises(ValueError, match="'ghostnet_1_3x' has no released weights"):
@@ -237,8 +245,8 @@ def test_bad_arguments(kwargs, error, message):
 
 
 def test_unknown_model_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown model 'tinynet_f'; models: ghostnet_0_5x, .*tinynet_e"):
-        models.get_model("tinynet_f")
+    with pytest.raises(ValueError, match="unknown model 'resnet50'; models: " + ", ".join(models.list_models())):
+        models.get_model("resnet50")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -275,7 +283,7 @@ def test_cuda_device(published, pretrained):
 @pytest.mark.parametrize("name", PRETRAINED)
 def test_transforms_are_torchvision_presets_with_the_published_recipe(name):
     w = models.get_weights(name)
-    size = PUBLISHED[name][2]
+    size = MODELS[name].input_size
     resize = int(size / 0.875) if name != "ghostnet_1x" else 256
     mode = T.InterpolationMode.BILINEAR if name == "ghostnet_1x" else T.InterpolationMode.BICUBIC
     image = Image.frombytes("RGB", (320, 240), bytes(range(256)) * 900)
@@ -288,39 +296,25 @@ def test_transforms_are_torchvision_presets_with_the_published_recipe(name):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
-def test_weights_meta():
-    from torchvision.models import ResNet50_Weights
+@pytest.mark.parametrize("name", MODELS)
+def test_each_table_row_records_the_size_of_its_code(name):
+    """What the help text, the CLI, the benchmark and the README read from the row is the code's
+    (GhostNetV3: its deploy form's); a wrong or placeholder row is told what to write."""
+    row, measured = MODELS[name], measure(name)
+    recorded = dict(num_params=row.num_params, macs=row.macs, input_size=row.input_size)
+    actual = dict(num_params=measured.params, macs=measured.macs, input_size=measured.input_size[0])
+    assert measured.input_size[0] == measured.input_size[1]
+    assert recorded == actual, f"{name}'s table row: write " + ", ".join(f"{k}={v:_}" for k, v in actual.items())
+    if row.timm_name is not None:  # the benchmark and the timm tests build it
+        import timm
 
-    w = models.get_weights("tinynet_b")
-    meta = w.meta
-    assert meta["categories"] == ResNet50_Weights.IMAGENET1K_V2.meta["categories"] and len(meta["categories"]) == 1000
-    assert meta["metrics"] == {"ImageNet-1K": {"acc@1": 75.0, "acc@5": 92.2}}
-    assert meta["num_params"] == 3_730_562 and meta["macs"] == 200_709_360
-    assert meta["license"] == "Apache-2.0" and meta["paper"].startswith("https://arxiv.org/")
-    assert w.url == w.urls[0] and len(w.urls) == 3 and all(u.startswith("https://") for u in w.urls)
-    assert models.get_weights("ghostnet_1x").meta["file_size"] is None  # not published for the authors' file
-    with pytest.raises(ValueError, match="no released weights"):
-        models.get_weights("ghostnet_0_5x")
-
-
-def test_unreleased_variant_facts_match_the_code():
-    unreleased = [name for name in models.list_models() if name not in models.list_models(pretrained=True)]
-    assert unreleased == ["ghostnet_0_5x", "ghostnet_1_3x", "ghostnetv3_0_5x", "ghostnetv3_1_3x",
-                          "ghostnetv3_1_6x"]
-    for name in unreleased:
-        variant = api.get_variant(name)
-        measured = measure(name)
-        assert measured.input_size == (224, 224)
-        assert (measured.params, measured.macs) == (variant.num_params, variant.macs)
+        assert row.timm_name in timm.list_models(), f"{name}: timm has no {row.timm_name!r}; write None"
+    if name in load_manifest().models:  # the manifest records the same (test_manifest: and the papers' accuracy)
+        e = load_manifest()[name]
+        assert (e.num_params, e.macs, e.input_size) == (row.num_params, row.macs, row.input_size)
 
 
 # -- torchvision's weights API ------------------------------------------------------------------
-
-ENUMS = {"ghostnet_1x": "GhostNet_1X_Weights", "ghostnetv2_1x": "GhostNetV2_1X_Weights",
-         "ghostnetv2_1_3x": "GhostNetV2_1_3X_Weights", "ghostnetv2_1_6x": "GhostNetV2_1_6X_Weights",
-         "ghostnetv3_1x": "GhostNetV3_1X_Weights", "tinynet_a": "TinyNet_A_Weights", "tinynet_b": "TinyNet_B_Weights",
-         "tinynet_c": "TinyNet_C_Weights", "tinynet_d": "TinyNet_D_Weights", "tinynet_e": "TinyNet_E_Weights"}
-
 
 def _member(text):
     """"<Enum.MEMBER>" -> that member of the package's enums; anything else as it is."""
@@ -328,27 +322,6 @@ def _member(text):
         enum, member = text.strip("<>").split(".")
         return getattr(getattr(models, enum), member)
     return text
-
-
-def test_one_weights_enum_per_released_model_named_as_torchvision_names_them():
-    from models.manifest import load_manifest
-
-    assert list(ENUMS) == list(load_manifest().models)
-    for name, enum_name in ENUMS.items():
-        enum = getattr(models, enum_name)
-        family, *rest = name.split("_")
-        assert enum.__name__ == "_".join([{"ghostnet": "GhostNet", "ghostnetv2": "GhostNetV2",
-                                           "ghostnetv3": "GhostNetV3", "tinynet": "TinyNet"}[family],
-                                          *(part.upper() for part in rest), "Weights"])
-        assert models.get_model_weights(name) is enum is models.get_model_weights(getattr(models, name))
-        assert list(enum.__members__) == ["IMAGENET1K_V1", "DEFAULT"]
-        assert enum.DEFAULT is enum.IMAGENET1K_V1 is models.get_weight(f"{enum.__name__}.IMAGENET1K_V1")
-        assert models.get_weight(f"{enum.__name__}.DEFAULT") is enum.DEFAULT
-        assert repr(enum.DEFAULT) == f"{enum.__name__}.IMAGENET1K_V1"
-    members = {member: name for name, enum in ENUMS.items() for member in getattr(models, enum)}  # hashable
-    assert len(members) == 10 and members[models.TinyNet_A_Weights.DEFAULT] == "tinynet_a"
-    with pytest.raises(ValueError, match="names no weights"):
-        models.get_weight("ResNet50_Weights.IMAGENET1K_V1")
 
 
 def test_weights_members_carry_url_transforms_meta_and_state_dict(published):
@@ -370,16 +343,6 @@ def test_weights_members_carry_url_transforms_meta_and_state_dict(published):
     assert meta["metrics"] == meta["_metrics"] and meta["macs"] == 99_536_432 and meta["license"]
 
 
-def test_torchvision_meta_keys_match_torchvision_conventions():
-    from torchvision.models import MobileNet_V3_Small_Weights
-
-    ours, theirs = models.GhostNet_1X_Weights.DEFAULT.meta, MobileNet_V3_Small_Weights.DEFAULT.meta
-    assert set(theirs) <= set(ours)
-    assert type(ours["_ops"]) is type(theirs["_ops"]) and ours["_ops"] == 0.141
-    assert ours["_file_size"] == round(20_871_632 / 2**20, 3)  # the first file with a recorded size
-    assert ours["file_size"] is None  # (the authors' file's size is not recorded)
-
-
 @pytest.mark.parametrize("weights", [
     "DEFAULT", "IMAGENET1K_V1", "TinyNet_D_Weights.IMAGENET1K_V1", "TinyNet_D_Weights.DEFAULT",
     "<TinyNet_D_Weights.DEFAULT>", "<TinyNet_D_Weights.IMAGENET1K_V1>",
@@ -394,24 +357,6 @@ def test_every_torchvision_spelling_of_weights_loads_the_published_weights(publi
         assert not model.training and model.pretrained_weights.name == "tinynet_d"
 
 
-def test_a_weights_handle_from_another_manifest_loads_from_that_manifest(published, server, tmp_path):
-    """The CLI's --manifest: get_model(name, weights=get_weights(name, manifest))."""
-    from reference import checkpoint_bytes
-    from weights_server import weight_entry, write_manifest
-
-    data = checkpoint_bytes("tinynet_d", seed=7)
-    other = write_manifest(tmp_path / "other.json", {"tinynet_d": [weight_entry(server.add("/other.pth", data), data)]})
-    handle = models.get_weights("tinynet_d", other)
-    assert repr(handle) == f"Weights('tinynet_d', manifest={other!r})"
-    assert handle == models.TinyNet_D_Weights.DEFAULT.resolve(other)
-    model = models.tinynet_d(weights=handle, progress=False)
-    expected = torch.load(io.BytesIO(data), weights_only=True)
-    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
-    assert [h.path for h in server.hits] == ["/other.pth"]
-    with pytest.raises(ValueError, match="the weights of tinynet_d cannot be loaded into tinynet_e"):
-        models.tinynet_e(weights=handle)
-
-
 # -- timm's pretrained_cfg ---------------------------------------------------------------------
 
 def test_timm_resolves_the_published_input_config():
@@ -424,10 +369,8 @@ def test_timm_resolves_the_published_input_config():
     assert resolve_data_config({}, model=models.tinynet_e(in_chans=1))["input_size"] == (1, 106, 106)
 
 
-@pytest.mark.parametrize("name", PUBLISHED)
+@pytest.mark.parametrize("name", MODELS)
 def test_pretrained_cfg_on_every_model(name):
-    from models.manifest import load_manifest
-
     model = getattr(models, name)(features_only=name.endswith("_e"))
     cfg = model.pretrained_cfg
     assert cfg is model.default_cfg
@@ -440,9 +383,9 @@ def test_pretrained_cfg_on_every_model(name):
         e = manifest[name]
         assert (cfg["input_size"][1], cfg["interpolation"], cfg["crop_pct"], cfg["mean"], cfg["std"]) == (
             e.input_size, e.interpolation, e.crop_ratio, tuple(e.mean), tuple(e.std))
-    if name.startswith("tinynet"):  # the same as timm's own for these models
+    if name.startswith("tinynet") and MODELS[name].timm_name:  # the same as timm's own for these models
         import timm
         from timm.data import resolve_data_config
 
-        theirs = resolve_data_config({}, model=timm.create_model(name, pretrained=False))
+        theirs = resolve_data_config({}, model=timm.create_model(MODELS[name].timm_name, pretrained=False))
         assert resolve_data_config({}, model=model) == theirs

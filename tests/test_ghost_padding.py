@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 
-from models.ghostnet import GhostModule, pad_ghost_halves
+from models.ghostnet import GhostModule, GhostNet, pad_ghost_halves
 from models.tools import export
 
-from reference import build
+from reference import MODELS, build
 
-GHOSTNETS = ["ghostnet_0_5x", "ghostnet_1x", "ghostnet_1_3x"]
+GHOSTNETS = [name for name, row in MODELS.items() if row.cls is GhostNet]
 
 
 def _fused(name):

@@ -14,7 +14,7 @@ import torch
 import models
 
 from helpers import ROOT, doc
-from reference import PRETRAINED, PUBLISHED
+from reference import MODELS, PRETRAINED
 
 REPO = str(ROOT)
 
@@ -30,7 +30,7 @@ def no_prompt(monkeypatch):
 def test_hub_local_pretrained_matches_package_api(published, no_prompt, name):
     hub_model = torch.hub.load(REPO, name, source="local", pretrained=True, progress=False, trust_repo=False)
     package_model = models.get_model(name, pretrained=True, progress=False)
-    size = PUBLISHED[name][2]
+    size = MODELS[name].input_size
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(hub_model(x), package_model(x), rtol=0, atol=0)
@@ -187,7 +187,7 @@ def test_trust_repo_behaves_as_the_readme_says(github_checkout, monkeypatch):
 def test_hub_list_shows_only_the_models(github_checkout):
     hub = github_checkout
     # (and torchvision's get_weight / get_model_weights, as its hubconf offers them)
-    assert torch.hub.list(hub, trust_repo=True) == sorted([*PUBLISHED, "get_weight", "get_model_weights"])
+    assert torch.hub.list(hub, trust_repo=True) == sorted([*MODELS, "get_weight", "get_model_weights"])
 
 
 def test_hub_help_documents_each_entry(github_checkout):
@@ -199,7 +199,7 @@ def test_hub_help_documents_each_entry(github_checkout):
                      "checkpoint (str | path)", "drop_path_rate (float)", "TinyNet_A_Weights.IMAGENET1K_V1",
                      "train mode", "Example:", "torch.hub.load("):
         assert fragment in text, fragment
-    for name in PUBLISHED:
+    for name in MODELS:
         doc = torch.hub.help(hub, name, trust_repo=True)
         assert "Args:" in doc and "Example:" in doc and "MACs" in doc
     assert "No released weights" in torch.hub.help(hub, "ghostnet_1_3x", trust_repo=True)

@@ -10,9 +10,9 @@ from torch import nn
 import models
 
 from helpers import ROOT
-from reference import PUBLISHED, build
+from reference import MODELS, build
 
-ALL = list(PUBLISHED)
+ALL = list(MODELS)
 
 
 def _small():

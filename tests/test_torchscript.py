@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import ROOT
-from reference import PUBLISHED, build, random_state_dict
+from reference import MODELS, build, random_state_dict
 
 
 def _script(model):
@@ -24,7 +24,7 @@ def _trained(name, **kwargs):
 
 
 @pytest.mark.slow  # scripting takes about a second per model
-@pytest.mark.parametrize("name", PUBLISHED)
+@pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("form", ["unfused", "fused", "fused+channels_last"])
 def test_scripted_model_equals_eager(name, form):
     model = _trained(name)

@@ -130,7 +130,10 @@ def timm_reference(name: str, device: torch.device) -> nn.Module:
     checkpoints' keys are timm's), so that every implementation computes the same function."""
     import timm
 
-    ref = timm.create_model(api.get_variant(name).timm_name, pretrained=False)
+    timm_name = api.get_variant(name).timm_name
+    if timm_name is None:
+        raise ValueError(f"timm has no model like {name} (its table row names none)")
+    ref = timm.create_model(timm_name, pretrained=False)
     state = _seeded(name, torch.device("cpu")).state_dict()
     # GhostNetV3's re-parameterisable branches: the authors' `.bn.` is timm's `.bn1.`
     state = {re.sub(r"(rpr_conv\.\d+|rpr_scale)\.bn\.", r"\1.bn1.", k): v for k, v in state.items()}
@@ -153,12 +156,14 @@ def _candidates(names, modes, device, references, manifest: Manifest, progress,
                 folder: pathlib.Path) -> list[_Candidate]:
     out = []
     for name in names:
-        size = api.get_model(name).default_input_size[0]
+        variant = api.get_variant(name)
+        size = variant.input_size
         top1 = manifest[name].top1 if name in manifest.models else None
         for mode in modes:
             module = _ours(name, mode, device, progress)
             out.append(_Candidate(name, "ours", mode, size, top1, module, {}, _note(mode, module)))
-        if references & {"timm", "timm_onnx"}:
+        # A model timm does not have (its row names none) is measured without timm's rows.
+        if references & {"timm", "timm_onnx"} and variant.timm_name is not None:
             with contextlib.suppress(ImportError):
                 ref = timm_reference(name, device)
                 if "timm" in references:
@@ -354,7 +359,7 @@ def register(commands) -> None:
                       "ONNX) and torchvision, on a CPU whose features are printed, and the accuracy-latency figure "
                       "(maintainers' start-up and verification benchmarks: benchmarks/)")
     sub.add_argument("--models", nargs="+", choices=api.list_models(), metavar="MODEL",
-                     help="models to measure (default: the six with weights)")
+                     help="models to measure (default: those with weights)")
     sub.add_argument("--modes", nargs="+", choices=MODES, default=DEFAULT_MODES, metavar="MODE",
                      help="eager, fused (BatchNorm folded), fused_cl (fused + channels_last), compiled; onnxruntime, "
                           "executorch, openvino (exported on the fly, cached), each also _int8 and _int8_fdw (INT8, "

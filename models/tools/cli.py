@@ -53,14 +53,10 @@ def _list(args) -> int:
                          f"{e.macs / 1e6:.1f} M", str(e.input_size), f"{size / 1e6:.1f} MB" if size else "?",
                          _cached_state(e)))
         else:
-            model = api.get_model(name)
-            variant = api.get_variant(name)
-            # (GhostNetV3's recorded size is its deploy form's, as published; the builder gives the training form)
-            params = variant.num_params or sum(p.numel() for p in model.parameters())
-            # (a --manifest may leave out released models: their facts are in the repository's)
-            macs = variant.macs if variant.macs is not None else load_manifest(DEFAULT_MANIFEST)[name].macs
-            rows.append((name, "no", "-", "-", f"{params / 1e6:.2f} M", f"{macs / 1e6:.1f} M",
-                         str(model.default_input_size[0]), "-", "-"))
+            # The table row's facts (GhostNetV3's size is its deploy form's, as published).
+            v = api.get_variant(name)
+            rows.append((name, "no", "-", "-", f"{v.num_params / 1e6:.2f} M", f"{v.macs / 1e6:.1f} M",
+                         str(v.input_size), "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
