@@ -11,8 +11,8 @@ import pathlib
 import sys
 
 # Test modules holding @fault tests, in the order their rows appear in the table.
-MODULES = ("test_download", "test_faults", "test_fault_processes", "test_loading", "test_manifest", "test_cache",
-           "test_disk_faults", "test_tool_faults", "test_checkpoint_faults")
+MODULES = ("test_download", "test_faults", "test_cache_faults", "test_fault_processes", "test_loading", "test_manifest",
+           "test_cache", "test_disk_faults", "test_tool_faults", "test_checkpoint_faults")
 
 _registered: dict[str, tuple[str, str]] = {}
 

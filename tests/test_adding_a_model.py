@@ -49,6 +49,7 @@ CHECKS = [
     "tests/test_weights_enums.py::test_one_weights_enum_per_released_model_named_as_torchvision_names_them",
     "tests/test_hub_listing.py::test_listing_table_matches_the_manifest",
     "tests/test_interface.py",
+    "tests/test_training_interface.py",
     "tests/test_torchscript.py",
     "tests/test_docs.py::test_cli_page_is_generated_from_the_parser",
 ]

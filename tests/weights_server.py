@@ -12,10 +12,15 @@ import email.utils
 import gzip
 import hashlib
 import http.server
+import random
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
+
+from models import download
+from models.download import DownloadOptions
+from models.manifest import WeightFile
 
 
 @dataclass
@@ -243,3 +248,41 @@ def write_manifest(path, files_by_model: dict) -> str:
         models[name] = dict(real["models"][name], files=files)
     pathlib.Path(path).write_text(json.dumps({"schema_version": real["schema_version"], "models": models}))
     return str(path)
+
+
+# -- what the fault tests fetch with -----------------------------------------------------------
+# Short timeouts and waits, so a fault shows in seconds; ONCE: no retry.
+FAST = DownloadOptions(timeout=(2.0, 0.5), retries=3, backoff=0.01, max_wait=0.2, chunk_size=32 * 1024)
+ONCE = DownloadOptions(timeout=(2.0, 0.5), retries=0, chunk_size=32 * 1024)
+DATA = random.Random(1).randbytes(300_000)
+
+
+def weight_file(urls, data=DATA, size=True, model="tinynet_e"):
+    return WeightFile(model=model, index=0, urls=tuple(urls), format="torch",
+                      checksums={"sha256": checksums(data)["sha256"]}, size=len(data) if size else None)
+
+
+def fetch(file, cache, **kwargs):
+    kwargs.setdefault("options", FAST)
+    kwargs.setdefault("mirror", "")
+    kwargs.setdefault("offline", False)
+    return download.fetch(file, progress=False, cache=cache, **kwargs)
+
+
+def within(seconds, fn, *args, **kwargs):
+    """fn(...) on a thread; fails (instead of hanging the suite) if it is still running."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"hung: still running after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
