@@ -18,7 +18,8 @@ torch.set_num_threads(1)
 # worker ran it alone while the other sat idle (CI: the ExecuTorch INT8 test, 236 s, at the end).
 # Started first, they run while the other worker works through the short tests, and the tail is
 # short tests that the idle worker can take over.
-_LONG_FIRST = ("test_export.py", "test_identity.py", "test_finetune.py", "test_backends.py", "test_fuse.py")
+_LONG_FIRST = ("test_export.py", "test_identity.py", "test_finetune_runs.py", "test_multinode.py", "test_backends.py",
+               "test_label.py", "test_fuse.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -173,3 +174,46 @@ def installed(tmp_path_factory):
     (project / "models").mkdir(parents=True)
     (project / "models" / "__init__.py").write_text("MINE = True\n")
     return Installed(python, python.parent, project)
+
+
+# -- fine-tuning: shared by test_finetune*.py and test_multinode.py -------------------------------
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    from stripes import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("stripes-small"), train=8, val=3, size=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(small_data, tmp_path_factory):
+    """Two epochs of tinynet_e from scratch: (result, stdout)."""
+    from finetuning import TINY, quiet
+
+    from models.tools.finetune import finetune
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    return quiet(finetune, model="tinynet_e", data=small_data, out=out, pretrained=False, epochs=2, **TINY)
+
+
+# -- evaluate: shared by test_evaluate.py and test_multinode.py ------------------------------------
+@pytest.fixture
+def imagefolder(tmp_path):
+    """An ImageNet-style validation folder: the first three classes by WordNet id, PER_CLASS
+    readable images each, and one truncated JPEG."""
+    from PIL import Image
+
+    from helpers import PER_CLASS
+
+    root = tmp_path / "val"
+    for wnid, count in PER_CLASS.items():
+        (root / wnid).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (80 + 9 * i, 64), (40 * i, 90, 200)).save(root / wnid / f"img_{i}.JPEG")
+    (root / "n01443537" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    return root
+
+
+@pytest.fixture
+def class_one_always_wins(serve_fixed_logits):
+    """tinynet_e weights whose logits are the classifier bias: class 1, then 0, then 2."""
+    return serve_fixed_logits("tinynet_e", {1: 10.0, 0: 5.0, 2: 4.0})

@@ -128,3 +128,9 @@ def run_checked(command, **kwargs):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, **kwargs)
     assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
+
+
+# The imagefolder fixture's classes (the first three ImageNet classes, by WordNet id: indices
+# 0, 1, 2) and its readable images per class: 7, an odd number.
+CLASSES = {"n01440764": 0, "n01443537": 1, "n01484850": 2}
+PER_CLASS = {"n01440764": 3, "n01443537": 2, "n01484850": 2}

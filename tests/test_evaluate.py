@@ -7,29 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ROOT, cli, run_models
+from helpers import PER_CLASS, ROOT, cli, run_models
 from reference import build
-
-# The first three ImageNet classes, by WordNet id: indices 0, 1, 2.
-CLASSES = {"n01440764": 0, "n01443537": 1, "n01484850": 2}
-PER_CLASS = {"n01440764": 3, "n01443537": 2, "n01484850": 2}  # 7 readable images: an odd number
-
-
-@pytest.fixture
-def imagefolder(tmp_path):
-    root = tmp_path / "val"
-    for wnid, count in PER_CLASS.items():
-        (root / wnid).mkdir(parents=True)
-        for i in range(count):
-            Image.new("RGB", (80 + 9 * i, 64), (40 * i, 90, 200)).save(root / wnid / f"img_{i}.JPEG")
-    (root / "n01443537" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff truncated")
-    return root
-
-
-@pytest.fixture
-def class_one_always_wins(serve_fixed_logits):
-    """tinynet_e weights whose logits are the classifier bias: class 1, then 0, then 2."""
-    return serve_fixed_logits("tinynet_e", {1: 10.0, 0: 5.0, 2: 4.0})
 
 
 def _evaluate(*args, torchrun=0, **kwargs):

@@ -18,19 +18,13 @@ import time
 
 import psutil
 import pytest
-import test_evaluate
-import test_finetune
 import torch
-from test_finetune import FAST, SERIAL, TINY, TOLERANCE, _max_difference, _state, quiet
+from finetuning import FAST, SERIAL, TINY, TOLERANCE, max_difference, quiet, state_of
 
 from models.tools import _distributed, _finetune_loop
 from models.tools.finetune import finetune
 
 from helpers import ROOT, cli, doc, readme_argv
-
-# Fixtures of the one-machine tests, used here as they are.
-small_data = test_finetune.small_data
-imagefolder, class_one_always_wins = test_evaluate.imagefolder, test_evaluate.class_one_always_wins
 
 PAGE = doc("finetune")
 EPOCHS = ["--epochs", "4"]  # 4 epochs of 2 steps: time to kill a worker between two of them
@@ -135,7 +129,7 @@ def test_two_nodes_finetune_equals_one_process(published, small_data, tmp_path):
     assert [line.split()[1] for line in text.splitlines() if line.startswith("epoch ")] == ["1/4", "2/4", "3/4", "4/4"]
     rank0 = _ran_on(nodes)
     one = _one_process(small_data, tmp_path / "one")
-    difference = _max_difference(_state(rank0 / "runs/nodes/last.pth"), _state(one / "last.pth"))
+    difference = max_difference(state_of(rank0 / "runs/nodes/last.pth"), state_of(one / "last.pth"))
     print(f"largest difference, 2 nodes vs 1 process after 8 steps: {difference:.2e}")
     assert difference <= TOLERANCE
     assert len(server.hits) == before + 1
@@ -200,7 +194,7 @@ def test_elastic_restart_after_sigkill_continues_from_last_pth(published, small_
     assert epochs == [f"{e}/4" for e in range(k + 1, 5)]  # the rest, not all over again
     assert _ran_on(nodes) == nodes[rank0]  # the other node never had OUT: rank 0 sent it the state
     out, one_process = nodes[rank0] / "runs/nodes", _one_process(small_data, tmp_path / "one")
-    difference = _max_difference(_state(out / "last.pth"), _state(one_process / "last.pth"))
+    difference = max_difference(state_of(out / "last.pth"), state_of(one_process / "last.pth"))
     print(f"restarted after epoch {k}: largest difference to one uninterrupted process {difference:.2e}")
     assert difference <= TOLERANCE
     curves = [[r["val_loss"] for r in json.loads((o / "metrics.json").read_text())["epochs"]]
@@ -238,7 +232,7 @@ def test_auto_resume_continues_the_same_command_and_refuses_another(small_data, 
     result, stdout = quiet(finetune, out=killed, auto_resume=True, **run)  # the same command again
     assert "resuming after epoch 1 (--auto-resume)" in stdout
     assert [line.split()[1] for line in stdout.splitlines() if line.startswith("epoch ")] == ["2/3", "3/3"]
-    assert _max_difference(_state(result.last), _state(straight.last)) <= 1e-6
+    assert max_difference(state_of(result.last), state_of(straight.last)) <= 1e-6
     assert [r["val_loss"] for r in result.epochs] == pytest.approx([r["val_loss"] for r in straight.epochs], rel=1e-5)
 
     before = result.last.read_bytes()
