@@ -164,23 +164,23 @@ def test_export_then_predict_with_the_file_gives_the_eager_labels(moderate_weigh
     exported = cli("export", "tinynet_e", "--out", str(out), "--quiet")
     assert exported.returncode == 0, exported.stderr
     assert f"wrote {out} ({fmt}, fp32)" in exported.stdout and "of the largest logit (limit 1e-04)" in exported.stdout
-    eager = _labels(cli("predict", str(photos), "--model", "tinynet_e", "--json", "--quiet"))
-    from_file = _labels(cli("predict", str(photos), "--model", "tinynet_e", "--json", "--quiet", "--model-file",
+    eager = _labels(cli("predict", str(photos), "--model", "tinynet_e", "--json", "-", "--quiet"))
+    from_file = _labels(cli("predict", str(photos), "--model", "tinynet_e", "--json", "-", "--quiet", "--model-file",
                             str(out), "--batch-size", "4"))
     _assert_same_predictions(from_file, eager)
 
 
 @pytest.mark.slow
 def test_backends_made_on_the_fly_are_cached_and_give_the_eager_labels(moderate_weights, photos, tmp_path):
-    eager = _labels(cli("predict", str(photos), "--model", "tinynet_e", "--json", "--quiet"))
-    first = cli("predict", str(photos), "--model", "tinynet_e", "--json", "--backend", "onnxruntime")
+    eager = _labels(cli("predict", str(photos), "--model", "tinynet_e", "--json", "-", "--quiet"))
+    first = cli("predict", str(photos), "--model", "tinynet_e", "--json", "-", "--backend", "onnxruntime")
     assert first.stderr.count("exporting tinynet_e to onnx") == 1
     _assert_same_predictions(_labels(first), eager)
-    again = cli("predict", str(photos), "--model", "tinynet_e", "--json", "--backend", "onnxruntime")
+    again = cli("predict", str(photos), "--model", "tinynet_e", "--json", "-", "--backend", "onnxruntime")
     assert "exporting" not in again.stderr  # the cached export
     _assert_same_predictions(_labels(again), eager)
     assert len(list(backends.export_cache_dir().glob("tinynet_e-*.onnx"))) == 1
-    compiled = cli("predict", str(photos), "--model", "tinynet_e", "--json", "--quiet", "--backend", "compile")
+    compiled = cli("predict", str(photos), "--model", "tinynet_e", "--json", "-", "--quiet", "--backend", "compile")
     _assert_same_predictions(_labels(compiled), eager)
 
 

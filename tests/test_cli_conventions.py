@@ -1,6 +1,8 @@
 """The command line as a torchvision/timm user tries it: --checkpoint for every model (also the
 GhostNets without released weights), --model offering what can be loaded, top-k labelled with
 the k used, --version, and skip messages kept out of the progress bar."""
+import argparse
+import collections
 import json
 import re
 
@@ -71,7 +73,7 @@ def test_predict_offers_what_can_be_loaded(tmp_path):
     # With --checkpoint, any model: labels from the checkpoint's classes.
     path = _checkpoint(tmp_path, "ghostnet_1_3x", 3, winner=2)
     result = cli("predict", "--model", "ghostnet_1_3x", "--checkpoint", str(path), "--num-classes", "3",
-                 "--json", "--quiet")
+                 "--json", "-", "--quiet")
     assert result.returncode == 0, result.stderr
     (record,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert [t["label"] for t in record["top"]] == ["class 2", "class 0", "class 1"]  # top-5 of 3: three
@@ -111,3 +113,40 @@ def test_skip_messages_stay_out_of_the_progress_bar(imagefolder, serve_fixed_log
     assert evaluated.returncode == 1 and "img/s" in evaluated.stderr
     (skipped,) = _lines_outside_the_bar(evaluated.stderr, "skipped " + str(imagenet))
     assert skipped.startswith("rank 0: skipped ")
+
+
+def _options(parser, command=()):
+    """(command, action) for every option of ``parser`` and its subcommands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, (*command, name))
+        else:
+            yield " ".join(command), action
+
+
+def test_an_option_means_one_thing_in_every_command():
+    """An option that several commands take is the same kind of option in each (a switch, or a
+    value of the same type): #22 found --json a switch in predict and a file in evaluate and
+    benchmark, and --amp a switch in two and a dtype in one."""
+    from models.tools import cli as commands
+
+    kinds = collections.defaultdict(dict)
+    for command, action in _options(commands.build_parser()):
+        for option in action.option_strings:
+            kind = getattr(action.type, "__name__", action.type)
+            kinds[option][command] = (type(action).__name__, action.nargs, kind)
+    assert {"predict", "evaluate", "benchmark"} <= set(kinds["--json"]) and len(kinds["--amp"]) >= 3
+    mixed = {option: by for option, by in kinds.items() if len(set(by.values())) > 1}
+    assert not mixed, f"options of different kinds under one name: {mixed}"
+
+
+def test_json_dash_is_standard_output_and_an_existing_image_is_not_taken_for_the_file(tmp_path):
+    image = tmp_path / "photo.jpg"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    before = image.read_bytes()
+    refused = cli("predict", "--json", str(image), "--model", "tinynet_e")
+    assert refused.returncode == 2 and "is not a .json/.jsonl file" in refused.stderr
+    assert image.read_bytes() == before
+    for command in (["predict", str(image)], ["evaluate", "--data", str(tmp_path)], ["benchmark"]):
+        assert "(-: to standard output, instead of the text)" in " ".join(cli(*command, "--help").stdout.split())

@@ -149,7 +149,7 @@ def test_the_builders_load_best_pth(tiny_run):
 
 def test_predict_prints_the_users_class_names(tiny_run, small_data):
     image = small_data / "val" / "vertical_warm" / "000.png"
-    result = cli("predict", CHECKPOINT_FLAG, str(tiny_run[0].best), str(image), "--topk", "4", "--json")
+    result = cli("predict", CHECKPOINT_FLAG, str(tiny_run[0].best), str(image), "--topk", "4", "--json", "-")
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["model"] == "tinynet_e" and sorted(t["label"] for t in record["top"]) == sorted(CLASSES)

@@ -151,7 +151,7 @@ def test_tinynet_e_learns_from_scratch_and_predict_agrees(tmp_path, monkeypatch)
     assert last["train_loss"] < first["train_loss"] / 2 and first["val_top1"] <= 50.0
 
     # The round trip: best.pth -> predict, whose top-1 on each val image is the folder's class.
-    predicted = cli("predict", CHECKPOINT_FLAG, str(out / "best.pth"), str(data / "val"), "--topk", "1", "--json",
+    predicted = cli("predict", CHECKPOINT_FLAG, str(out / "best.pth"), str(data / "val"), "--topk", "1", "--json", "-",
                     "--workers", "0")
     assert predicted.returncode == 0, predicted.stderr
     records = [json.loads(line) for line in predicted.stdout.splitlines()]

@@ -86,7 +86,7 @@ def test_a_reduced_or_double_precision_checkpoint_loads_as_float32(tmp_path, dty
     assert {p.dtype for p in model.state_dict().values() if p.is_floating_point()} == {torch.float32}
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
-    result = cli("predict", "--model", "tinynet_e", "--checkpoint", str(path), "--json", "--quiet")
+    result = cli("predict", "--model", "tinynet_e", "--checkpoint", str(path), "--json", "-", "--quiet")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert json.loads(result.stdout)["top"][0]["label"].startswith("class ")
     assert result.stderr.count("loaded as float32") == 1 and "warning: " in result.stderr  # said once, one line
@@ -119,8 +119,8 @@ def test_predict_names_the_fine_tuned_classes_with_no_model_given(shapes, shapes
     """Before: 'model': 'ghostnet_1x' and ImageNet labels (.pte), or a raw ONNX Runtime
     traceback ('Got: 224 Expected: 106') without --model."""
     data, best = shapes
-    eager = json.loads(cli("predict", "--checkpoint", str(best), _image(data), "--json", "--topk", "4").stdout)
-    result = cli("predict", "--model-file", str(shapes_onnx), _image(data), "--json", "--topk", "4")
+    eager = json.loads(cli("predict", "--checkpoint", str(best), _image(data), "--json", "-", "--topk", "4").stdout)
+    result = cli("predict", "--model-file", str(shapes_onnx), _image(data), "--json", "-", "--topk", "4")
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["model"] == "tinynet_e" and {t["label"] for t in record["top"]} == set(CLASSES)
@@ -152,7 +152,7 @@ def test_a_file_without_a_description_needs_model_and_says_so(shapes, shapes_onn
     assert backends.load_file(foreign).description is None
     # With --model and the checkpoint it came from, it runs with that model's names.
     result = cli("predict", "--model", "tinynet_e", "--checkpoint", str(shapes[1]), "--model-file", str(foreign),
-                 _image(shapes[0]), "--json", "--topk", "4")
+                 _image(shapes[0]), "--json", "-", "--topk", "4")
     assert result.returncode == 0 and {t["label"] for t in json.loads(result.stdout)["top"]} == set(CLASSES)
 
 
@@ -212,7 +212,7 @@ def test_the_journey_through_the_command_line(tmp_path):
     image = _image(data)
 
     def top(*args):
-        done = cli("predict", image, "--json", "--topk", "4", *args)
+        done = cli("predict", image, "--json", "-", "--topk", "4", *args)
         assert done.returncode == 0, done.stderr
         record = json.loads(done.stdout)
         assert record["model"] == "tinynet_e" and {t["label"] for t in record["top"]} == set(CLASSES), record
@@ -258,8 +258,8 @@ def test_the_journey_for_a_pip_user(installed, published, tmp_path):
                                                   "--workers", "0", "--quiet"], cwd=project, env=env)
     predict, evaluate, export_line, predict_file = block("use")
     run_checked(readme_argv(export_line, installed) + ["--quiet"], cwd=project, env=env)
-    eager = run_checked(readme_argv(predict, installed) + ["--json", "--quiet"], cwd=project, env=env)
-    from_file = run_checked(readme_argv(predict_file, installed) + ["--json", "--quiet"], cwd=project, env=env)
+    eager = run_checked(readme_argv(predict, installed) + ["--json", "-", "--quiet"], cwd=project, env=env)
+    from_file = run_checked(readme_argv(predict_file, installed) + ["--json", "-", "--quiet"], cwd=project, env=env)
     records = [[json.loads(line) for line in out.stdout.splitlines()] for out in (eager, from_file)]
     assert len(records[0]) == 12 and all(r["model"] == "tinynet_e" for r in records[0] + records[1])
     assert [r["top"][0]["label"] for r in records[1]] == [r["top"][0]["label"] for r in records[0]]

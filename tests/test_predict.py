@@ -100,7 +100,7 @@ def test_directory_with_every_kind_of_image_and_a_broken_one(tabby_weights, tmp_
         Image.new("RGB", (64 + i, 48), (i, 2 * i, 3 * i)).save(folder / "nested" / f"f_{i:02d}.jpg")
     (folder / "g_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (folder / "notes.txt").write_text("not an image, not picked up")
-    result = run("predict", str(folder), "--json", "--batch-size", "8", "--workers", "2", "--topk", "3")
+    result = run("predict", str(folder), "--json", "-", "--batch-size", "8", "--workers", "2", "--topk", "3")
     assert result.returncode == 1
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 51
@@ -117,7 +117,7 @@ def test_url_and_missing_file(tabby_weights, tmp_path):
     buffer = io.BytesIO()
     Image.open(SAMPLE_IMAGE).save(buffer, format="PNG")
     url = tabby_weights.add("/cat.png", buffer.getvalue())
-    result = run("predict", url, str(tmp_path / "missing.jpg"), "--json", "--quiet")
+    result = run("predict", url, str(tmp_path / "missing.jpg"), "--json", "-", "--quiet")
     assert result.returncode == 1
     ok, missing = [json.loads(line) for line in result.stdout.splitlines()]
     assert ok["image"] == url and ok["top"][0]["label"] == "tabby" and len(ok["top"]) == 5

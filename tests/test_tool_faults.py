@@ -211,7 +211,7 @@ def test_predict_reports_and_skips_what_is_not_a_regular_file(stripes, tmp_path)
     os.mkfifo(folder / "pipe.jpg")
     os.mkfifo(tmp_path / "given.png")
     command = [sys.executable, "-m", "models", "predict", "--model", "tinynet_e", "--checkpoint", str(checkpoint),
-               "--quiet", "--json", str(folder), str(tmp_path / "given.png"), "/dev/zero"]
+               "--quiet", "--json", "-", str(folder), str(tmp_path / "given.png"), "/dev/zero"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr

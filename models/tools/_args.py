@@ -1,9 +1,13 @@
 """What the commands' argument parsers share: ``--manifest``, the model's weights
-(published, or ``--checkpoint``), and number checks."""
+(published, or ``--checkpoint``), number checks, and the options that mean the same in every
+command that has them (``--json``, ``--amp``/``--amp-dtype``): defined once, here."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import pathlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +21,48 @@ def add_command(group, name: str, func: Callable, help_text: str) -> argparse.Ar
     sub.set_defaults(func=func)
     sub.add_argument("--manifest", help="manifest file (default: $GHOSTNET_HUB_MANIFEST or weights_manifest.json)")
     return sub
+
+
+def json_argument(sub: argparse.ArgumentParser, what: str) -> None:
+    """``--json FILE``: ``what`` as JSON into FILE, or with ``-`` on standard output in place of
+    the text. A FILE that exists and is not JSON (``--json photo.jpg``: an image taken for the
+    file) is refused rather than overwritten."""
+    sub.add_argument("--json", metavar="FILE", type=_json_target,
+                     help=f"write {what} as JSON to FILE (-: to standard output, instead of the text)")
+
+
+def _json_target(value: str) -> str:
+    path = pathlib.Path(value)
+    if value != "-" and path.exists() and (not path.is_file() or path.suffix.lower() not in (".json", ".jsonl")):
+        raise argparse.ArgumentTypeError(f"{value} exists and is not a .json/.jsonl file: --json takes the file to "
+                                         "write (- for standard output), not an input")
+    return value
+
+
+def write_json(target: str, data: Any) -> None:
+    """``data`` as indented JSON to ``target`` (a ``--json`` value: a file, or ``-``)."""
+    text = json.dumps(data, indent=2) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        pathlib.Path(target).write_text(text)
+
+
+def amp_arguments(sub: argparse.ArgumentParser) -> None:
+    """``--amp`` (autocast in the device's half precision) and ``--amp-dtype`` (another one)."""
+    sub.add_argument("--amp", action="store_true",
+                     help="mixed precision (autocast): bfloat16 on CPU, float16 on CUDA")
+    sub.add_argument("--amp-dtype", choices=("bfloat16", "float16"), help="with --amp: this autocast dtype instead")
+
+
+def amp_dtype(args: argparse.Namespace, device_type: str) -> str | None:
+    """The autocast dtype ``--amp``/``--amp-dtype`` ask for on ``device_type``, or None (no autocast)."""
+    if args.amp_dtype and not args.amp:
+        raise SystemExit("error: --amp-dtype applies to --amp")
+    if not args.amp:
+        return None
+    return args.amp_dtype or ("float16" if device_type == "cuda" else "bfloat16")
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import pathlib
 import platform
 import re
@@ -26,7 +25,7 @@ from torch import nn
 from .. import api
 from ..manifest import Manifest, load_manifest
 from . import _cpu, backends
-from ._args import add_command, int_at_least
+from ._args import add_command, amp_arguments, amp_dtype, int_at_least, json_argument, write_json
 from ._plot import plot
 
 # Our model run eagerly (as built, fused, fused + channels_last), compiled, or exported to a
@@ -299,15 +298,12 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def write(results: list[Result], env: dict, csv_path=None, json_path=None) -> None:
+def write(results: list[Result], env: dict, csv_path=None) -> None:
     if csv_path:
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
             writer.writeheader()
             writer.writerows(asdict(r) for r in results)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"environment": env, "results": [asdict(r) for r in results]}, f, indent=2)
 
 
 def _run(args) -> int:
@@ -342,14 +338,19 @@ def _run(args) -> int:
     env = environment(device)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else (lambda s: None)
     results = run(args.models, modes=modes, batch_sizes=args.batch_sizes, device=device, warmup=args.warmup,
-                  repeats=args.repeats, references=references, amp=args.amp, manifest=args.manifest, progress=say)
-    print(" ".join(f"{k}={v}" for k, v in env.items() if k != "cpu"))
-    print(f"cpu: {_cpu.summary(env['cpu'])} ({env['cpu']['source']})")
-    print(table(results))
-    write(results, env, args.csv, args.json)
+                  repeats=args.repeats, references=references, amp=amp_dtype(args, device.type), manifest=args.manifest,
+                  progress=say)
+    # With --json -, the JSON is the output and the text goes to standard error.
+    text = sys.stderr if args.json == "-" else sys.stdout
+    print(" ".join(f"{k}={v}" for k, v in env.items() if k != "cpu"), file=text)
+    print(f"cpu: {_cpu.summary(env['cpu'])} ({env['cpu']['source']})", file=text)
+    print(table(results), file=text)
+    write(results, env, args.csv)
+    if args.json:
+        write_json(args.json, {"environment": env, "results": [asdict(r) for r in results]})
     if args.plot:
         plot(results, env, args.plot)
-        print(f"figure: {args.plot}")
+        print(f"figure: {args.plot}", file=text)
     return 0
 
 
@@ -373,13 +374,13 @@ def register(commands) -> None:
                      help="batch 1 gives latency, larger batches throughput (default: 1 32)")
     sub.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
     sub.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
-    sub.add_argument("--amp", choices=("bfloat16", "float16"), default=None, help="autocast dtype (mainly for GPUs)")
+    amp_arguments(sub)
     sub.add_argument("--warmup", type=int_at_least(0), default=5, help="untimed calls per candidate (default: 5)")
     sub.add_argument("--repeats", type=int_at_least(1), default=20, help="timed rounds (default: 20)")
     sub.add_argument("--references", nargs="*", choices=REFERENCES, default=list(REFERENCES),
                      help="reference implementations to measure alongside: timm (eager), timm_onnx (ONNX Runtime on "
                           "timm's own ONNX export, the same weights), torchvision (default: all three)")
     sub.add_argument("--csv", help="write the results as CSV")
-    sub.add_argument("--json", help="write the results and the machine description as JSON")
+    json_argument(sub, "the results and the machine description")
     sub.add_argument("--plot", help="draw published top-1 against latency to this PNG (needs matplotlib)")
     sub.add_argument("--quiet", action="store_true", help="no progress messages")

@@ -26,7 +26,16 @@ from ..download import is_url
 from ..manifest import Manifest
 from ..pretrained import categories_for, transforms_for
 from . import _distributed, backends
-from ._args import add_command, int_at_least, model_source_arguments, published_weights
+from ._args import (
+    add_command,
+    amp_arguments,
+    amp_dtype,
+    int_at_least,
+    json_argument,
+    model_source_arguments,
+    published_weights,
+    write_json,
+)
 from ._finetune_data import image_files, named_folders
 from ._images import ImageFiles, collate_images
 
@@ -133,7 +142,7 @@ def samples(data: pathlib.Path, classes: dict[str, int], limit: int | None) -> l
     return items[:limit] if limit else items
 
 
-def _what_ran(net, amp: bool, checkpoint) -> tuple[str, str | None]:
+def _what_ran(net, amp: str | None, checkpoint) -> tuple[str, str | None]:
     """(precision, file) of what evaluate runs."""
     if isinstance(net, backends.Runner):
         described = net.description
@@ -141,7 +150,7 @@ def _what_ran(net, amp: bool, checkpoint) -> tuple[str, str | None]:
         if described is not None and described.precision == "bf16" and net.inference_precision != "bf16":
             precision += f" (run in {net.inference_precision}: this CPU has no native bfloat16)"
         return precision, str(net.path)
-    precision = getattr(net, "precision_text", "fp32") + (", bfloat16 autocast" if amp else "")
+    precision = getattr(net, "precision_text", "fp32") + (f", {amp} autocast" if amp else "")
     return precision, (str(checkpoint) if checkpoint and not is_url(str(checkpoint)) else None)
 
 
@@ -149,7 +158,7 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
              checkpoint_sha256: str | None = None, num_classes: int | None = None,
              class_map: str | os.PathLike | None = None, batch_size: int = 64, workers: int = 0,
              device: str | torch.device | None = None, limit: int | None = None, fused: bool = False,
-             channels_last: bool = False, amp: bool = False, progress: bool = True,
+             channels_last: bool = False, amp: bool | str | None = None, progress: bool = True,
              manifest: Manifest | str | os.PathLike | None = None, backend: str | None = None,
              model_file: str | os.PathLike | None = None, int8: bool = False, float_depthwise: bool = False,
              calibration: str | os.PathLike | None = None, precision: str = "fp32", **removed) -> Report:
@@ -167,6 +176,7 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
     # Alone, evaluate runs on the CPU unless told; under torchrun, on this rank's GPU if there is one.
     joined = _distributed.setup(device, gpu_by_default=int(os.environ.get("WORLD_SIZE", "1")) > 1)
     rank, world, device = joined.rank, joined.size, joined.device
+    amp = "bfloat16" if amp is True else amp or None  # (True: bfloat16, as before dtypes could be named)
     data = pathlib.Path(data)
     args = argparse.Namespace(model=model, checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256,
                               num_classes=num_classes, manifest=manifest, backend=backend, model_file=model_file,
@@ -187,7 +197,7 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
     loader = DataLoader(ImageFiles([p for p, _ in shard], preprocess), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate_images)
     dev = backends.device_of(net)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp)
+    autocast = torch.autocast(dev.type, dtype=getattr(torch, amp or "bfloat16"), enabled=bool(amp))
     counts = torch.zeros(4, dtype=torch.float64)  # images, top-1 correct, top-k correct, skipped
     bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=rank != 0 or not progress)
     start = time.perf_counter()
@@ -224,22 +234,31 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
                   file=file, file_sha256=_sha256(file) if file and rank == 0 else None)
 
 
+def _device_type(device: str | None) -> str:
+    """Where evaluate runs, for --amp's default dtype: a GPU under torchrun or when asked for."""
+    if device is None:
+        return "cuda" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
+
+
 def _run(args) -> int:
     report = evaluate(args.model, args.data, checkpoint=args.checkpoint, checkpoint_sha256=args.checkpoint_sha256,
                       num_classes=args.num_classes, class_map=args.class_map, batch_size=args.batch_size,
                       workers=args.workers, device=args.device, limit=args.limit, fused=args.fused,
-                      channels_last=args.channels_last, amp=args.amp, progress=not args.quiet, manifest=args.manifest,
+                      channels_last=args.channels_last, amp=amp_dtype(args, _device_type(args.device)),
+                      progress=not args.quiet, manifest=args.manifest,
                       **backends.options_from_args(args))
     if not dist.is_initialized() or dist.get_rank() == 0:
-        published = lambda value: f"   published {value}" if value is not None else ""  # noqa: E731
-        print(report.header())
-        print(f"  {report.images} images ({report.skipped} skipped) on {report.world_size} process(es), "
-              f"{report.images_per_s:.1f} images/s")
-        print(f"  top-1 {report.top1:.3f} %  ({report.correct1}){published(report.published_top1)}")
-        print(f"  top-{report.top_k} {report.topk:.3f} %  ({report.correctk})"
-              f"{published(report.published_top5) if report.top_k == 5 else ''}")
         if args.json:
-            pathlib.Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+            write_json(args.json, report.to_json())
+        if args.json != "-":  # (with -, the JSON is the output)
+            published = lambda value: f"   published {value}" if value is not None else ""  # noqa: E731
+            print(report.header())
+            print(f"  {report.images} images ({report.skipped} skipped) on {report.world_size} process(es), "
+                  f"{report.images_per_s:.1f} images/s")
+            print(f"  top-1 {report.top1:.3f} %  ({report.correct1}){published(report.published_top1)}")
+            print(f"  top-{report.top_k} {report.topk:.3f} %  ({report.correctk})"
+                  f"{published(report.published_top5) if report.top_k == 5 else ''}")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -263,7 +282,7 @@ def register(commands) -> None:
     sub.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N images (sorted)")
     sub.add_argument("--fused", action="store_true", help="fold BatchNorm first (same accuracy, faster)")
     sub.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
-    sub.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    sub.add_argument("--json", metavar="OUT", help="write the report as JSON (rank 0)")
+    amp_arguments(sub)
+    json_argument(sub, "the report (rank 0)")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     backends.add_arguments(sub)

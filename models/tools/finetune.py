@@ -34,7 +34,7 @@ from .._files import probe_writable, write_file
 from ..description import ModelDescription, describe, preprocessing_for
 from ..weights import get_weights
 from . import _distributed, _finetune_dist, _finetune_loop, _finetune_resume
-from ._args import add_command, check_numbers, int_at_least, real_in
+from ._args import add_command, amp_arguments, check_numbers, int_at_least, real_in
 from ._finetune_data import (
     DataError,
     EpochSampler,
@@ -94,6 +94,8 @@ def _configure(model, data, out, resume, why, options) -> tuple[dict, dict | Non
     if config["checkpoint"] and not config["pretrained"]:
         raise ValueError("--checkpoint and --no-pretrained contradict each other: pass one")
     check_numbers(config, _NUMBERS)
+    if config.get("amp_dtype") and not config.get("amp"):
+        raise ValueError("--amp-dtype applies to --amp: pass both")
     probe_writable(config["out"], "Choose another --out")  # before training, not after an epoch
     config["data"] = str(config["data"])
     return {k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v)) for k, v in config.items()}, state
@@ -363,9 +365,7 @@ def register(commands) -> None:
     add("--min-scale", type=n["min_scale"], help=f"RandomResizedCrop's smallest area fraction (default: "
                                                   f"{d['min_scale']})")
     add("--hflip", type=n["hflip"], help=f"horizontal flip probability (default: {d['hflip']})")
-    add("--amp", action="store_true", help="mixed precision: bfloat16 autocast on CPU, float16 (with gradient "
-                                           "scaling) on CUDA")
-    add("--amp-dtype", choices=("bfloat16", "float16"), help="the autocast dtype instead")
+    amp_arguments(sub)  # (float16 trains with gradient scaling)
     add("--accum-steps", type=int_at_least(1), help="micro-batches accumulated per optimizer step (default: 1)")
     add("--drop-rate", type=n["drop_rate"], help="dropout before the classifier (default: the model's, 0.2)")
     add("--drop-path-rate", type=n["drop_path_rate"], help="stochastic depth, for models that have it (default: 0)")

@@ -2,6 +2,7 @@
 thousands, URLs."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from .. import api
 from ..pretrained import categories_for, released_models, transforms_for
 from . import backends
-from ._args import add_command, int_at_least, model_source_arguments
+from ._args import add_command, int_at_least, json_argument, model_source_arguments
 from ._images import SAMPLE_IMAGE, ImageFiles, collate_images, expand_sources
 
 
@@ -66,23 +67,27 @@ def _run(args) -> int:
         args.model = args.model or "ghostnet_1x"
     model = backends.model_from_args(args, device=args.device, progress=not args.quiet)
     failed = 0
-    for result in predict(model, sources, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
-                          progress=not args.quiet and not args.json):
-        failed += bool(result.error)
-        if result.error:  # tqdm.write: above the progress bar, not inside it
-            tqdm.write(f"{result.source}: skipped, {result.error}", file=sys.stderr)
-        if args.json:
-            record = {"image": result.source, "model": args.model}
-            if result.error:
-                record["error"] = result.error
-            else:
-                record["top"] = [{"label": label, "index": index, "probability": round(p, 6)}
-                                 for label, index, p in result.top]
-            print(json.dumps(record), flush=True)
-        elif not result.error:
-            lines = [result.source] + [f"  {rank}. {label:<32} {p * 100:6.2f}%"
-                                       for rank, (label, _, p) in enumerate(result.top, 1)]
-            tqdm.write("\n".join(lines), file=sys.stdout)
+    to_stdout = args.json == "-"  # JSON lines in place of the text
+    with contextlib.ExitStack() as stack:
+        sink = sys.stdout if to_stdout else stack.enter_context(open(args.json, "w")) if args.json else None
+        for result in predict(model, sources, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
+                              progress=not args.quiet and not to_stdout):
+            failed += bool(result.error)
+            if result.error:  # tqdm.write: above the progress bar, not inside it
+                tqdm.write(f"{result.source}: skipped, {result.error}", file=sys.stderr)
+            if sink is not None:
+                record = {"image": result.source, "model": args.model}
+                if result.error:
+                    record["error"] = result.error
+                else:
+                    record["top"] = [{"label": label, "index": index, "probability": round(p, 6)}
+                                     for label, index, p in result.top]
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+            if not to_stdout and not result.error:
+                lines = [result.source] + [f"  {rank}. {label:<32} {p * 100:6.2f}%"
+                                           for rank, (label, _, p) in enumerate(result.top, 1)]
+                tqdm.write("\n".join(lines), file=sys.stdout)
     if failed:
         print(f"{failed} of {len(sources)} image(s) could not be read", file=sys.stderr)
     return 1 if failed else 0
@@ -104,6 +109,6 @@ def register(commands) -> None:
     sub.add_argument("--batch-size", type=int_at_least(1), default=32, help="images per forward pass (default: 32)")
     sub.add_argument("--workers", type=int_at_least(0), default=None,
                      help="DataLoader worker processes (default: 0 for a few images, up to 4 for many)")
-    sub.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    json_argument(sub, "one object per image (JSON lines)")
     sub.add_argument("--quiet", action="store_true", help="no progress bars")
     backends.add_arguments(sub)
