@@ -1,7 +1,7 @@
 """What many test files share: the repository root, running ``python -m models``, as a
 user does (a subprocess) or in this process (``cli``, seconds faster per call), the README's and
-docs/ pages' text (``doc``, ``DOCS``), and their command lines as they run in this clone or in a
-pip-installed venv (``readme_argv``)."""
+docs/ pages' text (``doc``, ``DOCS``), their command lines as they run in this clone or in a
+pip-installed venv (``readme_argv``), and what a run builds once for all its workers (``built_once``)."""
 import contextlib
 import io
 import itertools
@@ -134,3 +134,27 @@ def run_checked(command, **kwargs):
 # 0, 1, 2) and its readable images per class: 7, an odd number.
 CLASSES = {"n01440764": 0, "n01443537": 1, "n01484850": 2}
 PER_CLASS = {"n01440764": 3, "n01443537": 2, "n01484850": 2}
+
+
+def built_once(tmp_path_factory, name, build):
+    """A folder that ``build(folder)`` fills once per test run, shared by pytest-xdist's workers.
+
+    A session fixture runs once per worker process: a model trained or exported there was made
+    twice when the tests that use it were split over the two workers. The folder lies in the
+    run's temporary root (the workers' basetemps are ``<root>/popen-gwN``; a run without xdist
+    uses its basetemp), which pytest makes afresh for each run; a file lock makes the second
+    worker wait for the first one's build, then read it. A build that failed is tried again."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / f"built-once-{name}"
+    done = folder / ".done"
+    with FileLock(f"{folder}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder

@@ -20,7 +20,7 @@ from models.tools._samples import (
     generated_images,
 )
 
-from helpers import DOCS, ROOT, cli, readme_cli
+from helpers import DOCS, ROOT, built_once, cli, readme_cli
 from reference import PRETRAINED, build, random_state_dict
 
 
@@ -184,10 +184,10 @@ def _dataset(count, seed, transforms):
     return torch.stack([transforms(i) for i in images]), torch.arange(count) % CLASSES, images
 
 
-@pytest.fixture(scope="session")
-def learned(tmp_path_factory):
-    """tinynet_e trained briefly to tell the six kinds of generated image apart; its
-    checkpoint, a calibration folder of training images and held-out images."""
+def _train_learned(folder):
+    """Trains tinynet_e to tell the six kinds of generated image apart (a minute and more of
+    CPU), into ``folder``: its checkpoint, a calibration folder of training images and the
+    held-out images."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same training (float sums in the same order) on any machine; and at
     # batch 32 one thread is as fast as two, and many times faster when the cores are shared
@@ -203,17 +203,27 @@ def learned(tmp_path_factory):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.eval()
     torch.set_num_threads(threads)
-    root = tmp_path_factory.mktemp("learned")
-    checkpoint = root / "tinynet_e-shapes.pth"
-    torch.save(model.state_dict(), checkpoint)
-    calibration = root / "calibration"
+    torch.save(model.state_dict(), folder / "tinynet_e-shapes.pth")
+    calibration = folder / "calibration"
     for i, image in enumerate(pil[:96]):
         (calibration / str(i % CLASSES)).mkdir(parents=True, exist_ok=True)
         image.save(calibration / str(i % CLASSES) / f"{i}.png")
     held_x, held_y, _ = _dataset(240, 200, transforms)
-    return model, checkpoint, calibration, held_x, held_y
+    torch.save({"x": held_x, "y": held_y}, folder / "held-out.pt")
+
+
+@pytest.fixture(scope="session")
+def learned(tmp_path_factory):
+    """tinynet_e trained briefly to tell the six kinds of generated image apart; its
+    checkpoint, a calibration folder of training images and held-out images. Trained once per
+    run (``built_once``): the three formats' tests, split over two xdist workers, trained it twice."""
+    folder = built_once(tmp_path_factory, "learned", _train_learned)
+    checkpoint = folder / "tinynet_e-shapes.pth"
+    model = build("tinynet_e", num_classes=CLASSES)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    held = torch.load(folder / "held-out.pt", weights_only=True)
+    return model.eval(), checkpoint, folder / "calibration", held["x"], held["y"]
 
 
 def _top1(logits, labels):
