@@ -2,8 +2,9 @@
 ``best.pth``, an ``.onnx``, a ``.pte``, a ``.pt2``), every entry point knows the model, its class
 names and its preprocessing, or refuses with a clear one-line error.
 
-The journey test runs it as a user would, through the command line in subprocesses: finetune
--> export to every format -> predict and evaluate each file with no ``--model``."""
+The journey test runs it as a user would, through the command line (finetune in a subprocess,
+the later commands' own main): finetune -> export to every format -> predict and evaluate each
+file with no ``--model``."""
 import hashlib
 import json
 import warnings
@@ -192,11 +193,12 @@ def test_a_pt2_archive_carries_the_description(shapes, tmp_path):
 
 @pytest.mark.slow
 def test_the_journey_through_the_command_line(tmp_path):
-    """finetune -> export (.onnx, .pte, .pt2) in subprocesses, as a user runs them -> predict and
-    evaluate each file with no --model (the commands' own main, in this process: the files are
-    the hand-off under test, and a new Python for each of nine commands cost a minute): the
-    fine-tuned class names and the same top-1 on every file, and evaluate names backend,
-    precision and file and agrees with the eager counts."""
+    """finetune in a subprocess, as a user runs it -> export (.onnx, .pte, .pt2) -> predict and
+    evaluate each file with no --model. Export, predict and evaluate run the commands' own main
+    in this process: the files are the hand-off under test, and a new Python for each command
+    cost a minute (an export's imports alone, ten CPU seconds; the pip user's journey below runs
+    export in a process of its own). The fine-tuned class names and the same top-1 on every
+    file, and evaluate names backend, precision and file and agrees with the eager counts."""
     data = write_dataset(tmp_path / "shapes", train=8, val=3, size=40)
     run = tmp_path / "runs" / "shapes"
     env = {"OMP_NUM_THREADS": "1"}
@@ -206,8 +208,7 @@ def test_the_journey_through_the_command_line(tmp_path):
     best = run / "best.pth"
     files = [tmp_path / f"shapes{suffix}" for suffix in (".onnx", ".pte", ".pt2")]
     for path in files:
-        done = run_models("export", "--checkpoint", str(best), "--out", str(path), "--max-batch", "4", "--quiet",
-                          env=env)
+        done = cli("export", "--checkpoint", str(best), "--out", str(path), "--max-batch", "4", "--quiet")
         assert done.returncode == 0, done.stderr
     image = _image(data)
 
