@@ -271,11 +271,13 @@ from models._files import probe_writable
 from models.tools import _distributed
 
 world = _distributed.setup(None, gpu_by_default=False)
-try:
-    world.from_main(lambda: probe_writable("/proc/none/out", "Choose another --out"))
-except OSError as exc:
-    print(f"rank {world.rank} stopped: {type(exc).__name__}: {exc}", flush=True)
-print(f"rank {world.rank} got {world.from_main(lambda: ('from rank', world.rank))}", flush=True)
+# Each rank writes a file of its own: two processes printing to one pipe can cut into each other's lines.
+with open(f"rank{world.rank}.txt", "w") as said:
+    try:
+        world.from_main(lambda: probe_writable("/proc/none/out", "Choose another --out"))
+    except OSError as exc:
+        said.write(f"rank {world.rank} stopped: {type(exc).__name__}: {exc}\\n")
+    said.write(f"rank {world.rank} got {world.from_main(lambda: ('from rank', world.rank))}\\n")
 world.close()
 """
 
@@ -288,7 +290,7 @@ def test_what_rank_0_alone_finds_reaches_every_rank(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(ROOT), **SERIAL}, capture_output=True, text=True,
                             timeout=LIMIT)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    lines = sorted(line for rank in (0, 1) for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines())
     # Rank 0's own error, and on rank 1 the same message (WriteError cannot be rebuilt from its pickle).
     message = "cannot write into /proc/none/out (No such file or directory). Choose another --out"
     assert lines == ["rank 0 got ('from rank', 0)", f"rank 0 stopped: WriteError: {message}",
