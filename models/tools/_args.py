@@ -56,13 +56,14 @@ def amp_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--amp-dtype", choices=("bfloat16", "float16"), help="with --amp: this autocast dtype instead")
 
 
-def amp_dtype(args: argparse.Namespace, device_type: str) -> str | None:
-    """The autocast dtype ``--amp``/``--amp-dtype`` ask for on ``device_type``, or None (no autocast)."""
-    if args.amp_dtype and not args.amp:
-        raise SystemExit("error: --amp-dtype applies to --amp")
-    if not args.amp:
+def amp_dtype(amp: bool, dtype: str | None, device_type: str) -> str | None:
+    """The autocast dtype that ``--amp`` and ``--amp-dtype`` ask for on ``device_type`` (the
+    device's half precision unless named), or None (no autocast)."""
+    if dtype and not amp:
+        raise ValueError("--amp-dtype applies to --amp: pass both")
+    if not amp:
         return None
-    return args.amp_dtype or ("float16" if device_type == "cuda" else "bfloat16")
+    return dtype or ("float16" if device_type == "cuda" else "bfloat16")
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:

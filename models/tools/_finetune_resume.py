@@ -35,7 +35,7 @@ def why_continue(auto_resume: bool, world: World) -> str | None:
     return "--auto-resume" if auto_resume else None
 
 
-def _plain(config: dict[str, Any]) -> dict[str, Any]:
+def as_saved(config: dict[str, Any]) -> dict[str, Any]:
     """The settings as ``last.pth`` keeps them (paths as strings)."""
     return {k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v)) for k, v in config.items()}
 
@@ -53,7 +53,7 @@ def settle(defaults: dict, given: dict, out, resume, why: str | None) -> tuple[d
         state = resume_state(last)
         config = {**defaults, **state["args"], "out": str(out)}
         # The same command: every setting it gives or leaves at its default is the run's.
-        wanted = _plain({**defaults, **given})
+        wanted = as_saved({**defaults, **given})
         changed = [k for k, v in wanted.items() if k not in MAY_CHANGE and v != config.get(k)]
         if changed:
             raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}): it is not this "

@@ -338,8 +338,8 @@ def _run(args) -> int:
     env = environment(device)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else (lambda s: None)
     results = run(args.models, modes=modes, batch_sizes=args.batch_sizes, device=device, warmup=args.warmup,
-                  repeats=args.repeats, references=references, amp=amp_dtype(args, device.type), manifest=args.manifest,
-                  progress=say)
+                  repeats=args.repeats, references=references, amp=amp_dtype(args.amp, args.amp_dtype, device.type),
+                  manifest=args.manifest, progress=say)
     # With --json -, the JSON is the output and the text goes to standard error.
     text = sys.stderr if args.json == "-" else sys.stdout
     print(" ".join(f"{k}={v}" for k, v in env.items() if k != "cpu"), file=text)

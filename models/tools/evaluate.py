@@ -245,8 +245,9 @@ def _run(args) -> int:
     report = evaluate(args.model, args.data, checkpoint=args.checkpoint, checkpoint_sha256=args.checkpoint_sha256,
                       num_classes=args.num_classes, class_map=args.class_map, batch_size=args.batch_size,
                       workers=args.workers, device=args.device, limit=args.limit, fused=args.fused,
-                      channels_last=args.channels_last, amp=amp_dtype(args, _device_type(args.device)),
-                      progress=not args.quiet, manifest=args.manifest,
+                      channels_last=args.channels_last,
+                      amp=amp_dtype(args.amp, args.amp_dtype, _device_type(args.device)), progress=not args.quiet,
+                      manifest=args.manifest,
                       **backends.options_from_args(args))
     if not dist.is_initialized() or dist.get_rank() == 0:
         if args.json:

@@ -34,7 +34,7 @@ from .._files import probe_writable, write_file
 from ..description import ModelDescription, describe, preprocessing_for
 from ..weights import get_weights
 from . import _distributed, _finetune_dist, _finetune_loop, _finetune_resume
-from ._args import add_command, amp_arguments, check_numbers, int_at_least, real_in
+from ._args import add_command, amp_arguments, amp_dtype, check_numbers, int_at_least, real_in
 from ._finetune_data import (
     DataError,
     EpochSampler,
@@ -94,11 +94,10 @@ def _configure(model, data, out, resume, why, options) -> tuple[dict, dict | Non
     if config["checkpoint"] and not config["pretrained"]:
         raise ValueError("--checkpoint and --no-pretrained contradict each other: pass one")
     check_numbers(config, _NUMBERS)
-    if config.get("amp_dtype") and not config.get("amp"):
-        raise ValueError("--amp-dtype applies to --amp: pass both")
+    amp_dtype(config["amp"], config["amp_dtype"], "cpu")  # (checks the pair: the device is chosen later)
     probe_writable(config["out"], "Choose another --out")  # before training, not after an epoch
     config["data"] = str(config["data"])
-    return {k: (v if v is None or isinstance(v, (bool, int, float, str)) else str(v)) for k, v in config.items()}, state
+    return _finetune_resume.as_saved(config), state
 
 
 def _published(name: str, num_classes: int, manifest, **kwargs):
@@ -236,9 +235,9 @@ def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
     world.from_main(lambda: checkpoint_room(out, module, 2 if cfg["opt"] == "adamw" else int(cfg["momentum"] > 0),
                                             state is not None))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
-    dtype = cfg["amp_dtype"] or ("float16" if world.device.type == "cuda" else "bfloat16")
-    autocast = torch.autocast(world.device.type, dtype=getattr(torch, dtype), enabled=cfg["amp"])
-    scaler = torch.amp.GradScaler(world.device.type, enabled=cfg["amp"] and dtype == "float16")
+    dtype = amp_dtype(cfg["amp"], cfg["amp_dtype"], world.device.type)
+    autocast = torch.autocast(world.device.type, dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None)
+    scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == "float16")
     history, best, start = [], {"epoch": 0, "val_top1": -1.0, "val_loss": math.inf}, 0
     if state is not None:
         module.load_state_dict(state["state_dict"])
