@@ -179,8 +179,10 @@ def test_a_real_enospc_ends_the_chain(server, tmp_path):
     with tmpfs(tmp_path / "disk", "4m") as disk:
         cache = disk / "cache"
 
-        def fill():  # once the download has started, something else takes the disk
-            while not server.hits_for("/slow.pth"):
+        def fill():  # once the body is being written, something else takes the disk
+            # (not at the first request: the room check after the response's headers would then
+            # refuse, under load, and the test would see that check instead of a real ENOSPC)
+            while not any(p.is_file() and p.stat().st_size for p in cache.glob("*.partial")):
                 time.sleep(0.01)
             free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
             (disk / "filler").write_bytes(b"\0" * (free - 200_000))

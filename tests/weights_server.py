@@ -187,7 +187,10 @@ class WeightsServer:
             handler.close_connection = True
             return
         if kind in ("drop", "gzip_drop", "length"):
-            handler.connection.shutdown(socket.SHUT_RDWR)
+            try:
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:  # the client hung up first: the connection is already down
+                pass
             handler.close_connection = True
 
     @staticmethod
