@@ -8,15 +8,56 @@ import io
 import math
 import pathlib
 import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .._files import write_file
-from ._finetune_data import DataError
+from ._distributed import World
+from ._finetune_data import DataError, EpochSampler, Splits
 from ._finetuned import TrainingDiverged
+
+if TYPE_CHECKING:
+    from .finetune import Recipe  # (finetune imports this module)
+
+
+@dataclass
+class Training:
+    """What a run's epochs work with, built once (``_finetune_setup.prepare``), and how far the
+    run is: the epochs done (``history``), the best so far, and the files reported unreadable."""
+
+    recipe: Recipe
+    world: World
+    splits: Splits
+    preprocessing: dict[str, Any]
+    net: nn.Module  # what trains: the model, in DDP over several processes
+    module: nn.Module  # the model itself
+    source: str  # where its weights come from, for the run's first lines
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    dtype: str | None  # autocast's (None: none)
+    autocast: torch.autocast
+    micro: int  # images per micro-batch on each rank
+    steps: int  # optimizer steps per epoch
+    sampler: EpochSampler
+    train_loader: DataLoader
+    shard: list[tuple[str, int]]  # this rank's validation images: (path, class index)
+    val_loader: DataLoader
+    val_targets: torch.Tensor
+    history: list[dict] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "val_top1": -1.0, "val_loss": math.inf})
+    start: int = 0  # the epochs done before this command
+    reported: set[str] = field(default_factory=set)  # unreadable files, each said once per run
+
+    @property
+    def out(self) -> pathlib.Path:
+        return pathlib.Path(self.recipe.out)
 
 
 def set_train(net: nn.Module, freeze: bool) -> None:
@@ -57,22 +98,23 @@ def report_unreadable(errors, items, reported: set[str], world) -> None:
             print(f"rank {world.rank}: skipped {path}: {error}", file=sys.stderr)
 
 
-def train_epoch(net, loader, optimizer, scheduler, scaler, autocast, cfg, world, epoch, steps, items,
-                 reported) -> dict:
-    set_train(net.module if isinstance(net, DistributedDataParallel) else net, cfg["freeze_backbone"])
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
-    accum, device = cfg["accum_steps"], world.device
+def train_epoch(run: Training, epoch: int) -> dict:
+    """Epoch ``epoch``'s optimizer steps; the loss and top-1 over all ranks, and the images used."""
+    recipe, world, net, scaler = run.recipe, run.world, run.net, run.scaler
+    set_train(run.module, recipe.freeze_backbone)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    accum, device = recipe.accum_steps, world.device
     sums = torch.zeros(5, dtype=torch.float64)  # loss x images, correct, images, skipped, lone images left out
-    batches = iter(loader)
-    bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg['epochs']}", unit="step", file=sys.stderr, leave=False,
-               disable=not (cfg["progress"] and world.main))
-    for step in range(1, steps + 1):
+    batches = iter(run.train_loader)
+    bar = tqdm(total=run.steps, desc=f"epoch {epoch}/{recipe.epochs}", unit="step", file=sys.stderr, leave=False,
+               disable=not (recipe.progress and world.main))
+    for step in range(1, run.steps + 1):
         finite = True
         for micro in range(accum):
             _, images, targets, errors = next(batches)
-            report_unreadable(errors, items, reported, world)
+            report_unreadable(errors, run.splits.train, run.reported, world)
             sums[3] += len(errors)
-            if images is not None and len(images) == 1 and errors and not cfg["freeze_backbone"]:
+            if images is not None and len(images) == 1 and errors and not recipe.freeze_backbone:
                 sums[4] += 1  # BatchNorm cannot train on a batch of one (it raises): left out
                 images = None
             if images is None:
@@ -84,7 +126,7 @@ def train_epoch(net, loader, optimizer, scheduler, scaler, autocast, cfg, world,
             last = micro == accum - 1
             sync = net.no_sync() if isinstance(net, DistributedDataParallel) and not last else contextlib.nullcontext()
             with sync:
-                with autocast:
+                with run.autocast:
                     logits = net(images)
                 loss = criterion(logits.float(), targets)
                 scaler.scale(loss / accum).backward()
@@ -96,11 +138,11 @@ def train_epoch(net, loader, optimizer, scheduler, scaler, autocast, cfg, world,
         if not scaler.is_enabled() and world.all_sum(torch.tensor([float(not finite)]))[0] > 0:
             raise TrainingDiverged(f"epoch {epoch}, step {step}: the training loss is not finite (NaN or infinity); "
                                    f"the run stopped before that step changed the weights. Lower --lr (now "
-                                   f"{cfg['lr']:g}) or lengthen --warmup-epochs")
-        scaler.step(optimizer)
+                                   f"{recipe.lr:g}) or lengthen --warmup-epochs")
+        scaler.step(run.optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
         bar.set_postfix(loss=f"{sums[0] / max(sums[2], 1):.4f}", refresh=False)
         bar.update()
     bar.close()
@@ -131,12 +173,14 @@ def check_epoch(record: dict, limit: float) -> str:
     return "".join(f"  {note}" for note in notes)
 
 
-def validate(net, loader, targets, autocast, world, shard, reported) -> dict:
+def validate(run: Training) -> dict:
+    """The model (not its DDP wrapper) on this rank's validation images; loss and top-1 over all ranks."""
+    net, world, targets = run.module, run.world, run.val_targets
     net.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss x images, correct, images, skipped
-    with torch.inference_mode(), autocast:
-        for indices, images, errors in loader:
-            report_unreadable(errors, shard, reported, world)
+    with torch.inference_mode(), run.autocast:
+        for indices, images, errors in run.val_loader:
+            report_unreadable(errors, run.shard, run.reported, world)
             sums[3] += len(errors)
             if images is None:
                 continue

@@ -14,7 +14,8 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -154,52 +155,105 @@ def _what_ran(net, amp: str | None, checkpoint) -> tuple[str, str | None]:
     return precision, (str(checkpoint) if checkpoint and not is_url(str(checkpoint)) else None)
 
 
-def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
-             checkpoint_sha256: str | None = None, num_classes: int | None = None,
-             class_map: str | os.PathLike | None = None, batch_size: int = 64, workers: int = 0,
-             device: str | torch.device | None = None, limit: int | None = None, fused: bool = False,
-             channels_last: bool = False, amp: bool | str | None = None, progress: bool = True,
-             manifest: Manifest | str | os.PathLike | None = None, backend: str | None = None,
-             model_file: str | os.PathLike | None = None, int8: bool = False, float_depthwise: bool = False,
-             calibration: str | os.PathLike | None = None, precision: str = "fp32", **removed) -> Report:
+@dataclass(frozen=True, kw_only=True)
+class EvaluateOptions:
+    """How ``evaluate`` runs: the keywords of ``evaluate(model, data, **options)``, the command's
+    flags (``batch_size`` is ``--batch-size``). The options from ``backend`` on run the model in
+    a runtime (see ``backends.wrap``)."""
+
+    checkpoint: str | os.PathLike | None = None
+    """Your checkpoint file or URL instead of the published weights (any model)."""
+    checkpoint_sha256: str | None = None
+    """The SHA-256 the checkpoint file must have."""
+    num_classes: int | None = None
+    """The classes of a checkpoint that does not name them (default: 1000)."""
+    class_map: str | os.PathLike | None = None
+    """A JSON file: class folder name -> class index."""
+    batch_size: int = 64
+    workers: int = 0
+    """DataLoader worker processes per rank."""
+    device: str | torch.device | None = None
+    """Default: the CPU; under torchrun, this rank's GPU if there is one."""
+    limit: int | None = None
+    """Only the first ``limit`` images (sorted)."""
+    fused: bool = False
+    """Fold BatchNorm first (same accuracy, faster)."""
+    channels_last: bool = False
+    amp: bool | str | None = None
+    """Autocast: ``"bfloat16"`` or ``"float16"`` (``True``: bfloat16); None or False: none."""
+    progress: bool = True
+    """A progress bar on rank 0."""
+    manifest: Manifest | str | os.PathLike | None = None
+    """The weights manifest (default: $GHOSTNET_HUB_MANIFEST or the bundled one)."""
+    backend: str | None = None
+    """eager, compile, onnxruntime, executorch or openvino (default: eager, or ``model_file``'s)."""
+    model_file: str | os.PathLike | None = None
+    """A file written by ``export`` (.onnx, .pte, .pt2, .xml), which names its model."""
+    int8: bool = False
+    """An INT8 export, or compile's x86 PT2E INT8."""
+    float_depthwise: bool = False
+    """With ``int8``: depthwise convolutions kept in float."""
+    calibration: str | os.PathLike | None = None
+    """With ``int8``: the calibration images (default: the bundled sample and generated images)."""
+    precision: str = "fp32"
+    """``"bf16"``: an OpenVINO export in bfloat16, or compile under bfloat16 autocast."""
+
+    def __post_init__(self) -> None:
+        if self.amp is True or not self.amp:  # (True: bfloat16, as before dtypes could be named)
+            object.__setattr__(self, "amp", "bfloat16" if self.amp is True else None)
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> EvaluateOptions:
+        """The options of ``evaluate``'s keywords; an unknown keyword is a TypeError naming it."""
+        if "weights" in options:
+            raise TypeError("evaluate(weights=...) is now evaluate(checkpoint=...)")
+        unknown = [k for k in options if k not in _OPTION_NAMES]
+        if unknown:
+            raise TypeError(f"evaluate() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+        return cls(**options)
+
+    def model_args(self, model: str | None) -> argparse.Namespace:
+        """What ``backends.model_from_args`` reads: the model, its weights and how it runs."""
+        return argparse.Namespace(model=model, quiet=not self.progress, **{k: getattr(self, k) for k in _MODEL_SOURCE})
+
+
+_OPTION_NAMES = [f.name for f in fields(EvaluateOptions)]
+_MODEL_SOURCE = ("checkpoint", "checkpoint_sha256", "num_classes", "manifest", "backend", "model_file", "int8",
+                 "float_depthwise", "calibration", "precision")
+
+
+def evaluate(model: str | None, data: str | os.PathLike, **options: Any) -> Report:
     """Top-1/top-k of ``model`` (the published weights, or your ``checkpoint``, for any model)
     on the ImageFolder tree ``data``; under torchrun, this rank's share, with the counts summed
     over all ranks. k is min(5, classes). A checkpoint written by ``finetune``, or a
     ``model_file`` written by ``export``, names its model, classes and preprocessing itself
-    (``model`` may be None). ``backend`` (default: eager, or the runtime of ``model_file``) and
-    the options after it run the model in a runtime (see ``backends.wrap``), e.g.
+    (``model`` may be None). ``options`` are ``EvaluateOptions``' fields, e.g. ``batch_size=2``;
+    ``backend`` and the options after it run the model in a runtime (see ``backends.wrap``), e.g.
     ``backend="onnxruntime", int8=True``. The report says what ran: backend, precision, file."""
-    if "weights" in removed:
-        raise TypeError("evaluate(weights=...) is now evaluate(checkpoint=...)")
-    if removed:
-        raise TypeError(f"evaluate() got unexpected keyword argument(s) {', '.join(map(repr, removed))}")
+    how = EvaluateOptions.of(options)
     # Alone, evaluate runs on the CPU unless told; under torchrun, on this rank's GPU if there is one.
-    joined = _distributed.setup(device, gpu_by_default=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    joined = _distributed.setup(how.device, gpu_by_default=int(os.environ.get("WORLD_SIZE", "1")) > 1)
     rank, world, device = joined.rank, joined.size, joined.device
-    amp = "bfloat16" if amp is True else amp or None  # (True: bfloat16, as before dtypes could be named)
     data = pathlib.Path(data)
-    args = argparse.Namespace(model=model, checkpoint=checkpoint, checkpoint_sha256=checkpoint_sha256,
-                              num_classes=num_classes, manifest=manifest, backend=backend, model_file=model_file,
-                              int8=int8, float_depthwise=float_depthwise, calibration=calibration,
-                              precision=precision, quiet=not progress)
-    if model_file is None and checkpoint is None:
+    args = how.model_args(model)
+    if how.model_file is None and how.checkpoint is None:
         published_weights(args)  # a model without weights: the error, before any work
     # Every rank asks; the cache lock makes one download that all of them then verify and share.
-    net = backends.model_from_args(args, device=device, progress=progress and rank == 0, fuse=fused,
-                          channels_last=channels_last)
+    net = backends.model_from_args(args, device=device, progress=how.progress and rank == 0, fuse=how.fused,
+                                   channels_last=how.channels_last)
     classes = categories_for(net)
-    indices = class_indices(data, classes, class_map)
+    indices = class_indices(data, classes, how.class_map)
     top_k = min(5, len(classes))
-    items = samples(data, indices, limit)
+    items = samples(data, indices, how.limit)
     shard = items[rank::world]  # disjoint, covering: each image exactly once
     targets = torch.tensor([t for _, t in shard])
     preprocess, published = transforms_for(net), getattr(net.pretrained_weights, "entry", None)
-    loader = DataLoader(ImageFiles([p for p, _ in shard], preprocess), batch_size=batch_size,
-                        num_workers=workers, collate_fn=collate_images)
+    loader = DataLoader(ImageFiles([p for p, _ in shard], preprocess), batch_size=how.batch_size,
+                        num_workers=how.workers, collate_fn=collate_images)
     dev = backends.device_of(net)
-    autocast = torch.autocast(dev.type, dtype=getattr(torch, amp or "bfloat16"), enabled=bool(amp))
+    autocast = torch.autocast(dev.type, dtype=getattr(torch, how.amp or "bfloat16"), enabled=bool(how.amp))
     counts = torch.zeros(4, dtype=torch.float64)  # images, top-1 correct, top-k correct, skipped
-    bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=rank != 0 or not progress)
+    bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=rank != 0 or not how.progress)
     start = time.perf_counter()
     with torch.inference_mode(), autocast:
         for batch_indices, batch, errors in loader:
@@ -226,7 +280,7 @@ def evaluate(model: str | None, data: str | os.PathLike, *, checkpoint: str | os
     seconds = float(elapsed)
     # Published numbers are for the published weights only (a finetune checkpoint has none).
     top1, top5 = (published.top1, published.top5) if published is not None else (None, None)
-    precision, file = _what_ran(net, amp, checkpoint)
+    precision, file = _what_ran(net, how.amp, how.checkpoint)
     return Report(args.model, len(classes), images, skipped, 100.0 * correct1 / max(images, 1),
                   100.0 * correctk / max(images, 1), correct1, correctk, top_k,
                   images / seconds if seconds else 0.0, seconds, world, top1, top5,
@@ -242,13 +296,10 @@ def _device_type(device: str | None) -> str:
 
 
 def _run(args) -> int:
-    report = evaluate(args.model, args.data, checkpoint=args.checkpoint, checkpoint_sha256=args.checkpoint_sha256,
-                      num_classes=args.num_classes, class_map=args.class_map, batch_size=args.batch_size,
-                      workers=args.workers, device=args.device, limit=args.limit, fused=args.fused,
-                      channels_last=args.channels_last,
-                      amp=amp_dtype(args.amp, args.amp_dtype, _device_type(args.device)), progress=not args.quiet,
-                      manifest=args.manifest,
-                      **backends.options_from_args(args))
+    given = {name: getattr(args, name) for name in _OPTION_NAMES if hasattr(args, name)}  # the flags of the same name
+    given.update(amp=amp_dtype(args.amp, args.amp_dtype, _device_type(args.device)), progress=not args.quiet,
+                 **backends.options_from_args(args))  # (which checks them, and reads the backend of --model-file)
+    report = evaluate(args.model, args.data, **given)
     if not dist.is_initialized() or dist.get_rank() == 0:
         if args.json:
             write_json(args.json, report.to_json())

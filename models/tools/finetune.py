@@ -15,55 +15,100 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import pathlib
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import api
 from .._files import probe_writable, write_file
-from ..description import ModelDescription, describe, preprocessing_for
-from ..weights import get_weights
-from . import _distributed, _finetune_dist, _finetune_loop, _finetune_resume
+from ..description import describe
+from . import _distributed, _finetune_loop, _finetune_resume, _finetune_setup
 from ._args import add_command, amp_arguments, amp_dtype, check_numbers, int_at_least, real_in
-from ._finetune_data import (
-    DataError,
-    EpochSampler,
-    TrainImages,
-    check_readable,
-    collate_train,
-    find_splits,
-    sample_seed,
-    train_transform,
-)
-from ._finetuned import checkpoint_room, save_checkpoint
-from ._images import ImageFiles, collate_images
+from ._distributed import World
+from ._finetune_data import sample_seed
+from ._finetune_loop import Training
+from ._finetuned import save_checkpoint
 
-# Every option, with its default: the one table the Python API and the command line share.
-DEFAULTS: dict[str, Any] = {
-    "epochs": 10, "batch_size": 32, "opt": "adamw", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.05,
-    "warmup_epochs": 1.0, "min_lr": 1e-6, "label_smoothing": 0.1, "input_size": None, "min_scale": 0.08, "hflip": 0.5,
-    "amp": False, "amp_dtype": None, "accum_steps": 1, "drop_rate": None, "drop_path_rate": 0.0, "seed": 0,
-    "val_split": None, "pretrained": True, "checkpoint": None, "freeze_backbone": False, "sync_bn": False,
-    "workers": None, "device": None, "progress": True, "manifest": None, "max_skipped": 0.1,
-}
-# Each real option's range, checked when parsed and by finetune(): no NaN, infinity, lr 0, momentum 1.
-_NUMBERS = {
-    "lr": real_in(0, low_open=True), "momentum": real_in(0, 1, high_open=True), "weight_decay": real_in(0),
-    "warmup_epochs": real_in(0), "min_lr": real_in(0), "label_smoothing": real_in(0, 1, high_open=True),
-    "min_scale": real_in(0, 1, low_open=True), "hflip": real_in(0, 1), "drop_rate": real_in(0, 1, high_open=True),
-    "drop_path_rate": real_in(0, 1, high_open=True), "val_split": real_in(0, 1, low_open=True, high_open=True),
-    "max_skipped": real_in(0, 1),
-}
+
+def _option(default: Any, check: Callable[[Any], float]) -> Any:
+    """A real option's default and its range (a parser the command line uses too)."""
+    return field(default=default, metadata={"range": check})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A fine-tuning run's settings: ``finetune()``'s keyword options (``batch_size`` is the
+    command's ``--batch-size``; ``python -m models finetune --help`` explains each), then the
+    model, the data and the run's folder (the order ``last.pth`` has always kept them in). Each
+    real option is checked against its range when a recipe is made: no NaN, infinity, lr 0 or
+    momentum 1 reaches a run. ``last.pth`` keeps a recipe as a plain dict under ``"args"``
+    (``saved()``), so that runs written before it was a class resume as they did."""
+
+    epochs: int = 10
+    batch_size: int = 32  # the global batch per optimizer step: over all processes and accumulation steps
+    opt: str = "adamw"  # or "sgd" (Nesterov momentum)
+    lr: float = _option(1e-3, real_in(0, low_open=True))
+    momentum: float = _option(0.9, real_in(0, 1, high_open=True))
+    weight_decay: float = _option(0.05, real_in(0))  # not on biases and norms
+    warmup_epochs: float = _option(1.0, real_in(0))
+    min_lr: float = _option(1e-6, real_in(0))
+    label_smoothing: float = _option(0.1, real_in(0, 1, high_open=True))
+    input_size: int | None = None  # None: the model's own
+    min_scale: float = _option(0.08, real_in(0, 1, low_open=True))
+    hflip: float = _option(0.5, real_in(0, 1))
+    amp: bool = False
+    amp_dtype: str | None = None  # None: the device's half precision
+    accum_steps: int = 1
+    drop_rate: float | None = _option(None, real_in(0, 1, high_open=True))  # None: the model's
+    drop_path_rate: float = _option(0.0, real_in(0, 1, high_open=True))
+    seed: int = 0
+    val_split: float | None = _option(None, real_in(0, 1, low_open=True, high_open=True))
+    pretrained: bool = True
+    checkpoint: str | None = None
+    freeze_backbone: bool = False
+    sync_bn: bool = False
+    workers: int | None = None  # None: half the CPUs, at most 4
+    device: str | None = None
+    progress: bool = True
+    manifest: str | None = None
+    max_skipped: float = _option(0.1, real_in(0, 1))
+    model: str
+    data: str
+    out: str  # the run's folder
+
+    def __post_init__(self) -> None:
+        if self.model not in api.list_models():
+            raise ValueError(f"unknown model {self.model!r}; models: {', '.join(api.list_models())}")
+        if self.checkpoint and not self.pretrained:
+            raise ValueError("--checkpoint and --no-pretrained contradict each other: pass one")
+        numbers = {name: getattr(self, name) for name in _NUMBERS}
+        check_numbers(numbers, _NUMBERS)
+        for name, value in numbers.items():  # (a frozen dataclass: as its __init__ sets them)
+            object.__setattr__(self, name, value)
+        if self.opt not in ("adamw", "sgd"):
+            raise ValueError(f"--opt must be adamw or sgd, got {self.opt!r}")
+        amp_dtype(self.amp, self.amp_dtype, "cpu")  # (checks the pair: the device is chosen later)
+
+    @classmethod
+    def from_saved(cls, settings: dict[str, Any]) -> Recipe:
+        """The recipe of settings as ``last.pth`` keeps them (a key no option has any more is left out)."""
+        return cls(**{k: v for k, v in _finetune_resume.as_saved(settings).items() if k in _FIELDS})
+
+    def saved(self) -> dict[str, Any]:
+        """The settings as ``last.pth`` keeps them: a plain dict."""
+        return asdict(self)
+
+
+_FIELDS = [f.name for f in fields(Recipe)]
+# Every option with its default (the fields before model, data and out), and each real option's range.
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}
+_NUMBERS: dict[str, Callable[[Any], float]] = {f.name: f.metadata["range"] for f in fields(Recipe)
+                                               if "range" in f.metadata}
 
 
 @dataclass
@@ -83,90 +128,15 @@ class FinetuneResult:
         return self.out / "last.pth"
 
 
-def _configure(model, data, out, resume, why, options) -> tuple[dict, dict | None]:
-    """The run's settings and the state it resumes from (None: a new run); on rank 0 alone."""
+def _configure(model, data, out, resume, why, options) -> tuple[Recipe, dict | None]:
+    """The run's recipe and the state it resumes from (None: a new run); on rank 0 alone."""
     given = {k: v for k, v in {"model": model, "data": data, **options}.items() if v is not None}
     if resume is None and (model is None or data is None or out is None):
         raise ValueError("finetune needs model, data and out (or resume=OUT to continue a run)")
     config, state = _finetune_resume.settle(DEFAULTS, given, out, resume, why)
-    if config["model"] not in api.list_models():
-        raise ValueError(f"unknown model {config['model']!r}; models: {', '.join(api.list_models())}")
-    if config["checkpoint"] and not config["pretrained"]:
-        raise ValueError("--checkpoint and --no-pretrained contradict each other: pass one")
-    check_numbers(config, _NUMBERS)
-    amp_dtype(config["amp"], config["amp_dtype"], "cpu")  # (checks the pair: the device is chosen later)
-    probe_writable(config["out"], "Choose another --out")  # before training, not after an epoch
-    config["data"] = str(config["data"])
-    return _finetune_resume.as_saved(config), state
-
-
-def _published(name: str, num_classes: int, manifest, **kwargs):
-    """The one place that builds the published backbone with a new head."""
-    if manifest is not None:
-        return api.get_model(name, weights=get_weights(name, manifest), num_classes=num_classes, **kwargs)
-    return api.get_model(name, pretrained=True, num_classes=num_classes, **kwargs)
-
-
-def _start_model(cfg: dict, classes: list[str], world) -> tuple[nn.Module, str]:
-    """The model to train and a sentence saying where its weights come from."""
-    name, n = cfg["model"], len(classes)
-    options = {"device": world.device, "progress": cfg["progress"] and world.main}
-    if cfg["drop_rate"] is not None:
-        options["drop_rate"] = cfg["drop_rate"]
-    if cfg["drop_path_rate"]:
-        if "drop_path_rate" not in api.get_variant(name).options:
-            raise ValueError(f"--drop-path-rate: {name} has no stochastic depth (drop_path_rate) in this version "
-                             "of the models; leave it at 0")
-        options["drop_path_rate"] = cfg["drop_path_rate"]
-    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
-    if cfg["checkpoint"]:
-        path = cfg["checkpoint"]
-        net = api.from_checkpoint(path, model=name, **options)  # read once; a best.pth names its classes
-        file_classes = net.pretrained_weights.classes
-        same = file_classes == tuple(classes) or (net.num_classes == n and file_classes == _numbered(n))
-        if not same:
-            net.reset_classifier(n)
-        return net, f"your checkpoint {path}" + ("" if same else f", new {n}-class head")
-    if cfg["pretrained"]:
-        if cfg["manifest"] is None and name not in api.list_models(pretrained=True):
-            raise ValueError(f"{name} has no published weights to start from: train it from scratch with "
-                             "--no-pretrained, or start from your own with --checkpoint FILE")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*classifier for num_classes=.* is new")
-            net = _published(name, n, cfg["manifest"], **options)
-        return net, f"the published {name} weights, new {n}-class head"
-    return api.get_model(name, num_classes=n, **options), "random initialisation (--no-pretrained)"
-
-
-def _numbered(n: int) -> tuple[str, ...]:
-    """The class names of a checkpoint that names none."""
-    return tuple(f"class {i}" for i in range(n))
-
-
-def _optimizer(net: nn.Module, cfg: dict) -> torch.optim.Optimizer:
-    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim > 1]
-    no_decay = [p for n, p in trainable if p.ndim <= 1]  # biases and norm weights, as timm
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if cfg["opt"] == "sgd":  # torchvision's reference recipe: SGD with Nesterov momentum
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["momentum"] > 0)
-    if cfg["opt"] != "adamw":
-        raise ValueError(f"--opt must be adamw or sgd, got {cfg['opt']!r}")
-    return torch.optim.AdamW(groups, lr=cfg["lr"])
-
-
-def _schedule(cfg: dict, steps_per_epoch: int):
-    total = cfg["epochs"] * steps_per_epoch
-    warmup = min(total, round(cfg["warmup_epochs"] * steps_per_epoch))
-    floor = min(1.0, cfg["min_lr"] / cfg["lr"])
-
-    def factor(step: int) -> float:  # the learning rate of optimizer step ``step``, over lr
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+    recipe = Recipe.from_saved(config)  # (checks the options)
+    probe_writable(recipe.out, "Choose another --out")  # before training, not after an epoch
+    return recipe, state
 
 
 def _plain(state: dict) -> dict:
@@ -178,8 +148,8 @@ def finetune(model: str | None = None, data: str | pathlib.Path | None = None, o
     """Fine-tune ``model`` on the ImageFolder tree ``data`` (``train/`` and ``val/``, or one
     folder with ``val_split=0.1``), writing into ``out``; ``resume=OUT`` continues a run, and
     ``auto_resume=True`` continues ``out``'s run if it holds this command's (as under
-    ``torchrun --max-restarts``). ``options`` are ``DEFAULTS``' keys (``python -m models
-    finetune --help`` explains each)."""
+    ``torchrun --max-restarts``). ``options`` are ``Recipe``'s fields but model, data and out (``DEFAULTS``'
+    keys; ``python -m models finetune --help`` explains each)."""
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise TypeError(f"finetune() got unexpected option(s) {', '.join(unknown)}; options: {', '.join(DEFAULTS)}")
@@ -189,8 +159,8 @@ def finetune(model: str | None = None, data: str | pathlib.Path | None = None, o
     try:
         why = _finetune_resume.why_continue(auto_resume, world)
         # Rank 0 alone reads OUT: the other ranks' nodes need not have it.
-        cfg, state = world.from_main(lambda: _configure(model, data, out, resume, why, options))
-        return _run(cfg, state, world)
+        recipe, state = world.from_main(lambda: _configure(model, data, out, resume, why, options))
+        return _run(recipe, state, world)
     finally:
         world.close()
 
@@ -200,122 +170,70 @@ def _say(world, *parts) -> None:
         print(*parts, flush=True)
 
 
-def _run(cfg: dict, state: dict | None, world) -> FinetuneResult:
-    out = pathlib.Path(cfg["out"])
-    splits = find_splits(cfg["data"], cfg["val_split"], cfg["seed"])
-    if state is not None and splits.classes != state["classes"]:
-        raise DataError(f"the classes in {cfg['data']} ({', '.join(splits.classes)}) are not those of the run being "
-                        f"resumed ({', '.join(state['classes'])})")
-    accum, size = cfg["accum_steps"], world.size
-    if cfg["batch_size"] % (size * accum):
-        raise ValueError(f"--batch-size {cfg['batch_size']} is the global batch: it must divide by the number of "
-                         f"processes times --accum-steps ({size} x {accum})")
-    micro = cfg["batch_size"] // (size * accum)
-    if micro < 2 and not cfg["freeze_backbone"]:  # BatchNorm cannot train on one image
-        raise ValueError(f"--batch-size {cfg['batch_size']} over {size} process(es) x {accum} accumulation step(s) "
-                         "is 1 image per micro-batch: BatchNorm needs at least 2 images per micro-batch (or train "
-                         "only the head with --freeze-backbone)")
-    steps_per_epoch = len(splits.train) // size // micro // accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(splits.train)} training images do not fill one batch of {cfg['batch_size']}: "
-                         "lower --batch-size")
-    check_readable(splits)
-    pre = preprocessing_for(cfg["model"], cfg["input_size"])
-    net, source = _start_model(cfg, splits.classes, world)
-    if cfg["freeze_backbone"]:
-        for name, param in net.named_parameters():
-            param.requires_grad = name.startswith("classifier.")
-    if cfg["sync_bn"] and size > 1:
-        net = _finetune_dist.convert_sync_batchnorm(net, world.device)
-    module = net
-    if size > 1:
-        net = DistributedDataParallel(net, device_ids=[world.device] if world.device.type == "cuda" else None)
-    optimizer = _optimizer(module, cfg)
-    # (rank 0 writes, and all ranks stop if it cannot: one rank stopping alone would leave the others waiting)
-    world.from_main(lambda: checkpoint_room(out, module, 2 if cfg["opt"] == "adamw" else int(cfg["momentum"] > 0),
-                                            state is not None))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
-    dtype = amp_dtype(cfg["amp"], cfg["amp_dtype"], world.device.type)
-    autocast = torch.autocast(world.device.type, dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None)
-    scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == "float16")
-    history, best, start = [], {"epoch": 0, "val_top1": -1.0, "val_loss": math.inf}, 0
-    if state is not None:
-        module.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["resume"]["optimizer"])
-        scheduler.load_state_dict(state["resume"]["scheduler"])
-        scaler.load_state_dict(state["resume"]["scaler"])
-        history, best, start = list(state["resume"]["history"]), dict(state["resume"]["best"]), int(state["epoch"])
-        source = f"{out / 'last.pth'}, resuming after epoch {start} ({state['why']})"
+def _write_epoch(run: Training, record: dict, improved: bool) -> None:
+    """On rank 0: best.pth (when the epoch improved on it), metrics.json, curves.png, last.pth."""
+    recipe, module, classes, pre = run.recipe, run.module, run.splits.classes, run.preprocessing
+    architecture = {"name": recipe.model, "num_classes": len(classes)}
+    architecture.update({k: getattr(recipe, k) for k in ("drop_rate", "drop_path_rate") if getattr(recipe, k)})
+    described = describe(module, classes=classes).with_(preprocessing=pre, weights="", weights_sha256=None)
+    payload = {"state_dict": _plain(module.state_dict()), "description": described.to_dict(), "classes": classes,
+               "preprocessing": pre, "architecture": architecture, "args": recipe.saved(), "epoch": record["epoch"],
+               "val_top1": record["val_top1"], "metrics": record}
+    if improved:
+        save_checkpoint(run.out / "best.pth", payload)
+    metrics = {"model": recipe.model, "classes": classes, "best_epoch": run.best["epoch"],
+               "best_val_top1": run.best["val_top1"], "epochs": run.history}
+    write_file(run.out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    _finetune_loop.plot_curves(run.history, run.out / "curves.png")
+    save_checkpoint(run.out / "last.pth", {**payload, "resume": {
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(), "history": run.history, "best": run.best}})
 
-    workers = cfg["workers"] if cfg["workers"] is not None else min(4, (os.cpu_count() or 1) // 2)
-    sampler = EpochSampler(DistributedSampler(range(len(splits.train)), num_replicas=size, rank=world.rank,
-                                              shuffle=True, seed=cfg["seed"], drop_last=True))
-    train_set = TrainImages(splits.train, train_transform(pre["input_size"], pre["mean"], pre["std"],
-                                                          pre["interpolation"], cfg["min_scale"], cfg["hflip"]),
-                            cfg["seed"])
-    # Their own generator: starting an epoch's loader must not draw from the global RNG (dropout's),
-    # which it would do once per epoch without persistent workers and once per run with them.
-    loader_options = {"num_workers": workers, "persistent_workers": workers > 0,
-                      "pin_memory": world.device.type == "cuda", "generator": torch.Generator().manual_seed(0)}
-    train_loader = DataLoader(train_set, batch_size=micro, sampler=sampler, drop_last=True,
-                              collate_fn=collate_train, **loader_options)
-    shard = splits.val[world.rank::size]  # each validation image on exactly one rank
-    eval_transform = ModelDescription(cfg["model"], len(splits.classes), splits.classes, pre).transforms()
-    val_loader = DataLoader(ImageFiles([p for p, _ in shard], eval_transform), batch_size=2 * micro,
-                            collate_fn=collate_images, **loader_options)
-    val_targets = torch.tensor([t for _, t in shard])
 
+def _epoch(run: Training, epoch: int) -> None:
+    """Train and validate epoch ``epoch``, write its files and say its line."""
+    recipe, world = run.recipe, run.world
+    started = time.perf_counter()
+    run.sampler.set_epoch(epoch)
+    torch.manual_seed(sample_seed(recipe.seed, epoch, -1 - world.rank))  # dropout: per epoch and rank
+    train = _finetune_loop.train_epoch(run, epoch)
+    val = _finetune_loop.validate(run)
+    seconds = time.perf_counter() - started
+    record = {"epoch": epoch, **train, **val, "lr": run.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
+              "images_per_s": round(train["train_images"] / seconds, 2)}
+    notes = _finetune_loop.check_epoch(record, recipe.max_skipped)
+    run.history.append(record)
+    improved = (val["val_top1"], -val["val_loss"]) > (run.best["val_top1"], -run.best["val_loss"])
+    if improved:
+        run.best = {"epoch": epoch, "val_top1": val["val_top1"], "val_loss": val["val_loss"]}
+    if world.main:
+        _write_epoch(run, record, improved)
+    _say(world, f"epoch {epoch}/{recipe.epochs}  train loss {train['train_loss']:.4f} top-1 "
+                f"{train['train_top1']:.2f} %  val loss {val['val_loss']:.4f} top-1 {val['val_top1']:.2f} %  "
+                f"lr {record['lr']:.2e}  {seconds:.1f} s ({record['images_per_s']:.0f} img/s)"
+                f"{'  * best' if improved else ''}{notes}")
+    world.barrier()
+
+
+def _run(recipe: Recipe, state: dict | None, world: World) -> FinetuneResult:
+    run = _finetune_setup.prepare(recipe, state, world)
+    splits, size, out = run.splits, world.size, run.out
     if world.main:  # the others never touch OUT
         out.mkdir(parents=True, exist_ok=True)
-    _say(world, f"finetune {cfg['model']}: {len(splits.classes)} classes ({', '.join(splits.classes[:8])}"
+    _say(world, f"finetune {recipe.model}: {len(splits.classes)} classes ({', '.join(splits.classes[:8])}"
                 f"{', ...' if len(splits.classes) > 8 else ''}), {len(splits.train)} train / {len(splits.val)} val "
                 f"images from {splits.description}")
-    _say(world, f"  from {source}; {size} process(es) on {world.device.type}, global batch {cfg['batch_size']} "
-                f"({micro} per process x {accum} accumulation step(s)), {steps_per_epoch} steps per epoch"
-                f"{', synchronised BatchNorm' if cfg['sync_bn'] and size > 1 else ''}"
-                f"{', ' + dtype + ' autocast' if cfg['amp'] else ''}")
-    architecture = {"name": cfg["model"], "num_classes": len(splits.classes)}
-    architecture.update({k: cfg[k] for k in ("drop_rate", "drop_path_rate") if cfg[k]})
-    reported: set[str] = set()
-    for epoch in range(start + 1, cfg["epochs"] + 1):
-        started = time.perf_counter()
-        sampler.set_epoch(epoch)
-        torch.manual_seed(sample_seed(cfg["seed"], epoch, -1 - world.rank))  # dropout: per epoch and rank
-        train = _finetune_loop.train_epoch(net, train_loader, optimizer, scheduler, scaler, autocast, cfg, world,
-                                           epoch, steps_per_epoch, splits.train, reported)
-        val = _finetune_loop.validate(module, val_loader, val_targets, autocast, world, shard, reported)
-        seconds = time.perf_counter() - started
-        record = {"epoch": epoch, **train, **val, "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
-                  "images_per_s": round(train["train_images"] / seconds, 2)}
-        notes = _finetune_loop.check_epoch(record, cfg["max_skipped"])
-        history.append(record)
-        improved = (val["val_top1"], -val["val_loss"]) > (best["val_top1"], -best["val_loss"])
-        if improved:
-            best = {"epoch": epoch, "val_top1": val["val_top1"], "val_loss": val["val_loss"]}
-        if world.main:
-            described = describe(module, classes=splits.classes).with_(preprocessing=pre, weights="",
-                                                                        weights_sha256=None)
-            payload = {"state_dict": _plain(module.state_dict()), "description": described.to_dict(),
-                       "classes": splits.classes, "preprocessing": pre, "architecture": architecture,
-                       "args": cfg, "epoch": epoch, "val_top1": val["val_top1"], "metrics": record}
-            if improved:
-                save_checkpoint(out / "best.pth", payload)
-            metrics = {"model": cfg["model"], "classes": splits.classes, "best_epoch": best["epoch"],
-                       "best_val_top1": best["val_top1"], "epochs": history}
-            write_file(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
-            _finetune_loop.plot_curves(history, out / "curves.png")
-            save_checkpoint(out / "last.pth", {**payload, "resume": {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "history": history, "best": best}})
-        _say(world, f"epoch {epoch}/{cfg['epochs']}  train loss {train['train_loss']:.4f} top-1 "
-                    f"{train['train_top1']:.2f} %  val loss {val['val_loss']:.4f} top-1 {val['val_top1']:.2f} %  "
-                    f"lr {record['lr']:.2e}  {seconds:.1f} s ({record['images_per_s']:.0f} img/s)"
-                    f"{'  * best' if improved else ''}{notes}")
-        world.barrier()
-    if world.main and not _finetune_loop.plot_curves(history, out / "curves.png"):
+    _say(world, f"  from {run.source}; {size} process(es) on {world.device.type}, global batch {recipe.batch_size} "
+                f"({run.micro} per process x {recipe.accum_steps} accumulation step(s)), {run.steps} steps per epoch"
+                f"{', synchronised BatchNorm' if recipe.sync_bn and size > 1 else ''}"
+                f"{', ' + run.dtype + ' autocast' if recipe.amp else ''}")
+    for epoch in range(run.start + 1, recipe.epochs + 1):
+        _epoch(run, epoch)
+    if world.main and not _finetune_loop.plot_curves(run.history, out / "curves.png"):
         print("curves.png not drawn: install matplotlib for it", file=sys.stderr)
+    best = run.best
     _say(world, f"best: epoch {best['epoch']}, val top-1 {best['val_top1']:.2f} % -> {out / 'best.pth'}")
-    return FinetuneResult(out, splits.classes, best["epoch"], best["val_top1"], history)
+    return FinetuneResult(out, splits.classes, best["epoch"], best["val_top1"], run.history)
 
 
 def _command(args) -> int:
