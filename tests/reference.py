@@ -35,6 +35,13 @@ PRETRAINED = {name: MODELS[name].timm_name for name, entry in _MANIFEST.models.i
 UNPINNED = {name: MODELS[name].timm_name for name, entry in _MANIFEST.models.items()
             if not all(f.pinned for f in entry.files)}
 V2V3 = {name: v.timm_name for name, v in MODELS.items() if issubclass(v.cls, GhostNetV2) and v.timm_name}
+# One model of each architecture (class): its released width with the fewest MACs, else its first.
+# The widths and depths of one class run the same code, so the checks of the code rather than of a
+# model's numbers (TorchScript compiling it, lowering it to a runtime's operators) take one of each.
+_CHOSEN: dict = {}
+for _name in sorted(MODELS, key=lambda n: (n not in PRETRAINED and n not in UNPINNED, MODELS[n].macs)):
+    _CHOSEN.setdefault(MODELS[_name].cls, _name)
+ARCHITECTURES = [name for name in MODELS if name in _CHOSEN.values()]  # (in registry order)
 
 
 def build(name, **kwargs):

@@ -50,7 +50,6 @@ CHECKS = [
     "tests/test_hub_listing.py::test_listing_table_matches_the_manifest",
     "tests/test_interface.py",
     "tests/test_training_interface.py",
-    "tests/test_torchscript.py",
     "tests/test_docs.py::test_cli_page_is_generated_from_the_parser",
 ]
 PLUGIN = '''

@@ -1,5 +1,7 @@
-"""torch.jit.script compiles every model, unfused and fused, and computes what eager does;
-the PyTorch Hub listing says so with the "scriptable" tag, as the original GhostNet listing did."""
+"""torch.jit.script compiles every architecture, unfused and fused, and computes what eager does;
+the PyTorch Hub listing says so with the "scriptable" tag, as the original GhostNet listing did.
+One model of each architecture: scripting compiles the code, which the widths of a family share
+(scripting every width took about four minutes of the suite and checked the same code again)."""
 import re
 import warnings
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 from helpers import ROOT
-from reference import MODELS, build, random_state_dict
+from reference import ARCHITECTURES, build, random_state_dict
 
 
 def _script(model):
@@ -23,8 +25,8 @@ def _trained(name, **kwargs):
     return model.eval()
 
 
-@pytest.mark.slow  # scripting takes about a second per model
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow  # scripting takes seconds per model
+@pytest.mark.parametrize("name", ARCHITECTURES)
 @pytest.mark.parametrize("form", ["unfused", "fused", "fused+channels_last"])
 def test_scripted_model_equals_eager(name, form):
     model = _trained(name)
