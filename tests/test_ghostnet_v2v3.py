@@ -48,7 +48,8 @@ def _pair(name, **kwargs):
     state = _ours_from_timm(state)
     if kwargs.get("features_only"):  # timm's feature wrapper: blocks_N, and blocks after the last tap
         state = {re.sub(r"^blocks_(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if k in ours.state_dict()}
+        keep = ours.state_dict()  # (once: state_dict() per key took seconds)
+        state = {k: v for k, v in state.items() if k in keep}
     ours.load_state_dict(state)
     return ours.double(), theirs.double()
 
