@@ -146,7 +146,8 @@ def test_coming_from_torchvision_and_timm_runs(published, github_checkout, tmp_p
                 assert ours == theirs, (right, ours, theirs)
             compared += 1
         if "mine.pth" in right and "timm" in left:  # timm reads our checkpoints: the same keys
-            assert all(torch.equal(v, ours.state_dict()[k]) for k, v in theirs.state_dict().items())
+            expected = ours.state_dict()
+            assert all(torch.equal(v, expected[k]) for k, v in theirs.state_dict().items())
             compared += 1
     assert compared >= 9
 
