@@ -70,6 +70,7 @@ def tabby_weights(serve_fixed_logits):
 run = cli  # in this process; the README's main job below runs as a real subprocess
 
 
+@pytest.mark.slow  # a real `python -m models` process
 def test_readme_main_job_classifies_the_sample(tabby_weights):
     setup = doc("README").split("<!-- ci:setup -->", 1)[1].split("```bash\n", 1)[1].split("\n", 1)[0]
     main_job = readme_argv(setup.split("&&")[-1])  # (a clone's quick start: .venv/bin/python -m models)
