@@ -1,4 +1,5 @@
 """The model interface a torchvision/timm user expects, on every model, and its errors."""
+import functools
 import math
 import subprocess
 import sys
@@ -18,6 +19,19 @@ ALL = list(MODELS)
 def _small():
     """A cheap non-square input."""
     return torch.randn(2, 3, 96, 112)
+
+
+@functools.cache
+def _as_built(name):
+    """``build(name).eval()``, one per model for the tests below that only run it or read it, never
+    change it (a build per test took most of their time: 0.1 to 0.4 s each)."""
+    return build(name).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_the_models():
+    yield
+    _as_built.cache_clear()
 
 
 # -- classifier --------------------------------------------------------------------------
@@ -88,7 +102,7 @@ def test_in_chans(name, in_chans):
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("size", [(32, 32), (33, 47), (224, 96), (97, 161)])
 def test_any_input_size_from_32(name, size):
-    model = build(name).eval()
+    model = _as_built(name)
     with torch.no_grad():
         out = model(torch.randn(2, 3, *size))
     assert out.shape == (2, 1000) and torch.isfinite(out).all()
@@ -127,7 +141,7 @@ def test_features_only_maps_and_feature_info(name):
         assert feature.shape[-2:] == (h, w)
     # A backbone holds only what its taps use: no head, same key names as the classifier.
     keys = set(model.state_dict())
-    assert keys < set(build(name).state_dict())
+    assert keys < set(_as_built(name).state_dict())
     assert not any(k.startswith(("classifier", "conv_head")) for k in keys)
 
 
@@ -218,7 +232,7 @@ def test_builders_fix_their_architecture():
 
 @pytest.mark.parametrize("name", ["ghostnet_1x", "tinynet_a"])
 def test_wrong_input_channels(name):
-    model = build(name).eval()
+    model = _as_built(name)
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\), got \(2, 1, 64, 64\); build the model with in_chans=1"):
         model(torch.randn(2, 1, 64, 64))
     with pytest.raises(ValueError, match=r"got \(3, 64, 64\)"):
