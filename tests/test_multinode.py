@@ -243,6 +243,7 @@ def test_auto_resume_continues_the_same_command_and_refuses_another(small_data, 
     assert cli("finetune", "--auto-resume", "--resume", str(killed)).returncode == 2  # one or the other
 
 
+@pytest.mark.slow  # two fine-tuning runs
 def test_max_restarts_implies_auto_resume(small_data, tmp_path, monkeypatch):
     run = dict(model="tinynet_e", data=small_data, out=tmp_path, pretrained=False, epochs=1, **TINY)
     first, _ = quiet(finetune, **run)

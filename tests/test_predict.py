@@ -89,6 +89,7 @@ def test_sample_image_is_small_and_attributed():
     assert "Chelsea" in readme and "CC0" in readme
 
 
+@pytest.mark.slow  # 51 images, two DataLoader worker processes
 def test_directory_with_every_kind_of_image_and_a_broken_one(tabby_weights, tmp_path):
     folder = tmp_path / "photos"
     (folder / "nested").mkdir(parents=True)
