@@ -14,6 +14,10 @@ from helpers import ROOT
 from reference import MODELS, build
 
 ALL = list(MODELS)
+# For the tests that run every model: GhostNetV2 and V3 at 1.3x and 1.6x run their 1x's code at
+# more channels and took a third of the time; the slow run checks them (as test_ghostnet_v2v3.py's).
+WIDE = ("ghostnetv2_1_3x", "ghostnetv2_1_6x", "ghostnetv3_1_3x", "ghostnetv3_1_6x")
+WIDTHS = [pytest.param(n, marks=pytest.mark.slow) if n in WIDE else n for n in MODELS]
 
 
 def _small():
@@ -36,7 +40,7 @@ def _forget_the_models():
 
 # -- classifier --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", WIDTHS)
 def test_num_classes_zero_returns_pooled_features(name):
     model = build(name, num_classes=0).eval()
     assert isinstance(model.classifier, nn.Identity)
@@ -56,7 +60,7 @@ def test_num_classes_ten(name):
         assert model(_small()).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", WIDTHS)
 def test_reset_classifier_uses_pooled_head_width(name):
     model = build(name).eval()
     x = _small()
@@ -99,7 +103,7 @@ def test_in_chans(name, in_chans):
         assert model(torch.randn(2, in_chans, 64, 80)).shape == (2, 1000)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", WIDTHS)
 @pytest.mark.parametrize("size", [(32, 32), (33, 47), (224, 96), (97, 161)])
 def test_any_input_size_from_32(name, size):
     model = _as_built(name)
@@ -124,7 +128,7 @@ def test_no_grad_and_inference_mode_agree_with_autograd(name):
 
 # -- multi-scale features ------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", WIDTHS)
 def test_features_only_maps_and_feature_info(name):
     model = build(name, features_only=True).eval()
     info = model.feature_info
