@@ -271,6 +271,7 @@ def test_bad_options_are_clear_errors(small_data, tmp_path, options, message):
         finetune(**{"model": "tinynet_e", "data": small_data, "out": tmp_path, **TINY, **options})
 
 
+@pytest.mark.slow  # a fine-tuning run to read one number from its checkpoint
 def test_drop_path_rate(small_data, tmp_path):
     run = lambda: quiet(finetune, model="tinynet_e", data=small_data, out=tmp_path, pretrained=False,  # noqa: E731
                         epochs=1, drop_path_rate=0.1, **TINY)
