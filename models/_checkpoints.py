@@ -113,9 +113,7 @@ def fits_instead(name: str, state: dict[str, torch.Tensor], variants: dict[str, 
     for other, variant in variants.items():
         if other == name:
             continue
-        with torch.device("meta"):
-            candidate = variant.build(num_classes=classes)
-        if not mismatch(candidate, state):
+        if not mismatch(_on_meta(variant, classes), state):
             fits.append(other)
     return f". It fits {' and '.join(fits)} (num_classes={classes}): load it with that model" if fits else ""
 
@@ -124,5 +122,18 @@ def size_limit(variants: dict[str, Variant], names: list[str], num_classes: int 
     """The largest checkpoint file any of these models can have (``checkpoint_limit``), with a
     head of ``num_classes``, or of up to ImageNet-21k's 21,843 classes when the file is to say."""
     classes = max(num_classes if num_classes is not None else 21843, 1)
-    with torch.device("meta"):
-        return max(checkpoint_limit(variants[n].build(num_classes=classes)) for n in names if n in variants)
+    return max(checkpoint_limit(_on_meta(variants[n], classes)) for n in names if n in variants)
+
+
+# Built once per architecture and class count, on the meta device (no storage), and only read:
+# building the fifteen models took seconds of every from_checkpoint() that did not name its
+# model, and of every checkpoint that did not fit.
+_META: dict[tuple[object, ...], ImageClassifier] = {}
+
+
+def _on_meta(variant: Variant, classes: int) -> ImageClassifier:
+    key = (variant.cls, *sorted(variant.args.items()), classes)
+    if key not in _META:
+        with torch.device("meta"):
+            _META[key] = variant.build(num_classes=classes)
+    return _META[key]

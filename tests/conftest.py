@@ -18,8 +18,9 @@ torch.set_num_threads(1)
 # worker ran it alone while the other sat idle (CI: the ExecuTorch INT8 test, 236 s, at the end).
 # Started first, they run while the other worker works through the short tests, and the tail is
 # short tests that the idle worker can take over.
-_LONG_FIRST = ("test_export.py", "test_identity.py", "test_finetune_runs.py", "test_multinode.py", "test_backends.py",
-               "test_label.py", "test_fuse.py")
+# test_disk_faults.py: its export tests are minutes; in the fast loop, its 6 s test, the longest there.
+_LONG_FIRST = ("test_export.py", "test_disk_faults.py", "test_identity.py", "test_finetune_runs.py",
+               "test_multinode.py", "test_backends.py", "test_label.py", "test_fuse.py")
 
 
 def pytest_collection_modifyitems(items):

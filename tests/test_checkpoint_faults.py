@@ -49,6 +49,7 @@ def _bounded_memory():
     (b"", "is neither a torch checkpoint nor a safetensors file"),
     (b"PK\x03\x04", "far more than any checkpoint of this model"),
 ])
+@pytest.mark.slow  # a new process per case: its memory is what is measured
 def test_a_huge_file_is_refused_before_it_is_read(tmp_path, head, message):
     path = tmp_path / "huge.pth"
     with open(path, "wb") as f:
@@ -126,6 +127,7 @@ def test_cache_clear_removes_user_url_files(server, tmp_path):
        "refused at once (only a regular file is read, at most 16 MiB of it): a manifest error naming it; never a "
        "hang or an endless read")
 @pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "directory"])
+@pytest.mark.slow  # a new process per case: a hang or an endless read is bounded there
 def test_a_manifest_that_is_not_a_regular_file_is_refused(tmp_path, kind):
     path = {"fifo": tmp_path / "fifo.json", "/dev/zero": "/dev/zero", "directory": tmp_path}[kind]
     if kind == "fifo":

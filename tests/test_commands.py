@@ -3,16 +3,19 @@
 package prints name the spelling that works for how the package was obtained; every "install X"
 hint names the extra that provides X, and ``[export]`` alone exports and checks an ONNX file.
 The installed side runs in a real pip venv: tests/test_package.py."""
+import contextlib
+import io
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from helpers import DOCS, MODELS, ROOT, doc, readme_argv, run_models
+from helpers import DOCS, MODELS, ROOT, doc, readme_argv
 
 README = doc("README")
 OPTIONAL = ("onnx", "onnxscript", "onnxruntime", "executorch")  # the modules backends.require names
@@ -85,9 +88,19 @@ def test_export_extra_is_enough_for_the_readme_onnx_command():
     assert set(OPTIONAL) <= set(_requirements("deploy"))
 
 
+def _python_m_models(*args):
+    """``python -m models ARGS``'s stdout: models/__main__.py run as ``-m`` runs it, in this process."""
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit:
+        patch.setattr(sys, "argv", ["models", *args])
+        runpy.run_module("models", run_name="__main__", alter_sys=True)
+    assert exit.value.code == 0
+    return out.getvalue()
+
+
 def test_help_in_a_clone_names_python_m_models():
-    assert run_models("--help").stdout.startswith("usage: python -m models ")
-    assert run_models("cache", "list", "--help").stdout.startswith("usage: python -m models cache list ")
+    assert _python_m_models("--help").startswith("usage: python -m models ")
+    assert _python_m_models("cache", "list", "--help").startswith("usage: python -m models cache list ")
 
 
 # The package loaded the three ways there are: installed (the name ghostnet_hub; here without
@@ -140,6 +153,7 @@ def told():
     return results
 
 
+@pytest.mark.slow  # `told`: three new processes
 def test_installed_package_names_ghostnet_hub_commands_and_extras(told):
     installed = told["ghostnet_hub"]
     assert installed["usage"].startswith("usage: ghostnet-hub ")
@@ -151,6 +165,7 @@ def test_installed_package_names_ghostnet_hub_commands_and_extras(told):
         assert module in _requirements(extra)
 
 
+@pytest.mark.slow  # `told`: three new processes
 @pytest.mark.parametrize("name", ["models", "hubconf"])
 def test_a_clone_names_python_m_models_and_its_requirements_files(told, name):
     clone = told[name]

@@ -18,6 +18,7 @@ def _build(root, site):
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # mkdocs builds the whole site
 def test_site_builds_strict(tmp_path):
     """`mkdocs build --strict`: a broken link or anchor, a page missing from the nav or a nav
     entry without its page, a snippet of the README that is gone, or a docstring mkdocstrings

@@ -137,7 +137,8 @@ def test_the_builders_load_best_pth(tiny_run):
     best = tiny_run[0].best
     state = torch.load(best, weights_only=True)["state_dict"]
     model = load_with_weights(best, 4)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
     # The file names its classes: no num_classes needed (it failed with a size mismatch before).
     hub = torch.hub.load(str(ROOT), "tinynet_e", source="local", checkpoint=str(best))
     x = torch.randn(2, 3, 32, 32)
@@ -270,6 +271,7 @@ def test_bad_options_are_clear_errors(small_data, tmp_path, options, message):
         finetune(**{"model": "tinynet_e", "data": small_data, "out": tmp_path, **TINY, **options})
 
 
+@pytest.mark.slow  # a fine-tuning run to read one number from its checkpoint
 def test_drop_path_rate(small_data, tmp_path):
     run = lambda: quiet(finetune, model="tinynet_e", data=small_data, out=tmp_path, pretrained=False,  # noqa: E731
                         epochs=1, drop_path_rate=0.1, **TINY)

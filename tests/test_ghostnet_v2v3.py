@@ -48,13 +48,15 @@ def _pair(name, **kwargs):
     state = _ours_from_timm(state)
     if kwargs.get("features_only"):  # timm's feature wrapper: blocks_N, and blocks after the last tap
         state = {re.sub(r"^blocks_(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if k in ours.state_dict()}
+        keep = ours.state_dict()  # (once: state_dict() per key took seconds)
+        state = {k: v for k, v in state.items() if k in keep}
     ours.load_state_dict(state)
     return ours.double(), theirs.double()
 
 
-# The widest models take seconds each in float64: the slow run checks them.
-WIDTHS = [pytest.param(n, marks=pytest.mark.slow) if n.endswith(("1_3x", "1_6x")) else n for n in V2V3]
+# The widest models, and GhostNetV3 1x, take seconds each in float64: the slow run checks them.
+WIDTHS = [pytest.param(n, marks=pytest.mark.slow) if n.endswith(("1_3x", "1_6x")) or n == "ghostnetv3_1x" else n
+          for n in V2V3]
 
 
 @pytest.mark.parametrize("name", WIDTHS)
@@ -91,6 +93,7 @@ def _trained_v3(name="ghostnetv3_0_5x", **kwargs):
     return model.eval()
 
 
+@pytest.mark.slow  # GhostNetV3 1x ours and timm's, trained-like
 def test_reparameterize_gives_the_authors_deploy_form_and_timms_values():
     ours = _trained_v3("ghostnetv3_1x")
     theirs = timm.create_model("ghostnetv3_100").eval()
@@ -191,6 +194,7 @@ def test_a_ghostnetv2_file_is_refused_by_a_ghostnet_backbone(tmp_path):
     assert models.ghostnetv2_1x(features_only=True, checkpoint=own).features_only
 
 
+@pytest.mark.slow  # GhostNetV3 trained-like, saved and loaded
 def test_a_timm_trained_v3_checkpoint_loads_under_the_authors_names(tmp_path):
     import argparse
 

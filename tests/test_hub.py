@@ -62,7 +62,8 @@ def test_hub_entry_takes_torchvision_weights(published, weights):
         weights = models.TinyNet_E_Weights.DEFAULT
     model = torch.hub.load(REPO, "tinynet_e", source="local", weights=weights, progress=False)
     reference = models.tinynet_e(pretrained=True, progress=False)
-    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+    expected = reference.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="pass checkpoint='mine.pth' instead"):
         torch.hub.load(REPO, "tinynet_e", source="local", weights="mine.pth")
 

@@ -60,6 +60,7 @@ def test_builders_take_classes_and_names_from_the_projects_checkpoint(shapes):
         models.tinynet_e(checkpoint=best, num_classes=10)
 
 
+@pytest.mark.slow  # the error builds every model to name the one that fits
 def test_a_wrong_architecture_is_one_short_error_naming_the_right_model(shapes, tmp_path):
     """Before: 33,792 characters (every missing and mismatched key)."""
     with pytest.raises(ValueError, match="holds a tinynet_e, not a tinynet_a") as described:

@@ -1,4 +1,5 @@
 """The model interface a torchvision/timm user expects, on every model, and its errors."""
+import functools
 import math
 import subprocess
 import sys
@@ -13,6 +14,10 @@ from helpers import ROOT
 from reference import MODELS, build
 
 ALL = list(MODELS)
+# For the tests that run every model: GhostNetV2 and V3 at 1.3x and 1.6x run their 1x's code at
+# more channels and took a third of the time; the slow run checks them (as test_ghostnet_v2v3.py's).
+WIDE = ("ghostnetv2_1_3x", "ghostnetv2_1_6x", "ghostnetv3_1_3x", "ghostnetv3_1_6x")
+WIDTHS = [pytest.param(n, marks=pytest.mark.slow) if n in WIDE else n for n in MODELS]
 
 
 def _small():
@@ -20,9 +25,22 @@ def _small():
     return torch.randn(2, 3, 96, 112)
 
 
+@functools.cache
+def _as_built(name):
+    """``build(name).eval()``, one per model for the tests below that only run it or read it, never
+    change it (a build per test took most of their time: 0.1 to 0.4 s each)."""
+    return build(name).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_the_models():
+    yield
+    _as_built.cache_clear()
+
+
 # -- classifier --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", WIDTHS)
 def test_num_classes_zero_returns_pooled_features(name):
     model = build(name, num_classes=0).eval()
     assert isinstance(model.classifier, nn.Identity)
@@ -42,7 +60,7 @@ def test_num_classes_ten(name):
         assert model(_small()).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", WIDTHS)
 def test_reset_classifier_uses_pooled_head_width(name):
     model = build(name).eval()
     x = _small()
@@ -85,10 +103,10 @@ def test_in_chans(name, in_chans):
         assert model(torch.randn(2, in_chans, 64, 80)).shape == (2, 1000)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", WIDTHS)
 @pytest.mark.parametrize("size", [(32, 32), (33, 47), (224, 96), (97, 161)])
 def test_any_input_size_from_32(name, size):
-    model = build(name).eval()
+    model = _as_built(name)
     with torch.no_grad():
         out = model(torch.randn(2, 3, *size))
     assert out.shape == (2, 1000) and torch.isfinite(out).all()
@@ -110,7 +128,7 @@ def test_no_grad_and_inference_mode_agree_with_autograd(name):
 
 # -- multi-scale features ------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", WIDTHS)
 def test_features_only_maps_and_feature_info(name):
     model = build(name, features_only=True).eval()
     info = model.feature_info
@@ -127,7 +145,7 @@ def test_features_only_maps_and_feature_info(name):
         assert feature.shape[-2:] == (h, w)
     # A backbone holds only what its taps use: no head, same key names as the classifier.
     keys = set(model.state_dict())
-    assert keys < set(build(name).state_dict())
+    assert keys < set(_as_built(name).state_dict())
     assert not any(k.startswith(("classifier", "conv_head")) for k in keys)
 
 
@@ -136,7 +154,8 @@ def test_features_only_out_indices_select_and_prune():
     part = build("ghostnet_1x", features_only=True, out_indices=(0, -2)).eval()
     assert [d["index"] for d in part.feature_info] == [0, 3]
     assert len(part.blocks) == 6  # nothing after blocks.5, the stride-16 tap
-    part.load_state_dict({k: v for k, v in full.state_dict().items() if k in part.state_dict()}, strict=True)
+    keep = part.state_dict()
+    part.load_state_dict({k: v for k, v in full.state_dict().items() if k in keep}, strict=True)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         all_maps, some = full(x), part(x)
@@ -217,7 +236,7 @@ def test_builders_fix_their_architecture():
 
 @pytest.mark.parametrize("name", ["ghostnet_1x", "tinynet_a"])
 def test_wrong_input_channels(name):
-    model = build(name).eval()
+    model = _as_built(name)
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\), got \(2, 1, 64, 64\); build the model with in_chans=1"):
         model(torch.randn(2, 1, 64, 64))
     with pytest.raises(ValueError, match=r"got \(3, 64, 64\)"):

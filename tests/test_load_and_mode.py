@@ -141,6 +141,7 @@ def _mode(model):
     return "train" if model.training else "eval"
 
 
+@pytest.mark.slow  # loads our and timm's pretrained model per row
 def test_readme_mode_table_is_what_timm_and_the_models_do(published, tmp_path, monkeypatch):
     _, files = published
     readme = doc("using")

@@ -204,6 +204,7 @@ def test_elastic_restart_after_sigkill_continues_from_last_pth(published, small_
 
 # -- --auto-resume: a scheduler relaunches the same command -----------------------------------------
 
+@pytest.mark.slow  # three fine-tuning runs, eight epochs
 def test_auto_resume_continues_the_same_command_and_refuses_another(small_data, tmp_path, monkeypatch):
     run = dict(model="tinynet_e", data=small_data, pretrained=False, epochs=3, **TINY)
     straight, _ = quiet(finetune, out=tmp_path / "straight", **run)
@@ -242,6 +243,7 @@ def test_auto_resume_continues_the_same_command_and_refuses_another(small_data, 
     assert cli("finetune", "--auto-resume", "--resume", str(killed)).returncode == 2  # one or the other
 
 
+@pytest.mark.slow  # two fine-tuning runs
 def test_max_restarts_implies_auto_resume(small_data, tmp_path, monkeypatch):
     run = dict(model="tinynet_e", data=small_data, out=tmp_path, pretrained=False, epochs=1, **TINY)
     first, _ = quiet(finetune, **run)

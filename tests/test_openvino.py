@@ -154,6 +154,7 @@ except KeyboardInterrupt:
 """
 
 
+@pytest.mark.slow  # a new process, so that a crash is seen
 def test_two_openvino_runners_dropped_in_the_order_loaded_leave_signals_working(tmp_path):
     # OpenVINO's CPU plugin gives the thread that loads it its own signal stack and puts back the
     # one it found when its Core goes: with two Cores gone first-in first-out, the thread is left

@@ -70,6 +70,7 @@ def tabby_weights(serve_fixed_logits):
 run = cli  # in this process; the README's main job below runs as a real subprocess
 
 
+@pytest.mark.slow  # a real `python -m models` process
 def test_readme_main_job_classifies_the_sample(tabby_weights):
     setup = doc("README").split("<!-- ci:setup -->", 1)[1].split("```bash\n", 1)[1].split("\n", 1)[0]
     main_job = readme_argv(setup.split("&&")[-1])  # (a clone's quick start: .venv/bin/python -m models)
@@ -88,6 +89,7 @@ def test_sample_image_is_small_and_attributed():
     assert "Chelsea" in readme and "CC0" in readme
 
 
+@pytest.mark.slow  # 51 images, two DataLoader worker processes
 def test_directory_with_every_kind_of_image_and_a_broken_one(tabby_weights, tmp_path):
     folder = tmp_path / "photos"
     (folder / "nested").mkdir(parents=True)

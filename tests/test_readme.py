@@ -44,6 +44,7 @@ def test_table_row_matches_the_code_and_the_manifest(name):
     assert macs == f"{measured.macs / 1e6:.2f} M"
 
 
+@pytest.mark.slow  # five models built, two run on a batch of eight 224-px images
 def test_python_example_runs():
     block = re.search(r"```python\n(import torch\nimport models\n.*?)```", USING, re.S)[1]
     namespace = {}
@@ -105,6 +106,7 @@ _USES_M = re.compile(r"\bm\.|\(m\)|model=m\b")
 _DOWNLOADS = re.compile(r"create_model\(\"\w+\", pretrained=True|weights=|torch\.hub\.load|torch\.load\(")
 
 
+@pytest.mark.slow  # 21 rows, each building our model and timm's
 def test_coming_from_torchvision_and_timm_runs(published, github_checkout, tmp_path, monkeypatch):
     import warnings
 
@@ -146,7 +148,8 @@ def test_coming_from_torchvision_and_timm_runs(published, github_checkout, tmp_p
                 assert ours == theirs, (right, ours, theirs)
             compared += 1
         if "mine.pth" in right and "timm" in left:  # timm reads our checkpoints: the same keys
-            assert all(torch.equal(v, ours.state_dict()[k]) for k, v in theirs.state_dict().items())
+            expected = ours.state_dict()
+            assert all(torch.equal(v, expected[k]) for k, v in theirs.state_dict().items())
             compared += 1
     assert compared >= 9
 

@@ -61,7 +61,8 @@ def test_forward_intermediates_match_timm(pair, kwargs):
             _close(a, b)
         # The same maps as features_only taps them.
         taps = getattr(models, ours.pretrained_cfg["architecture"])(features_only=True).eval()
-        taps.load_state_dict({k: v for k, v in ours.state_dict().items() if k in taps.state_dict()})
+        keep = taps.state_dict()
+        taps.load_state_dict({k: v for k, v in ours.state_dict().items() if k in keep})
         every = taps(X)
         for a, i in zip(mine, ours._take_indices(kwargs.get("indices")), strict=True):
             assert torch.equal(a, every[i])

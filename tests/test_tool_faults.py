@@ -84,6 +84,7 @@ def test_a_class_without_a_readable_image_stops_before_any_epoch(data, tmp_path)
 @fault("`finetune`: more than `--max-skipped` (default 10 %) of an epoch's images are unreadable",
        "the run stops at the end of that epoch, before its checkpoints are written, naming the share and the "
        "option; below it, the share is printed on each epoch's line and kept in metrics.json")
+@pytest.mark.slow  # two fine-tuning runs
 def test_too_many_unreadable_images_stop_the_run(data, tmp_path):
     for name in ("000.png", "001.png"):
         for cls in ("horizontal_cool", "vertical_cool"):
@@ -101,6 +102,7 @@ def test_too_many_unreadable_images_stop_the_run(data, tmp_path):
 @fault("`finetune`: skipping an unreadable image leaves a batch of one (BatchNorm cannot train on it)",
        "that image is left out of the step, and the epoch's line says so; `--batch-size` giving micro-batches "
        "of one is refused before training (unless `--freeze-backbone`)")
+@pytest.mark.slow  # an epoch of 16 steps
 def test_a_batch_of_one_is_never_trained_on(data, tmp_path):
     _break(data / "train" / "vertical_warm" / "003.png")  # 1 of 32: one batch of 2 keeps a single image
     result = _finetune(data, tmp_path / "a", "--batch-size", "2")
@@ -146,7 +148,7 @@ def test_a_diverging_run_stops_and_writes_no_broken_model(stripes, tmp_path):
 @fault("`finetune --resume OUT` when OUT/last.pth is truncated, empty or not finetune's",
        "one error naming the file and what is wrong, and how to go on from best.pth when it is intact; nothing "
        "is overwritten, no traceback")
-@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign"])
+@pytest.mark.parametrize("damage", [pytest.param("truncated", marks=pytest.mark.slow), "empty", "foreign"])
 def test_resume_from_a_damaged_last_pth(finished, tmp_path, damage):
     out = shutil.copytree(finished, tmp_path / "run")
     last = out / "last.pth"
@@ -202,6 +204,7 @@ def test_nfc_and_nfd_spellings_are_one_class(tmp_path):
 @fault("`predict` is given a FIFO, `/dev/zero` or a directory holding a FIFO named like an image",
        "only regular files are read: each other one is reported and skipped (never a hang, never an endless "
        "read), the images are classified, exit status 1")
+@pytest.mark.slow  # a new process: a FIFO that hangs is bounded there
 def test_predict_reports_and_skips_what_is_not_a_regular_file(stripes, tmp_path):
     checkpoint = tmp_path / "e.pth"
     torch.save(api.get_model("tinynet_e").state_dict(), checkpoint)

@@ -215,6 +215,7 @@ def test_manifest_pin_refuses_sources_that_disagree(server, tmp_path):
     assert "differ at conv_stem.weight" in result.stderr and pathlib.Path(manifest).read_text() == before
 
 
+@pytest.mark.slow  # GhostNetV3 built and loaded five times
 def test_ghostnetv3_from_the_authors_training_checkpoint_and_timms_copy(server, tmp_path, monkeypatch):
     from reference import random_state_dict
 
