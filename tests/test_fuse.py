@@ -50,8 +50,10 @@ def _pair(name, channels_last=False, **kwargs):
     return plain, fused
 
 
+# (the fast loop folds one released model of each architecture; the full run every released model)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("name", PRETRAINED)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in ARCHITECTURES else pytest.mark.slow)
+                                  for name in PRETRAINED])
 def test_fused_matches_unfused(name, channels_last):
     plain, fused = _pair(name, channels_last)
     x = torch.randn(8, 3, *plain.default_input_size)
