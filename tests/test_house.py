@@ -154,7 +154,6 @@ def test_the_github_name_is_the_same_everywhere():
     assert api.GITHUB_REPO in (ROOT / "CONTRIBUTING.md").read_text()
 
 
-
 # Functions of a readable size (#22: finetune._run was 116 lines, evaluate() took 21 parameters,
 # train_epoch 12 positional ones): at most 8 parameters (positional and keyword-only; not self, cls,
 # *args, **kwargs), and in models/tools/ at most 60 lines of body (its docstring not counted).
