@@ -11,6 +11,11 @@ from models.fuse import PooledLinear
 
 from reference import ARCHITECTURES, PRETRAINED, build
 
+# One released model of each architecture (ghostnet_1x, tinynet_e): what torch.export and the ONNX
+# exporter trace, and what the fast loop folds. (Every released model, V2 and V3 included, is
+# exported to ONNX and checked in test_export.py; the full run folds every released model.)
+_ONE_EACH = [name for name in ARCHITECTURES if name in PRETRAINED]
+
 
 @functools.cache
 def _calibrated_state(name, options):
@@ -50,9 +55,8 @@ def _pair(name, channels_last=False, **kwargs):
     return plain, fused
 
 
-# (the fast loop folds one released model of each architecture; the full run every released model)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in ARCHITECTURES else pytest.mark.slow)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in _ONE_EACH else pytest.mark.slow)
                                   for name in PRETRAINED])
 def test_fused_matches_unfused(name, channels_last):
     plain, fused = _pair(name, channels_last)
@@ -114,13 +118,8 @@ def test_fuse_and_channels_last_from_the_entry_point(published):
         models.tinynet_c(fuse="yes")
 
 
-# (torch.export and the ONNX exporter trace the code: one released model of each architecture; every
-# released model, V2 and V3 included, is exported to ONNX and checked in test_export.py)
-_TRACED = [name for name in ARCHITECTURES if name in PRETRAINED]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _TRACED)
+@pytest.mark.parametrize("name", _ONE_EACH)
 def test_torch_export(name):
     model = _trained_like(name)
     x = torch.randn(2, 3, *model.default_input_size)
@@ -139,7 +138,7 @@ def test_torch_export_fused_channels_last():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _TRACED)
+@pytest.mark.parametrize("name", _ONE_EACH)
 def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
     import onnx
     import onnxruntime as ort
