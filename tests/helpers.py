@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # What the README's `ghostnet-hub` is in this clone, where the package is not installed.
 MODELS = [sys.executable, "-m", "models"]
@@ -158,3 +160,9 @@ def built_once(tmp_path_factory, name, build):
             build(folder)
             done.touch()
     return folder
+
+
+def marked_slow(names, slow):
+    """``names`` as a test's parameters, those also in ``slow`` marked slow: the full run checks
+    them, the fast loop does not."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in names]

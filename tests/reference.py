@@ -42,6 +42,9 @@ _CHOSEN: dict = {}
 for _name in sorted(MODELS, key=lambda n: (n not in PRETRAINED and n not in UNPINNED, MODELS[n].macs)):
     _CHOSEN.setdefault(MODELS[_name].cls, _name)
 ARCHITECTURES = [name for name in MODELS if name in _CHOSEN.values()]  # (in registry order)
+# GhostNetV2/V3 wider than their architecture's model above: its code at more channels, seconds each
+# in the per-model checks, which run them in the full run only.
+WIDER = [name for name, v in MODELS.items() if issubclass(v.cls, GhostNetV2) and v.macs > MODELS[_CHOSEN[v.cls]].macs]
 
 
 def build(name, **kwargs):

@@ -9,6 +9,7 @@ from torch import nn
 import models
 from models.fuse import PooledLinear
 
+from helpers import marked_slow
 from reference import ARCHITECTURES, PRETRAINED, build
 
 # One released model of each architecture (ghostnet_1x, tinynet_e): what torch.export and the ONNX
@@ -56,8 +57,7 @@ def _pair(name, channels_last=False, **kwargs):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in _ONE_EACH else pytest.mark.slow)
-                                  for name in PRETRAINED])
+@pytest.mark.parametrize("name", marked_slow(PRETRAINED, set(PRETRAINED) - set(_ONE_EACH)))
 def test_fused_matches_unfused(name, channels_last):
     plain, fused = _pair(name, channels_last)
     x = torch.randn(8, 3, *plain.default_input_size)

@@ -10,7 +10,8 @@ import models
 from models.ghostnet import pad_ghost_halves
 from models.weights import CheckpointError
 
-from reference import V2V3, build, random_state_dict, reference_keys
+from helpers import marked_slow
+from reference import V2V3, WIDER, build, random_state_dict, reference_keys
 
 TIMM_BN = re.compile(r"(_rpr_(?:conv\.\d+|scale))\.bn1\.")
 
@@ -55,8 +56,7 @@ def _pair(name, **kwargs):
 
 
 # The widest models, and GhostNetV3 1x, take seconds each in float64: the slow run checks them.
-WIDTHS = [pytest.param(n, marks=pytest.mark.slow) if n.endswith(("1_3x", "1_6x")) or n == "ghostnetv3_1x" else n
-          for n in V2V3]
+WIDTHS = marked_slow(V2V3, [*WIDER, "ghostnetv3_1x"])
 
 
 @pytest.mark.parametrize("name", WIDTHS)

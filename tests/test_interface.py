@@ -10,14 +10,12 @@ from torch import nn
 
 import models
 
-from helpers import ROOT
-from reference import MODELS, build
+from helpers import ROOT, marked_slow
+from reference import MODELS, WIDER, build
 
 ALL = list(MODELS)
-# For the tests that run every model: GhostNetV2 and V3 at 1.3x and 1.6x run their 1x's code at
-# more channels and took a third of the time; the slow run checks them (as test_ghostnet_v2v3.py's).
-WIDE = ("ghostnetv2_1_3x", "ghostnetv2_1_6x", "ghostnetv3_1_3x", "ghostnetv3_1_6x")
-WIDTHS = [pytest.param(n, marks=pytest.mark.slow) if n in WIDE else n for n in MODELS]
+# For the tests that run every model: the wider GhostNetV2/V3 took a third of their time.
+WIDTHS = marked_slow(MODELS, WIDER)
 
 
 def _small():

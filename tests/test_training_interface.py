@@ -7,13 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from reference import MODELS, build
+from helpers import marked_slow
+from reference import MODELS, WIDER, build
 
 
-# GhostNetV2 and V3 at 1.3x and 1.6x run their 1x's code at more channels and took half the time:
-# the slow run checks them (as test_ghostnet_v2v3.py's).
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("ghostnetv")
-                                  and n.endswith(("1_3x", "1_6x")) else n for n in MODELS])
+# (the wider GhostNetV2/V3 took half this test's time: the full run checks them)
+@pytest.mark.parametrize("name", marked_slow(MODELS, WIDER))
 def test_train_forward_backward_reaches_every_parameter(name):
     model = build(name, num_classes=10).train()
     x = torch.randn(4, 3, 64, 64)
