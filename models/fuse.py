@@ -53,6 +53,15 @@ class PooledLinear(nn.Module):
         # An unpooled map (reset_classifier(0, global_pool="")): the 1x1 convolution it stands for.
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)
 
+    def as_conv(self) -> nn.Conv2d:
+        """The 1x1 convolution this stands for, with the same weights."""
+        conv = nn.Conv2d(self.weight.shape[1], self.weight.shape[0], 1, bias=self.bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight[:, :, None, None])
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv.eval().requires_grad_(False)
+
 
 def _get(root: nn.Module, path: str) -> nn.Module | None:
     module = root
@@ -95,6 +104,17 @@ def optimize_for_inference(model: nn.Module, channels_last: bool = False) -> nn.
         model.to(memory_format=torch.channels_last)
     model.fused = True
     model.channels_last = channels_last
+    return model
+
+
+def pooled_as_convolutions(model: nn.Module) -> nn.Module:
+    """Every ``PooledLinear`` of ``model`` back to its 1x1 convolution, in place: an ExecuTorch
+    export wants them so. Before a matrix product the pooled map is flattened, a reshape with the
+    batch size in it, which XNNPACK leaves out of its delegate for a program of any batch size:
+    the program came in pieces, two at every squeeze-excitation."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, PooledLinear):
+            _set(model, path, module.as_conv())
     return model
 
 

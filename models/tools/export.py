@@ -37,8 +37,7 @@ from .. import api
 from .._files import WriteError, check_room, probe_writable
 from ..description import DESCRIPTION_KEY, ModelDescription, describe
 from ..ghostnet import GhostNet, pad_ghost_halves
-from ..layers import SqueezeExcite
-from . import _openvino, _runtimes
+from . import _executorch, _openvino, _runtimes
 from ._args import add_command, build_model, int_at_least, model_source_arguments
 from ._runner import quiet_native_output, require
 from ._samples import calibration_batches, calibration_id, check_images, default_transforms
@@ -95,44 +94,13 @@ def _inference_copy(model: nn.Module, format: str = "onnx", int8: bool = False) 
         net.channels_last = False
     if not getattr(net, "fused", False):
         net.fuse()
-    if format == "executorch":  # squeeze-excitation means row by row: XNNPACK's one-sum mean is ~1e-5 off
-        for module in net.modules():
-            if isinstance(module, SqueezeExcite):
-                module.mean_by_rows = True
+    if format == "executorch":
+        _executorch.prepare(net)
     if format == "onnx" and not int8 and isinstance(net, GhostNet):
         # ONNX Runtime keeps the ghost concatenations in its blocked layout only with halves a
         # multiple of 16 (see pad_ghost_halves); measured slower for INT8 (QLinear ops), so fp32 only.
         pad_ghost_halves(net)
     return reference, net
-
-
-def _is_depthwise(node) -> bool:
-    """A grouped convolution node of an exported graph (all of ours are depthwise)."""
-    index = {torch.ops.aten.conv2d.default: 6, torch.ops.aten.convolution.default: 8}.get(
-        node.target if node.op == "call_function" else None)
-    return index is not None and len(node.args) > index and node.args[index] > 1
-
-
-def _pt2e(net: nn.Module, example: torch.Tensor, dynamic: dict | None, float_depthwise: bool,
-          batches: list[torch.Tensor]) -> nn.Module:
-    """PT2E post-training quantization with the XNNPACK quantizer (per-channel symmetric)."""
-    require("executorch", "for INT8 with the XNNPACK quantizer")
-    with quiet_native_output():  # torchao logs notes on its own internals when imported
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-            XNNPACKQuantizer,
-            get_symmetric_quantization_config,
-        )
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    graph = torch.export.export(net, (example,), dynamic_shapes=dynamic).module()
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    if float_depthwise:
-        quantizer.set_filter_function(lambda node: not _is_depthwise(node))
-    prepared = prepare_pt2e(graph, quantizer)
-    with torch.no_grad():
-        for batch in batches:
-            prepared(batch)
-    return convert_pt2e(prepared)
 
 
 def _to_onnx(net: nn.Module, example: torch.Tensor, path: pathlib.Path) -> None:
@@ -201,28 +169,6 @@ def _onnx_int8(fp32: pathlib.Path, out: pathlib.Path, float_depthwise: bool, bat
             if "bins" not in str(exc):
                 raise
             quantize(CalibrationMethod.MinMax)
-
-
-def _to_executorch(net: nn.Module, path: pathlib.Path, size: tuple[int, int], int8: bool, float_depthwise: bool,
-                   batches: list[torch.Tensor], max_batch: int, described: ModelDescription) -> None:
-    require("executorch", "to export to ExecuTorch")
-    with quiet_native_output():
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
-
-    # Traced at the largest batch: the memory plan is sized from the example.
-    example = torch.randn(max_batch, 3, *size)
-    dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=max_batch)}} if max_batch > 1 else None
-    if int8:
-        net = _pt2e(net, example, dynamic, float_depthwise, batches)
-    with quiet_native_output():
-        program = torch.export.export(net, (example,), dynamic_shapes=dynamic)
-        # The description rides in the program as a constant method returning its JSON as bytes
-        # (ExecuTorch programs have no string metadata; a method is read without running the model).
-        text = torch.frombuffer(bytearray(described.to_json().encode()), dtype=torch.uint8)
-        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
-                                              constant_methods={DESCRIPTION_KEY: text}).to_executorch()
-    path.write_bytes(lowered.buffer)
 
 
 def _to_pt2(net: nn.Module, path: pathlib.Path, size: tuple[int, int], described: ModelDescription) -> None:
@@ -308,7 +254,7 @@ def export(model: nn.Module, format: str, out: str | os.PathLike, *, int8: bool 
                     _onnx_int8(fp32, written, float_depthwise, batches)
                 _describe_onnx(written, described)
             elif format == "executorch":
-                _to_executorch(net, written, size, int8, float_depthwise, batches, max_batch, described)
+                _executorch.write(net, written, size, int8, float_depthwise, batches, max_batch, described)
             elif format == "openvino":
                 _to_onnx(net, torch.randn(2, 3, *size), tmp / "fp32.onnx")
                 _openvino.write(tmp / "fp32.onnx", written, described, batches)
