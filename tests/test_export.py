@@ -13,11 +13,11 @@ from torch import nn
 from models.tools import _runtimes, backends, export
 from models.tools._images import SAMPLE_IMAGE
 from models.tools._samples import (
-    calibration_batches,
     calibration_id,
     check_images,
     default_transforms,
     generated_images,
+    settle_batchnorm,
 )
 
 from helpers import DOCS, ROOT, built_once, cli, readme_cli
@@ -33,17 +33,10 @@ def _trained_like(name, **kwargs):
     model.load_state_dict(random_state_dict(model, seed=5))
     branch_ends = {"bn3", "bn2"} if name.startswith("tinynet") else {"ghost2"}
     for path, module in model.named_modules():
-        if isinstance(module, nn.BatchNorm2d):
-            if path.startswith("blocks.") and branch_ends & set(path.split(".")):
-                with torch.no_grad():
-                    module.weight.mul_(0.3)
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the batches below
-    model.train()
-    with torch.no_grad():
-        for batch in calibration_batches(default_transforms(model)):
-            model(batch)
-    return model.eval()
+        if isinstance(module, nn.BatchNorm2d) and path.startswith("blocks.") and branch_ends & set(path.split(".")):
+            with torch.no_grad():
+                module.weight.mul_(0.3)
+    return settle_batchnorm(model)
 
 
 # -- fast -------------------------------------------------------------------------------------

@@ -123,3 +123,20 @@ def calibration_batches(transforms, source: str | os.PathLike | None = None, *, 
         if not tensors:
             raise ValueError(f"none of the images in {source} could be read")
     return [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
+
+
+def settle_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (random weights) with BatchNorm statistics measured on the default calibration
+    images, in place, returned in eval mode: its activations and logits at a trained model's scale.
+    With a fresh model's statistics (mean 0, variance 1), GhostNetV2's activations grew to 1e6
+    and V3's to 1e22, where float32 rounding alone moved the logits by a third (batch of 8 against
+    one at a time, fused against unfused): no export of it could be checked."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for batch in calibration_batches(default_transforms(model)):
+            model(batch)
+    return model.eval()

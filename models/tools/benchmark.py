@@ -27,6 +27,7 @@ from ..manifest import Manifest, load_manifest
 from . import _cpu, backends
 from ._args import add_command, amp_arguments, amp_dtype, int_at_least, json_argument, write_json
 from ._plot import plot
+from ._samples import settle_batchnorm
 
 # Our model run eagerly (as built, fused, fused + channels_last), compiled, or exported to a
 # runtime: fp32, INT8, INT8 with depthwise convolutions kept in float ("fdw").
@@ -96,7 +97,7 @@ class _Candidate:
 
 def _seeded(name: str, device: torch.device) -> nn.Module:
     torch.manual_seed(0)  # the same random weights every run: exports made on the fly are reused from the cache
-    return api.get_model(name, device=device).eval()
+    return settle_batchnorm(api.get_model(name)).to(device)  # (at a trained model's scale: exports can be checked)
 
 
 def _ours(name: str, mode: str, device: torch.device, progress: Callable[[str], None]) -> Callable:
