@@ -71,7 +71,7 @@ class SqueezeExcite(nn.Module):
         self.gate = gate_layer()
         # XNNPACK averages a whole map in one float32 sum, which on the large early maps is ~1e-5
         # off; exports for it set this to average each row first, then the row means
-        # (tools/export.py). Two average pools, not two means: XNNPACK takes pools into its
+        # (tools/_executorch.py). Two average pools, not two means: XNNPACK takes pools into its
         # delegate, and a mean over one dimension it does not, which cut an ExecuTorch program in
         # two at every block (12 pieces for tinynet_e; 2.5x the lowering time, 1.2x the run time).
         # An instance attribute, so that TorchScript sees it.

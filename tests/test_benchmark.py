@@ -125,16 +125,16 @@ def test_ghostnetv2_and_v3_are_benchmarked_beside_timms_implementation():
 
 def test_the_benchmarks_random_weights_export_within_tolerance():
     """The benchmark times exports made on the fly from its random weights, and every export is
-    checked against the eager model first. With a fresh model's BatchNorm statistics GhostNetV3's
-    logits reached 1e22, its fused form (what is exported) was a fifth off the eager model, the
-    export was refused and the run stopped (V2 alike). Statistics measured on the calibration
-    images keep it at a trained model's scale."""
+    checked against the eager model first. With a fresh model's BatchNorm statistics GhostNetV2's
+    logits reached 1e6, its fused form (what is exported) was a third off the eager model, the
+    export was refused and the run stopped (V3's reached 1e22). Statistics measured on the
+    calibration images keep it at a trained model's scale."""
     import copy
 
     from models.tools import benchmark, export
     from models.tools._samples import check_images, default_transforms
 
-    ours = benchmark._seeded("ghostnetv3_1x", torch.device("cpu"))
+    ours = benchmark._seeded("ghostnetv2_1x", torch.device("cpu"))
     x = check_images(default_transforms(ours))
     fused = copy.deepcopy(ours).fuse()
     with torch.no_grad():

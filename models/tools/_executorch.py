@@ -40,7 +40,7 @@ def _is_depthwise(node) -> bool:
 
 
 def _quantize(net: nn.Module, example: torch.Tensor, dynamic: dict | None, float_depthwise: bool,
-          batches: list[torch.Tensor]) -> nn.Module:
+              batches: list[torch.Tensor]) -> nn.Module:
     """PT2E post-training quantization with the XNNPACK quantizer (per-channel symmetric)."""
     require("executorch", "for INT8 with the XNNPACK quantizer")
     with quiet_native_output():  # torchao logs notes on its own internals when imported
@@ -62,7 +62,8 @@ def _quantize(net: nn.Module, example: torch.Tensor, dynamic: dict | None, float
 
 
 def write(net: nn.Module, path: pathlib.Path, size: tuple[int, int], int8: bool, float_depthwise: bool,
-                   batches: list[torch.Tensor], max_batch: int, described: ModelDescription) -> None:
+          batches: list[torch.Tensor], max_batch: int, described: ModelDescription) -> None:
+    """``net`` (``prepare``d) lowered to XNNPACK, taking batches of 1 to ``max_batch``, written to ``path``."""
     require("executorch", "to export to ExecuTorch")
     with quiet_native_output():
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
