@@ -105,6 +105,9 @@ def test_a_checkpoint_larger_than_the_free_space_is_not_started(tmp_path):
         assert sorted(os.listdir(disk)) == ["best.pth"] and (disk / "best.pth").read_bytes() == b"previous"
 
 
+# A fine-tuning process (5 s, the fast loop's longest test): the full suite's; the finetune checks
+# above and the real ENOSPC below stay in the fast loop.
+@pytest.mark.slow
 @fault("Writing last.pth fails halfway (`RLIMIT_FSIZE`: the free-space check passes, the write does not)",
        "the partial file is removed, best.pth stays whole, exit status 2 with the folder, the cause (`File too "
        "large`), the bytes needed and free; no traceback")
