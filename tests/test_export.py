@@ -201,7 +201,7 @@ def _train_learned(folder):
     # One cycle (warm-up, then down to ~0): the same 150 steps end in a settled model. At a constant
     # rate they ended mid-stride, with many held-out images near a tie between two classes, which
     # INT8 rounding then flipped: agreement with fp32 went from 95 % to 73 % between two CPUs (AVX2,
-    # AVX-512 VNNI) that train the same model in float sums of another order.
+    # AVX-512 VNNI), whose float sums (so the trained model) and int8 kernels differ.
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=150, pct_start=0.15)
     model.train()
     for _ in range(150):
