@@ -8,6 +8,7 @@ from torch import nn
 
 import models
 from models.fuse import PooledLinear
+from models.tools._samples import settle_batchnorm
 
 from helpers import marked_slow
 from reference import ARCHITECTURES, PRETRAINED, build
@@ -33,11 +34,7 @@ def _calibrated_state(name, options):
             small = path.startswith("blocks.") and any(part in branch_ends for part in path.split("."))
             nn.init.uniform_(module.weight, *((0.1, 0.5) if small else (0.5, 1.5)))
             nn.init.uniform_(module.bias, -0.3, 0.3)
-            module.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, *model.default_input_size))
+    settle_batchnorm(model, (torch.randn(8, 3, *model.default_input_size) for _ in range(3)))
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

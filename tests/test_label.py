@@ -20,6 +20,7 @@ from PIL import Image
 
 import models
 from models.description import describe, preprocessing_for
+from models.tools._samples import settle_batchnorm
 
 from helpers import ROOT, cli, doc, readme_argv
 
@@ -34,14 +35,7 @@ def checkpoint(tmp_path_factory):
     image gets the same scores; measured, each image has its own, which a line-for-line
     comparison then checks to 6 decimals."""
     torch.manual_seed(1)
-    model = models.tinynet_e(num_classes=10)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # (a plain average over the batches)
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.rand(32, 3, 16, 16) * 4 - 2)
-    model.eval()
+    model = settle_batchnorm(models.tinynet_e(num_classes=10), (torch.rand(32, 3, 16, 16) * 4 - 2 for _ in range(4)))
     description = describe(model, classes=[f"kind {i}" for i in range(10)])
     description = description.with_(preprocessing=preprocessing_for("tinynet_e", 16))
     path = tmp_path_factory.mktemp("model") / "tiny.pth"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -125,18 +126,19 @@ def calibration_batches(transforms, source: str | os.PathLike | None = None, *, 
     return [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
 
 
-def settle_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` (random weights) with BatchNorm statistics measured on the default calibration
-    images, in place, returned in eval mode: its activations and logits at a trained model's scale.
-    With a fresh model's statistics (mean 0, variance 1), GhostNetV2's activations grew to 1e6
-    and V3's to 1e22, where float32 rounding alone moved the logits by a third (batch of 8 against
-    one at a time, fused against unfused): no export of it could be checked."""
+def settle_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor] | None = None) -> torch.nn.Module:
+    """``model`` (random weights) with BatchNorm statistics measured on ``batches``, drawn one at
+    a time (default: the calibration images, preprocessed for it), in place, returned in eval
+    mode: its activations and logits at a trained model's scale. With a fresh model's statistics
+    (mean 0, variance 1), GhostNetV2's activations grew to 1e6 and V3's to 1e22, where float32
+    rounding alone moved the logits by a third (batch of 8 against one at a time, fused against
+    unfused): no export of it could be checked."""
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.reset_running_stats()
             module.momentum = None  # a cumulative average over the batches below
     model.train()
     with torch.no_grad():
-        for batch in calibration_batches(default_transforms(model)):
+        for batch in calibration_batches(default_transforms(model)) if batches is None else batches:
             model(batch)
     return model.eval()
