@@ -70,16 +70,30 @@ def pytest_collection_modifyitems(config, items):
     config.hook.pytest_deselected(items=drop)
 '''
 
-# The help text torch.hub shows, and the model from torch.hub, at its input size.
+# The help text torch.hub shows, the model from torch.hub at its input size, and the commands that
+# read the row (list, info, benchmark: their own main, in this one new Python in the copy).
 PROBE = """
+import contextlib, io, json, sys
 import torch
 import models
+from models.tools.cli import main
 doc = models.{name}.__doc__
 said = [line for line in doc.splitlines() if line.startswith("Size:")] + doc.splitlines()[-2:]  # size, example
 assert "MACs at {size}x{size}." in said[0] and {example!r} in doc, said
 model = torch.hub.load(".", "{name}", source="local", num_classes=3, trust_repo=True).eval()
 assert model.default_input_size == ({size}, {size}) and type(model).__name__ == "TinyNet"
 assert model(torch.randn(2, 3, {size}, {size})).shape == (2, 3)
+outputs = []
+for argv in {commands!r}:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    assert not code, (argv, code)
+    outputs.append(out.getvalue())
+print(json.dumps(outputs))
 """
 
 
@@ -238,12 +252,13 @@ def _check(copy, tmp_path, new, released=False):
         facts = _facts(*(WITHOUT_WEIGHTS if name.endswith(WITHOUT_WEIGHTS[0]) else WITH_WEIGHTS)[1:])
         size = facts["input_size"]
         example = "weights='DEFAULT'" if released else f"randn(8, 3, {size}, {size})"
-        _run(copy, [sys.executable, "-c", PROBE.format(name=name, size=size, example=example)])
-        assert name in _run(copy, [sys.executable, "-m", "models", "list"]).stdout
-        assert f"default input {size}x{size}" in _run(copy, [sys.executable, "-m", "models", "info", name]).stdout
-        bench = _run(copy, [sys.executable, "-m", "models", "benchmark", "--models", name, "--modes", "eager",
-                            "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--references", "timm",
-                            "--quiet", "--json", str(tmp_path / "bench.json")])
+        commands = [["list"], ["info", name],
+                    ["benchmark", "--models", name, "--modes", "eager", "--batch-sizes", "1", "--warmup", "0",
+                     "--repeats", "1", "--references", "timm", "--quiet", "--json", str(tmp_path / "bench.json")]]
+        probe = PROBE.format(name=name, size=size, example=example, commands=commands)
+        listed, info, bench = json.loads(_run(copy, [sys.executable, "-c", probe]).stdout.splitlines()[-1])
+        assert name in listed
+        assert f"default input {size}x{size}" in info
         rows = json.loads((tmp_path / "bench.json").read_text())["results"]
         # timm has no such model: ours alone, at the row's input size
         assert [(r["model"], r["implementation"], r["input_size"]) for r in rows] == [(name, "ours", size)], bench
