@@ -123,12 +123,16 @@ def test_a_checkpoint_write_failing_halfway_leaves_no_partial(stripes, tmp_path)
 
 # -- export -------------------------------------------------------------------------------------------
 
-def _export(checkpoint, out):
+def _export_args(checkpoint, out):
+    """``export``'s arguments for ``out``: the checkpoint's tinynet_e."""
     # (a .pte for one image at a time: a program of fixed shape lowers in three quarters of the
     # time, and what is written, and fails, is the same kind of file)
     single = ["--max-batch", "1"] if out.suffix == ".pte" else []
-    return [sys.executable, "-m", "models", "export", "tinynet_e", "--checkpoint", str(checkpoint), "--out",
-            str(out), "--quiet", *single]
+    return ["export", "tinynet_e", "--checkpoint", str(checkpoint), "--out", str(out), "--quiet", *single]
+
+
+def _export(checkpoint, out):
+    return [sys.executable, "-m", "models", *_export_args(checkpoint, out)]
 
 
 @pytest.mark.slow
@@ -137,8 +141,8 @@ def _export(checkpoint, out):
        "is left on the disk")
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_export_on_a_full_disk_fails_cleanly(checkpoint, tmp_path, suffix):
-    with tmpfs(tmp_path / "disk", "2m") as disk:
-        result = _run(_export(checkpoint, disk / f"m.{suffix}"))
+    with tmpfs(tmp_path / "disk", "2m") as disk:  # (refused before any work: the command's main, in this process)
+        result = cli(*_export_args(checkpoint, disk / f"m.{suffix}"))
         _clean_failure(result, disk)
         assert os.listdir(disk) == []
 
