@@ -182,6 +182,16 @@ def test_backends_made_on_the_fly_are_cached_and_give_the_eager_labels(moderate_
     assert len(list(backends.export_cache_dir().glob("tinynet_e-*.onnx"))) == 1
     compiled = cli("predict", str(photos), "--model", "tinynet_e", "--json", "-", "--quiet", "--backend", "compile")
     _assert_same_predictions(_labels(compiled), eager)
+    # The same compiled form (fused, channels_last; six images, inference mode) logit by logit
+    # against the unfused eager model: the graph predict just compiled, so Inductor's C++ kernels
+    # (a second of g++ each, 30-odd) are built once. (test_fuse compiles the unfused model.)
+    model = build("tinynet_e")
+    model.load_state_dict(_moderate_state("tinynet_e"))
+    model.eval()
+    x = torch.stack([default_transforms(model)(Image.open(p).convert("RGB")) for p in sorted(photos.iterdir())])
+    with torch.inference_mode():
+        expected, got = model(x), backends.wrap(copy.deepcopy(model), "compile")(x)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), (got - expected).abs().max()
 
 
 @pytest.mark.slow

@@ -157,14 +157,10 @@ def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_torch_compile_fused_and_unfused():
-    # The fused form is `--backend compile`'s (channels_last), on a batch of six under inference
-    # mode, as test_backends's predict runs it: Inductor compiles each C++ kernel once per machine
-    # (about a second of g++ each, 30-odd a model), and the two tests then share them.
-    plain, fused = _pair("tinynet_e", channels_last=True)
-    x = torch.randn(6, 3, 106, 106)
-    with torch.inference_mode():
-        expected = plain(x)
-        for model in (plain, fused):
-            compiled = torch.compile(model)
-            assert (compiled(x) - expected).abs().max().item() <= 1e-4
+def test_torch_compile_of_the_unfused_model():
+    # (The fused form, as `--backend compile` compiles it, is checked logit by logit in
+    # test_backends.py, where predict compiles the same graph: Inductor builds its kernels once.)
+    plain = _trained_like("tinynet_e")
+    x = torch.randn(2, 3, 106, 106)
+    with torch.no_grad():
+        assert (torch.compile(plain)(x) - plain(x)).abs().max().item() <= 1e-4
