@@ -145,6 +145,8 @@ def test_export_on_a_full_disk_fails_cleanly(checkpoint, tmp_path, suffix):
         result = cli(*_export_args(checkpoint, disk / f"m.{suffix}"))
         _clean_failure(result, disk)
         assert os.listdir(disk) == []
+        # refused by the room check, before the work: not by the write that a full disk then fails
+        assert "No space left on device" not in result.stderr and "2,097,152 bytes are free" in result.stderr
 
 
 @pytest.mark.slow
