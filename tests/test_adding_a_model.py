@@ -73,7 +73,7 @@ def pytest_collection_modifyitems(config, items):
 # The help text torch.hub shows, the model from torch.hub at its input size, and the commands that
 # read the row (list, info, benchmark: their own main, in this one new Python in the copy).
 PROBE = """
-import contextlib, io, json, sys
+import contextlib, io, json
 import torch
 import models
 from models.tools.cli import main
