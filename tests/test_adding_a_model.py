@@ -73,27 +73,20 @@ def pytest_collection_modifyitems(config, items):
 # The help text torch.hub shows, the model from torch.hub at its input size, and the commands that
 # read the row (list, info, benchmark: their own main, in this one new Python in the copy).
 PROBE = """
-import contextlib, io, json
+import json, sys
 import torch
 import models
-from models.tools.cli import main
+sys.path.insert(0, "tests")
+from helpers import cli  # (the copy's own)
 doc = models.{name}.__doc__
 said = [line for line in doc.splitlines() if line.startswith("Size:")] + doc.splitlines()[-2:]  # size, example
 assert "MACs at {size}x{size}." in said[0] and {example!r} in doc, said
 model = torch.hub.load(".", "{name}", source="local", num_classes=3, trust_repo=True).eval()
 assert model.default_input_size == ({size}, {size}) and type(model).__name__ == "TinyNet"
 assert model(torch.randn(2, 3, {size}, {size})).shape == (2, 3)
-outputs = []
-for argv in {commands!r}:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = exc.code
-    assert not code, (argv, code)
-    outputs.append(out.getvalue())
-print(json.dumps(outputs))
+results = [cli(*argv) for argv in {commands!r}]
+assert all(r.returncode == 0 for r in results), [(r.args, r.returncode, r.stderr[-2000:]) for r in results]
+print(json.dumps([r.stdout for r in results]))
 """
 
 

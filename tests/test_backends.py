@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+import models
 from models.tools import backends
-from models.tools._images import SAMPLE_IMAGE
+from models.tools._images import SAMPLE_IMAGE, open_image
 from models.tools._samples import check_images, default_transforms, generated_images
 
 from helpers import ROOT, cli, run_models
@@ -185,10 +186,8 @@ def test_backends_made_on_the_fly_are_cached_and_give_the_eager_labels(moderate_
     # The same compiled form (fused, channels_last; six images, inference mode) logit by logit
     # against the unfused eager model: the graph predict just compiled, so Inductor's C++ kernels
     # (a second of g++ each, 30-odd) are built once. (test_fuse compiles the unfused model.)
-    model = build("tinynet_e")
-    model.load_state_dict(_moderate_state("tinynet_e"))
-    model.eval()
-    x = torch.stack([default_transforms(model)(Image.open(p).convert("RGB")) for p in sorted(photos.iterdir())])
+    model = models.tinynet_e(pretrained=True, progress=False)  # (the served weights, cached by predict)
+    x = torch.stack([default_transforms(model)(open_image(str(p))) for p in sorted(photos.iterdir())])
     with torch.inference_mode():
         expected, got = model(x), backends.wrap(copy.deepcopy(model), "compile")(x)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), (got - expected).abs().max()
